@@ -1,0 +1,107 @@
+"""The adapter interface: what is trained, what is sent, how the server rebuilds the global.
+
+One adapter = one module with a config dataclass, registered by name (``--adapter``).
+Parameters are addressed by their peft names (``...query.lora_A.default.weight``); the
+"state" that moves between server and clients is a ``dict[str, Tensor]`` of trainable
+tensors only — the frozen backbone never leaves a process.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+
+_LORA_A = re.compile(r"^(?P<layer>.+)\.lora_A\.(?P<name>[^.]+)\.weight$")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Options shared by the LoRA family (SPEC §1)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    min_rank: int = 1
+    target_modules: tuple[str, ...] = ("query", "value")
+    seed: int = 0
+
+
+class Adapter(ABC):
+    """Strategy-agnostic description of one parameter-efficient adapter."""
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: AdapterSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def inject(self, model: nn.Module) -> nn.Module:
+        """Wrap the frozen backbone; afterwards only adapter and head require grad."""
+
+    # -- state handling -------------------------------------------------------------
+    def trainable_state(self, model: nn.Module) -> State:
+        """Detached copies of every trainable tensor (the global state's layout)."""
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_state(self, model: nn.Module, state: State) -> None:
+        """Copy (a subset of) a state into the model's parameters in place."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                target = params[key]
+                if value.shape == target.shape:
+                    target.copy_(value)
+                else:  # a rank prefix (DyLoRA): copy into the leading block
+                    target[tuple(slice(0, s) for s in value.shape)].copy_(value)
+
+    def broadcast(self, global_state: State, round_rank: int | None) -> State:
+        """What the server sends to a sampled client (default: the whole trainable state)."""
+        return global_state
+
+    def upload(self, model: nn.Module, round_rank: int | None) -> State:
+        """What a client sends back after training (default: every trainable tensor)."""
+        return self.trainable_state(model)
+
+    def merge(self, global_state: State, aggregate: State, round_rank: int | None) -> State:
+        """New global state from the aggregated upload (default: replace uploaded keys)."""
+        new = dict(global_state)
+        for key, value in aggregate.items():
+            if value.shape == new[key].shape:
+                new[key] = value.clone()
+            else:
+                t = new[key].clone()
+                t[tuple(slice(0, s) for s in value.shape)] = value
+                new[key] = t
+        return new
+
+    def client_view(self, global_state: State, upload: State) -> State:
+        """One client's full trainable state: the global with its upload written in."""
+        return self.merge(global_state, upload, None)
+
+    def round_rank(self, rng: np.random.Generator) -> int | None:
+        """Rank the server imposes this round (DP-DyLoRA), or None."""
+        return None
+
+    def rank_in_force(self, round_rank: int | None) -> int:
+        return self.spec.rank if round_rank is None else round_rank
+
+    # -- LoRA structure -------------------------------------------------------------
+    @staticmethod
+    def lora_pairs(keys: list[str] | set[str]) -> list[tuple[str, str]]:
+        """``(A key, B key)`` for every adapted layer present in ``keys``."""
+        keyset = set(keys)
+        pairs = []
+        for key in sorted(keyset):
+            m = _LORA_A.match(key)
+            if m:
+                b = f"{m['layer']}.lora_B.{m['name']}.weight"
+                if b in keyset:
+                    pairs.append((key, b))
+        return pairs

@@ -1,0 +1,159 @@
+"""``fedpeft`` command line (typer + rich).
+
+User errors (bad flags, config files, paths) print one line and exit with code 2; nothing
+is written for them. Every number shown is also in the run's ``results.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedpeft.errors import UsageError
+from fedpeft.results import FinalRecord, ResultsWriter, RoundRecord
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated, differentially private fine-tuning of PEFT adapters.")
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+class RichReporter:
+    """Progress bar per round and a final summary table."""
+
+    def __init__(self, rounds: int) -> None:
+        self.progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                 console=console, transient=False)
+        self.task = self.progress.add_task("rounds", total=rounds, status="starting clients…")
+
+    def on_start(self, config: dict[str, Any], plan: dict[str, Any]) -> None:
+        console.print(
+            f"[bold]fedpeft simulate[/]: {plan['clients']} clients, ~{plan['expected_cohort']} per round "
+            f"(q={plan['sample_rate']:.4g}), {plan['rounds']} rounds, adapter {plan['adapter']}, "
+            f"strategy {plan['strategy']}, {plan['trainable_parameters']:,} trainable parameters, "
+            f"{plan['train_examples']:,} train / {plan['test_examples']:,} test examples"
+        )
+        self.progress.start()
+
+    def on_round(self, r: RoundRecord) -> None:
+        status = (f"acc {_fmt(r.eval_accuracy)}  loss {_fmt(r.eval_loss)}  clients {r.clients_sampled}  "
+                  f"up {r.bytes_up / 1e6:.2f} MB  agg-err {_fmt(r.aggregation_error, '.2e')}")
+        self.progress.update(self.task, advance=1, status=status)
+
+    def on_finish(self, final: FinalRecord) -> None:
+        self.progress.stop()
+
+
+def summary_table(writer: ResultsWriter) -> Table:
+    table = Table(title="fedpeft run summary")
+    for col in ("round", "clients", "train loss", "eval loss", "accuracy", "up (bytes)",
+                "down (bytes)", "agg. error", "rank", "ε", "wall s"):
+        table.add_column(col, justify="right")
+    for r in writer.rounds:
+        table.add_row(str(r.round), str(r.clients_sampled), _fmt(r.train_loss), _fmt(r.eval_loss),
+                      _fmt(r.eval_accuracy), f"{r.bytes_up:,}", f"{r.bytes_down:,}",
+                      _fmt(r.aggregation_error, ".2e"), _fmt(r.rank, "d"), _fmt(r.epsilon, ".3f"),
+                      f"{r.wall_s:.1f}")
+    return table
+
+
+def _prepare_output(output: str | None) -> Path:
+    path = Path(output) if output else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"--output {str(path)!r} already exists and is not an empty directory; "
+                         "choose a new directory")
+    return path
+
+
+@app.command()
+def simulate(
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file of settings (CLI flags override it)."),
+    clients: Optional[int] = typer.Option(None, "--clients", help="Number of simulated clients N. [default: 100]"),
+    cohort: Optional[int] = typer.Option(None, "--cohort", help="Expected clients per round (Poisson rate cohort/N). [default: 10]"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Server rounds. [default: 8]"),
+    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help="Local epochs per round. [default: 1]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Local batch size. [default: 16]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Client AdamW learning rate. [default: 2e-3]"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter: lora. [default: lora]"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (r_max for DyLoRA). [default: 8]"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (scale alpha/r). [default: 16]"),
+    min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest DyLoRA rank. [default: 1]"),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt. [default: query,value]"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Server strategy: fedavg. [default: fedavg]"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="iid or dirichlet. [default: iid]"),
+    dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="Dirichlet concentration (smaller = more label skew). [default: 0.5]"),
+    model: Optional[str] = typer.Option(None, "--model", help="embedded:all-MiniLM-L6-v2, a local directory or a Hugging Face hub id."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="rotten-tomatoes, bbc-news, a local path or a hub id."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --dataset. [default: text]"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column of --dataset. [default: label]"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Token truncation length. [default: 64]"),
+    dp: Optional[str] = typer.Option(None, "--dp", help="Privacy level: none (user/sample not implemented yet)."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Target ε (not implemented yet)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Target δ (not implemented yet)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed. [default: 0]"),
+    cpus_per_client: Optional[float] = typer.Option(None, "--cpus-per-client", help="Ray CPUs per client actor. [default: 1]"),
+    output: Optional[str] = typer.Option(None, "--output", help="Run directory. [default: runs/<timestamp>]"),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
+) -> None:
+    """Simulate a federation and write results.json / rounds.csv to --output."""
+    values = {k: v for k, v in locals().items() if k not in ("config", "verbose")}
+    from fedpeft.config import resolve
+
+    cfg = resolve(values, config)
+    out = _prepare_output(cfg.output)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, output=str(out))
+
+    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.simulation import simulate as run
+
+    with console.status("loading model and data…"):
+        get_workspace(cfg)  # fail fast on model/data errors, before Ray starts or files appear
+    writer = ResultsWriter(out)
+    outcome = run(cfg, [writer, RichReporter(cfg.rounds)], verbose=verbose)
+    console.print(summary_table(writer))
+    f = outcome.final
+    console.print(f"final accuracy [bold]{_fmt(f.accuracy)}[/], bytes up {f.bytes_up_total:,}, "
+                  f"bytes down {f.bytes_down_total:,}, wall {f.wall_s:.1f} s -> {out / 'results.json'}")
+
+
+@app.command()
+def compare(config: str = typer.Argument(..., help="Experiment TOML (grid of strategies × adapters × …).")) -> None:
+    """Run strategies side by side (NOT IMPLEMENTED YET)."""
+    raise UsageError("fedpeft compare is not implemented yet (tracked in the strategies issue)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors and exit code 2 for every user mistake."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UsageError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.UsageError as exc:
+        err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

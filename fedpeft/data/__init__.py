@@ -1,0 +1,1 @@
+"""Datasets (embedded offline defaults and Hugging Face loading) and partitioning."""

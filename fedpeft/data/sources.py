@@ -1,0 +1,76 @@
+"""Resolve ``--dataset`` to a labeled train/test split.
+
+``--dataset`` is an embedded name (``rotten-tomatoes``, ``bbc-news``), a local path
+(a directory saved with ``save_to_disk``, or a csv/json/parquet file) or a Hugging Face hub
+id (loaded with ``datasets.load_dataset``; needs network or a warm HF cache).
+The held-out test split is fixed by the seed-independent ``split_seed`` so every run and
+every strategy is evaluated on the same examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+
+from fedpeft.data.embedded import EMBEDDED
+from fedpeft.errors import UsageError
+
+SPLIT_SEED = 1234  # fixed: the test split must not move with --seed
+
+
+@dataclass(frozen=True)
+class LabeledSplits:
+    train: Dataset
+    test: Dataset
+    num_labels: int
+    label_names: list[str]
+
+
+def _load_raw(name: str) -> Dataset | DatasetDict:
+    if name in EMBEDDED:
+        return EMBEDDED[name]()
+    path = Path(name)
+    if path.exists():
+        if path.is_dir():
+            return load_from_disk(str(path))
+        kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
+        if kind is None:
+            raise UsageError(f"--dataset {name!r}: unsupported file type; allowed: .csv .json .jsonl .parquet or a save_to_disk directory")
+        return load_dataset(kind, data_files=str(path))
+    try:
+        return load_dataset(name)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"--dataset {name!r} is not an embedded dataset ({', '.join(EMBEDDED)}), "
+            f"an existing path, or a reachable Hugging Face hub id ({first})"
+        ) from None
+
+
+@lru_cache(maxsize=4)
+def load_splits(name: str, text_column: str, label_column: str, test_fraction: float,
+                max_test_examples: int) -> LabeledSplits:
+    raw = _load_raw(name)
+    if isinstance(raw, DatasetDict):
+        train = raw["train"] if "train" in raw else raw[next(iter(raw))]
+        test = raw["test"] if "test" in raw else None
+    else:
+        train, test = raw, None
+    for col in (text_column, label_column):
+        if col not in train.column_names:
+            raise UsageError(f"--dataset {name!r} has no column {col!r}; columns: {', '.join(train.column_names)}")
+    if not isinstance(train.features[label_column], ClassLabel):
+        train = train.class_encode_column(label_column)
+    if test is None:
+        parts = train.train_test_split(test_size=test_fraction, seed=SPLIT_SEED,
+                                       stratify_by_column=label_column)
+        train, test = parts["train"], parts["test"]
+    elif not isinstance(test.features[label_column], ClassLabel):
+        test = test.cast_column(label_column, train.features[label_column])
+    if len(test) > max_test_examples:
+        test = test.shuffle(seed=SPLIT_SEED).select(range(max_test_examples))
+    names = list(train.features[label_column].names)
+    return LabeledSplits(train=train, test=test, num_labels=len(names), label_names=names)

@@ -1,0 +1,56 @@
+"""Client discovery and Poisson client sampling.
+
+Poisson sampling (each client independently with rate ``q = cohort / clients``) is what the
+user-level DP accountant assumes (SPEC §3.1), so it is used for every run. The draw for round
+``t`` depends only on ``(seed, t)``: a resumed run samples the same clients.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedpeft.errors import UsageError
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float = 600.0) -> list[int]:
+    """Node ids ordered by logical client id (partition id), asked once per run.
+
+    Node ids are random per process; the client id is what data, per-client state and
+    reproducible sampling are keyed by.
+    """
+    deadline = time.monotonic() + timeout
+    node_ids = sorted(grid.get_node_ids())
+    while len(node_ids) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)  # nodes register after the ServerApp starts
+        node_ids = sorted(grid.get_node_ids())
+    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in node_ids]
+    by_client: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            continue
+        by_client[int(reply.content["metrics"]["client-id"])] = reply.metadata.src_node_id
+    if len(by_client) < expected:
+        raise UsageError(f"only {len(by_client)} of {expected} clients answered discovery; "
+                         "check that every SuperNode is connected")
+    return [by_client[c] for c in sorted(by_client)]
+
+
+class PoissonSampler:
+    """Each client joins round ``t`` independently with probability ``rate``."""
+
+    def __init__(self, node_ids: list[int], rate: float, seed: int) -> None:
+        if not 0 < rate <= 1:
+            raise ValueError(f"sampling rate {rate} outside (0, 1]")
+        self.node_ids = np.asarray(node_ids, dtype=np.uint64)
+        self.rate = rate
+        self.seed = seed
+
+    def sample(self, server_round: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, 0x5A3B1E, server_round])
+        mask = rng.random(len(self.node_ids)) < self.rate
+        return [int(n) for n in self.node_ids[mask]]

@@ -1,0 +1,86 @@
+"""The server's round loop: sample, train, aggregate, evaluate, report.
+
+Drives a :class:`strategies.FedPeftStrategy` through Flower's Strategy API on any
+:class:`flwr.serverapp.Grid` — the in-memory grid of the simulation engine or a SuperLink's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from fedpeft.config import RunConfig
+from fedpeft.data.tokenized import eval_batches
+from fedpeft.federation.records import from_record, to_record
+from fedpeft.federation.sampling import PoissonSampler, discover_clients
+from fedpeft.federation.workspace import get_workspace
+from fedpeft.reporting import Reporter
+from fedpeft.results import FinalRecord, RoundRecord
+from fedpeft.training.evaluate import evaluate
+from strategies import STRATEGIES
+
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    final: FinalRecord
+    rounds: list[RoundRecord]
+
+
+def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> RunOutcome:
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ws = get_workspace(cfg)
+    node_ids = discover_clients(grid, cfg.clients)
+    rate = cfg.cohort / cfg.clients
+    sampler = PoissonSampler(node_ids, rate, cfg.seed)
+    strategy = STRATEGIES.get(cfg.strategy)(ws.adapter, sampler)
+    plan = {"clients": cfg.clients, "expected_cohort": cfg.cohort, "sample_rate": rate,
+            "rounds": cfg.rounds, "adapter": cfg.adapter, "strategy": cfg.strategy,
+            "trainable_parameters": sum(v.numel() for v in ws.initial_state.values()),
+            "train_examples": len(ws.train), "test_examples": len(ws.test),
+            "num_labels": ws.splits.num_labels}
+    for r in reporters:
+        r.on_start(cfg.to_dict(), plan)
+
+    global_state = ws.initial_state
+    records: list[RoundRecord] = []
+    for server_round in range(1, cfg.rounds + 1):
+        t_round = time.perf_counter()
+        rank = ws.adapter.round_rank(np.random.default_rng([cfg.seed, 0xD1, server_round]))
+        config = ConfigRecord({**cfg.to_flat(), "server-round": server_round, "round-rank": rank or 0})
+        messages = list(strategy.configure_train(server_round, to_record(global_state), config, grid))
+        replies = list(grid.send_and_receive(messages)) if messages else []
+        arrays, metrics = strategy.aggregate_train(server_round, replies)
+        m = dict(metrics) if metrics is not None else {}
+        if arrays is not None:
+            global_state = from_record(arrays)
+        ws.adapter.load_state(ws.model, global_state)
+        ev = evaluate(ws.model, eval_batches(ws.test, EVAL_BATCH, ws.pad_id))
+        record = RoundRecord(
+            round=server_round, clients_sampled=len(messages),
+            train_loss=m.get("train-loss"), eval_loss=ev.loss, eval_accuracy=ev.accuracy,
+            bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)),
+            aggregation_error=m.get("aggregation-error"), epsilon=None,
+            rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
+        )
+        records.append(record)
+        for r in reporters:
+            r.on_round(record)
+
+    final = FinalRecord(
+        accuracy=records[-1].eval_accuracy if records else None, epsilon=None, delta=None,
+        noise_multiplier=None, sample_rate=rate, accountant=None, dp_level=None,
+        bytes_up_total=sum(r.bytes_up for r in records),
+        bytes_down_total=sum(r.bytes_down for r in records), wall_s=time.perf_counter() - t0,
+    )
+    for r in reporters:
+        r.on_finish(final)
+    return RunOutcome(final=final, rounds=records)

@@ -1,0 +1,92 @@
+"""Per-process cache of everything heavy: backbone + adapter, tokenised data, partitions.
+
+A Ray actor (or a SuperNode's ClientApp process) builds this once and reuses it for every
+client it hosts: the base model exists once per worker and only adapter/head tensors are
+swapped in and out per client. Never one model copy per client.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedpeft.adapters import Adapter, AdapterSpec, State, build_adapter
+from fedpeft.config import RunConfig
+from fedpeft.data.partition import Partitions
+from fedpeft.data.sources import LabeledSplits, load_splits
+from fedpeft.data.tokenized import TokenizedSplit, tokenize
+from fedpeft.model.loading import load_classifier, load_tokenizer
+
+# RunConfig fields that change what the workspace holds
+_KEY_FIELDS = ("model", "dataset", "text_column", "label_column", "max_length", "test_fraction",
+               "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "seed")
+
+
+@dataclass
+class Workspace:
+    adapter: Adapter
+    model: nn.Module
+    pad_id: int
+    splits: LabeledSplits
+    train: TokenizedSplit
+    test: TokenizedSplit
+    initial_state: State
+    _partitions: dict[tuple[str, int, float], Partitions]
+
+    def partitions(self, scheme: str, num_partitions: int, dirichlet_alpha: float, seed: int) -> Partitions:
+        key = (scheme, num_partitions, dirichlet_alpha)
+        if key not in self._partitions:
+            self._partitions[key] = Partitions(self.splits.train, scheme, num_partitions,
+                                               "label", dirichlet_alpha, seed)
+        return self._partitions[key]
+
+
+_lock = threading.Lock()
+_cache: dict[tuple, Workspace] = {}
+
+
+def workspace_key(cfg: RunConfig) -> tuple:
+    return tuple(getattr(cfg, f) for f in _KEY_FIELDS)
+
+
+def adapter_spec(cfg: RunConfig) -> AdapterSpec:
+    return AdapterSpec(rank=cfg.rank, alpha=cfg.alpha, min_rank=cfg.min_rank,
+                       target_modules=tuple(cfg.target_module_list), seed=cfg.seed)
+
+
+def get_workspace(cfg: RunConfig) -> Workspace:
+    """The cached workspace for ``cfg`` (built on first use; one entry per process)."""
+    key = workspace_key(cfg)
+    with _lock:
+        ws = _cache.get(key)
+        if ws is None:
+            _cache.clear()  # a new run in the same worker: drop the previous backbone
+            ws = _build(cfg)
+            _cache[key] = ws
+        return ws
+
+
+def _build(cfg: RunConfig) -> Workspace:
+    splits = load_splits(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_fraction,
+                         cfg.max_test_examples)
+    if cfg.label_column != "label":
+        splits = LabeledSplits(train=splits.train.rename_column(cfg.label_column, "label"),
+                               test=splits.test.rename_column(cfg.label_column, "label"),
+                               num_labels=splits.num_labels, label_names=splits.label_names)
+    tokenizer = load_tokenizer(cfg.model)
+    train = tokenize(splits.train[cfg.text_column], splits.train["label"], tokenizer, cfg.max_length)
+    test = tokenize(splits.test[cfg.text_column], splits.test["label"], tokenizer, cfg.max_length)
+    adapter = build_adapter(cfg.adapter, adapter_spec(cfg))
+    model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed))
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,
+                     test=test, initial_state=adapter.trainable_state(model), _partitions={})
+
+
+def frozen_fingerprint(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every frozen parameter (tests use it to prove the base never changes)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

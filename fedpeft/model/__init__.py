@@ -1,0 +1,1 @@
+"""Pretrained backbone loading (embedded offline default or Hugging Face hub/local path)."""

@@ -1,0 +1,114 @@
+"""The machine-readable record of a run: ``results.json`` and ``rounds.csv``.
+
+Every number the CLI prints is in here. Keys that do not apply are ``null``, never absent.
+Files are replaced atomically after every round, so an interrupted run leaves a consistent
+(partial) record and never a half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    clients_sampled: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None
+    bytes_up: int
+    bytes_down: int
+    aggregation_error: float | None
+    epsilon: float | None
+    rank: int | None
+    wall_s: float
+
+
+@dataclass
+class FinalRecord:
+    accuracy: float | None
+    epsilon: float | None
+    delta: float | None
+    noise_multiplier: float | None
+    sample_rate: float | None
+    accountant: str | None
+    dp_level: str | None
+    bytes_up_total: int
+    bytes_down_total: int
+    wall_s: float
+
+
+ROUND_KEYS = [f.name for f in fields(RoundRecord)]
+FINAL_KEYS = [f.name for f in fields(FinalRecord)]
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResultsWriter:
+    """Reporter that keeps ``results.json`` and ``rounds.csv`` of one run up to date."""
+
+    def __init__(self, output: str | Path) -> None:
+        self.dir = Path(output)
+        self.config: dict[str, Any] = {}
+        self.plan: dict[str, Any] = {}
+        self.rounds: list[RoundRecord] = []
+        self.final: FinalRecord | None = None
+
+    def on_start(self, config: dict[str, Any], plan: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config, self.plan = config, plan
+        self._flush()
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.rounds.append(record)
+        self._flush()
+
+    def on_finish(self, final: FinalRecord) -> None:
+        self.final = final
+        self._flush()
+
+    def as_dict(self) -> dict[str, Any]:
+        return _clean({
+            "config": self.config,
+            "plan": self.plan,
+            "rounds": [asdict(r) for r in self.rounds],
+            "final": asdict(self.final) if self.final else None,
+        })
+
+    def _flush(self) -> None:
+        atomic_write(self.dir / "results.json", json.dumps(self.as_dict(), indent=2) + "\n")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=ROUND_KEYS, lineterminator="\n")
+        writer.writeheader()
+        for r in self.as_dict()["rounds"]:
+            writer.writerow({k: "" if r[k] is None else r[k] for k in ROUND_KEYS})
+        atomic_write(self.dir / "rounds.csv", buf.getvalue())

@@ -1,0 +1,1 @@
+"""Plain-PyTorch local training and evaluation (no Flower here: testable on tensors)."""

@@ -1,0 +1,29 @@
+"""Central evaluation of the global model on the held-out test split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    examples: int
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for batch in batches:
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        n += int(labels.shape[0])
+    return EvalResult(loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), examples=n)

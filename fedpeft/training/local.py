@@ -1,0 +1,46 @@
+"""One client's local fine-tuning of the trainable (adapter + head) parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    mean_loss: float
+    steps: int
+    examples: int
+
+
+StepHook = Callable[[int], None]
+
+
+def train_local(model: nn.Module, epochs_batches: Iterable[Iterable[dict[str, torch.Tensor]]],
+                lr: float, before_step: StepHook | None = None) -> LocalResult:
+    """AdamW over the parameters that require grad; a fresh optimizer each round (FL norm).
+
+    ``epochs_batches`` yields one iterable of batches per local epoch. ``before_step`` lets an
+    adapter act before each step (DyLoRA samples its rank there).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    total, steps, examples = 0.0, 0, 0
+    for batches in epochs_batches:
+        for batch in batches:
+            if before_step is not None:
+                before_step(steps)
+            out = model(**batch)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            n = int(batch["labels"].shape[0])
+            total += float(out.loss.detach()) * n
+            examples += n
+            steps += 1
+    model.eval()
+    return LocalResult(mean_loss=total / max(examples, 1), steps=steps, examples=examples)

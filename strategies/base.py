@@ -1,0 +1,135 @@
+"""Shared base of fedpeft strategies: a real Flower :class:`Strategy`.
+
+Sampling (Poisson, through a sampler object), message building and reply decoding live
+here; a concrete strategy only implements :meth:`FedPeftStrategy.aggregate`, a pure function
+of the global state and the decoded client updates. Privacy and compression wrap strategies
+rather than living inside them (see Flower's ``dp_fixed_clipping.py`` for the pattern).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import ClassVar, Protocol
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.adapters.base import Adapter, State
+from fedpeft.federation.records import from_record, payload_bytes, to_record
+from strategies.aggregation import lora_aggregation_error
+
+
+class ClientSampler(Protocol):
+    def sample(self, server_round: int) -> list[int]:
+        """Node ids to train this round."""
+
+
+@dataclass
+class ClientUpdate:
+    """One decoded client reply."""
+
+    node_id: int
+    client_id: int
+    num_examples: int
+    state: State
+    train_loss: float
+    bytes_up: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class FedPeftStrategy(Strategy):
+    """Base for adapter-aware strategies; subclasses implement :meth:`aggregate`."""
+
+    name: ClassVar[str]
+    #: True when the strategy must see each client's own update (cannot sit behind
+    #: secure aggregation or user-level central DP noise), e.g. LoRA-FAIR.
+    needs_individual_updates: ClassVar[bool] = False
+
+    def __init__(self, adapter: Adapter, sampler: ClientSampler) -> None:
+        self.adapter = adapter
+        self.sampler = sampler
+        self._global: State = {}
+        self._round_rank: int | None = None
+        self._broadcast_bytes = 0
+
+    # -- Flower Strategy API ----------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = from_record(arrays)
+        rank = config.get("round-rank", 0)
+        self._round_rank = int(rank) if rank else None
+        broadcast = to_record(self.adapter.broadcast(self._global, self._round_rank))
+        self._broadcast_bytes = payload_bytes(broadcast)
+        content = RecordDict({"arrays": broadcast, "config": config})
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node in self.sampler.sample(server_round)]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        updates = [self.decode(r) for r in replies if not r.has_error()]
+        failed = len(replies) - len(updates)
+        metrics: dict[str, float] = {
+            "clients-replied": float(len(updates)),
+            "clients-failed": float(failed),
+            "bytes-up": float(sum(u.bytes_up for u in updates)),
+            "bytes-down": float(self._broadcast_bytes * len(replies)),
+        }
+        usable = [u for u in updates if u.num_examples > 0]
+        if not usable:
+            return None, MetricRecord(metrics)
+        new_global = self.aggregate(self._global, usable)
+        weights = [u.num_examples for u in usable]
+        err = lora_aggregation_error(
+            [self.adapter.client_view(self._global, u.state) for u in usable], weights, new_global,
+            self.adapter.lora_pairs(set(new_global)),
+        )
+        if err is not None:
+            metrics["aggregation-error"] = err
+        total = float(sum(weights))
+        metrics["train-loss"] = sum(u.train_loss * u.num_examples for u in usable) / total
+        metrics["num-examples"] = total
+        return to_record(new_global), MetricRecord(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # fedpeft evaluates the global model centrally on the server
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log(INFO, "\t├── strategy: %s (adapter %s)", self.name, self.adapter.name)
+
+    # -- to implement ------------------------------------------------------------------
+    @abstractmethod
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+        """New global trainable state from this round's client updates."""
+
+    # -- helpers -----------------------------------------------------------------------
+    @staticmethod
+    def decode(reply: Message) -> ClientUpdate:
+        record = reply.content["arrays"]
+        m = reply.content["metrics"]
+        return ClientUpdate(
+            node_id=reply.metadata.src_node_id,
+            client_id=int(m.get("client-id", -1)),
+            num_examples=int(m["num-examples"]),
+            state=from_record(record),
+            train_loss=float(m.get("train-loss", float("nan"))),
+            bytes_up=payload_bytes(record),
+            metrics={k: float(v) for k, v in m.items()},
+        )
+
+
+def stack_uploads(updates: Sequence[ClientUpdate]) -> tuple[list[State], list[float]]:
+    return [u.state for u in updates], [float(u.num_examples) for u in updates]
+
+
+__all__ = ["ClientSampler", "ClientUpdate", "FedPeftStrategy", "stack_uploads", "torch"]
