@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -84,6 +85,11 @@ class Adapter(ABC):
     def client_view(self, global_state: State, upload: State) -> State:
         """One client's full trainable state: the global with its upload written in."""
         return self.merge(global_state, upload, None)
+
+    def step_hook(self, model: nn.Module, rng: np.random.Generator,
+                  round_rank: int | None) -> Callable[[int], None] | None:
+        """Called before every local optimizer step (DyLoRA samples its rank here)."""
+        return None
 
     def round_rank(self, rng: np.random.Generator) -> int | None:
         """Rank the server imposes this round (DP-DyLoRA), or None."""

@@ -38,6 +38,7 @@ def run_client_round(ws: Workspace, cfg: RunConfig, rnd: ClientRound,
     torch.manual_seed(int(rng.integers(2**31)))
     epochs = (shuffled_batches(ws.train, rows, cfg.batch_size, rng, ws.pad_id)
               for _ in range(cfg.local_epochs))
-    result = train_local(ws.model, epochs, cfg.lr)
+    hook = ws.adapter.step_hook(ws.model, rng, rnd.round_rank)
+    result = train_local(ws.model, epochs, cfg.lr, before_step=hook)
     return ws.adapter.upload(ws.model, rnd.round_rank), LocalResult(
         mean_loss=result.mean_loss, steps=result.steps, examples=len(rows))
