@@ -35,6 +35,7 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 16
     lr: float = 2e-3
+    max_client_examples: int = 0  # 0 = use the whole partition; >0 caps local data per round
     # adapter
     adapter: str = "lora"
     rank: int = 8
@@ -103,6 +104,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.local_epochs >= 1, "local_epochs", cfg.local_epochs, "an integer >= 1")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "an integer >= 1")
     _check(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite number > 0")
+    _check(cfg.max_client_examples >= 0, "max_client_examples", cfg.max_client_examples,
+           "an integer >= 0 (0 = no cap)")
     _check(cfg.adapter in ADAPTERS, "adapter", cfg.adapter, ", ".join(ADAPTERS.names()))
     _check(cfg.strategy in STRATEGIES, "strategy", cfg.strategy, ", ".join(STRATEGIES.names()))
     _check(cfg.partition in PARTITIONERS, "partition", cfg.partition, ", ".join(PARTITIONERS.names()))

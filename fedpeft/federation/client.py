@@ -31,6 +31,8 @@ def run_client_round(ws: Workspace, cfg: RunConfig, rnd: ClientRound,
                      broadcast: State) -> tuple[State, LocalResult]:
     parts = ws.partitions(cfg.partition, rnd.num_partitions, cfg.dirichlet_alpha, cfg.seed)
     rows = parts.indices(rnd.client_id)
+    if cfg.max_client_examples:
+        rows = rows[: cfg.max_client_examples]
     ws.adapter.load_state(ws.model, broadcast)
     if len(rows) == 0:
         return {}, LocalResult(mean_loss=float("nan"), steps=0, examples=0)
