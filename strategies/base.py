@@ -86,9 +86,12 @@ class FedPeftStrategy(Strategy):
             return None, MetricRecord(metrics)
         new_global = self.aggregate(self._global, usable)
         weights = [u.num_examples for u in usable]
+        # frozen shared factors (FFA-LoRA's A) are not in the states but are in every product
+        full = self.adapter.with_frozen_factors
+        sent = full(new_global)
         err = lora_aggregation_error(
-            [self.adapter.client_view(self._global, u.state) for u in usable], weights, new_global,
-            self.adapter.lora_pairs(set(new_global)),
+            [full(self.adapter.client_view(self._global, u.state)) for u in usable], weights, sent,
+            self.adapter.lora_pairs(set(sent)),
         )
         if err is not None:
             metrics["aggregation-error"] = err

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 State = dict[str, torch.Tensor]
+#: ``hook(step)`` runs before a local optimizer step and may return an ``after()`` callable.
+StepHook = Callable[[int], Callable[[], None] | None]
 
 _LORA_A = re.compile(r"^(?P<layer>.+)\.lora_A\.(?P<name>[^.]+)\.weight$")
 
@@ -87,8 +89,9 @@ class Adapter(ABC):
         return self.merge(global_state, upload, None)
 
     def step_hook(self, model: nn.Module, rng: np.random.Generator,
-                  round_rank: int | None) -> Callable[[int], None] | None:
-        """Called before every local optimizer step (DyLoRA samples its rank here)."""
+                  round_rank: int | None) -> StepHook | None:
+        """Called before every local optimizer step with the step index (DyLoRA samples its
+        rank here); may return a callable that runs right after that step's ``opt.step()``."""
         return None
 
     def round_rank(self, rng: np.random.Generator) -> int | None:
@@ -99,6 +102,14 @@ class Adapter(ABC):
         return self.spec.rank if round_rank is None else round_rank
 
     # -- LoRA structure -------------------------------------------------------------
+    def with_frozen_factors(self, state: State) -> State:
+        """``state`` plus every LoRA factor that is frozen and shared by all parties.
+
+        Trainable states omit frozen tensors, but the product ``B A`` (e.g. for the
+        aggregation error, SPEC §1.1) needs both factors; FFA-LoRA adds its seeded ``A``.
+        """
+        return state
+
     @staticmethod
     def lora_pairs(keys: list[str] | set[str]) -> list[tuple[str, str]]:
         """``(A key, B key)`` for every adapted layer present in ``keys``."""

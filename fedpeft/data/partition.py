@@ -31,11 +31,12 @@ def _iid(num_partitions: int, label_column: str, dirichlet_alpha: float, seed: i
 @PARTITIONERS.register("dirichlet")
 def _dirichlet(num_partitions: int, label_column: str, dirichlet_alpha: float, seed: int,
                num_examples: int) -> Partitioner:
-    # flwr-datasets re-draws until every partition has min_partition_size examples; with many
-    # clients on a small dataset that is infeasible, so allow small (even empty) partitions.
-    min_size = max(0, min(10, num_examples // (4 * num_partitions)))
+    # flwr-datasets re-draws (at most 10 times, then fails) until every partition has
+    # min_partition_size examples; at small alpha or many clients that is infeasible, so we
+    # accept the plain Dirichlet draw: small or even empty clients (they train on nothing
+    # and carry zero aggregation weight).
     return DirichletPartitioner(num_partitions=num_partitions, partition_by=label_column,
-                                alpha=dirichlet_alpha, min_partition_size=min_size,
+                                alpha=dirichlet_alpha, min_partition_size=0,
                                 self_balancing=False, shuffle=True, seed=seed)
 
 

@@ -1,25 +1,46 @@
 """The fedpeft ClientApp (Flower Message API), identical in simulation and deployment.
 
 Run settings arrive in every message's ConfigRecord, so a SuperNode needs no local config
-beyond its identity: ``partition-id`` / ``num-partitions`` in its node config.
+beyond its identity: ``partition-id`` / ``num-partitions`` in its node config. A node with
+its own data adds ``dataset-path`` (a csv/json/jsonl/parquet file or a ``save_to_disk``
+directory with the run's text and label columns): it then trains on that dataset — all of
+it — instead of partition ``partition-id`` of the run's dataset; ``partition-id`` stays its
+client identity (discovery, sampling).
+
+In deployment every message runs in a fresh ``flwr-clientapp`` process, so the heavy
+imports (torch, transformers, peft) happen inside the handlers that need them: discovery
+(``query``) stays cheap.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import RunConfig
-from fedpeft.federation.client import ClientRound, run_client_round
-from fedpeft.federation.records import from_record, to_record
-from fedpeft.federation.workspace import get_workspace
 
 app = ClientApp()
 
 
 def _identity(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def node_data(cfg: RunConfig, node_config: Mapping[str, Any], client_id: int,
+              num_partitions: int) -> tuple[RunConfig, int, int]:
+    """(config, partition index, number of partitions) this node trains on.
+
+    Without ``dataset-path``: partition ``client_id`` of ``num_partitions`` of the run's
+    dataset. With it: the node's local dataset as one partition (index 0, count 1).
+    """
+    path = str(node_config.get("dataset-path", "") or "")
+    if not path:
+        return cfg, client_id, num_partitions
+    return dataclasses.replace(cfg, dataset=path, partition="iid"), 0, 1
 
 
 @app.query()
@@ -32,12 +53,19 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    import torch
+
+    from fedpeft.federation.client import ClientRound, run_client_round
+    from fedpeft.federation.records import from_record, to_record
+    from fedpeft.federation.workspace import get_workspace
+
     config = msg.content["config"]
     cfg = RunConfig.from_flat(dict(config))
     torch.set_num_threads(max(1, int(cfg.cpus_per_client)))
     client_id, num_partitions = _identity(context)
+    cfg, part_index, part_count = node_data(cfg, context.node_config, client_id, num_partitions)
     rank = int(config.get("round-rank", 0)) or None
-    rnd = ClientRound(client_id=client_id, num_partitions=num_partitions,
+    rnd = ClientRound(client_id=part_index, num_partitions=part_count,
                       server_round=int(config["server-round"]), round_rank=rank)
     ws = get_workspace(cfg)
     upload, result = run_client_round(ws, cfg, rnd, from_record(msg.content["arrays"]))

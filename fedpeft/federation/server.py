@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from logging import WARNING
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedpeft.config import RunConfig
@@ -26,6 +28,14 @@ from fedpeft.training.evaluate import evaluate
 from strategies import STRATEGIES
 
 EVAL_BATCH = 64
+# Seconds a round waits for replies. A crashed SuperNode is reported by the SuperLink after
+# 2 missed heartbeats (about a minute); this bounds a node that is alive but stuck.
+DEFAULT_ROUND_TIMEOUT = 1800.0
+
+
+def round_timeout(cfg: RunConfig) -> float:
+    """``cfg.round_timeout`` once RunConfig has it, else :data:`DEFAULT_ROUND_TIMEOUT`."""
+    return float(getattr(cfg, "round_timeout", DEFAULT_ROUND_TIMEOUT))
 
 
 @dataclass(frozen=True)
@@ -57,9 +67,15 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> Run
         rank = ws.adapter.round_rank(np.random.default_rng([cfg.seed, 0xD1, server_round]))
         config = ConfigRecord({**cfg.to_flat(), "server-round": server_round, "round-rank": rank or 0})
         messages = list(strategy.configure_train(server_round, to_record(global_state), config, grid))
-        replies = list(grid.send_and_receive(messages)) if messages else []
+        replies = (list(grid.send_and_receive(messages, timeout=round_timeout(cfg)))
+                   if messages else [])
         arrays, metrics = strategy.aggregate_train(server_round, replies)
         m = dict(metrics) if metrics is not None else {}
+        failed = sum(1 for rep in replies if rep.has_error()) + len(messages) - len(replies)
+        if failed:
+            log(WARNING, "round %d: %d of %d sampled clients failed or timed out; "
+                "aggregating the %d replies", server_round, failed, len(messages),
+                len(messages) - failed)
         if arrays is not None:
             global_state = from_record(arrays)
         ws.adapter.load_state(ws.model, global_state)

@@ -16,7 +16,8 @@ class LocalResult:
     examples: int
 
 
-StepHook = Callable[[int], None]
+#: ``before_step(step)`` may return a callable run right after that step's ``opt.step()``.
+StepHook = Callable[[int], Callable[[], None] | None]
 
 
 def train_local(model: nn.Module, epochs_batches: Iterable[Iterable[dict[str, torch.Tensor]]],
@@ -24,7 +25,8 @@ def train_local(model: nn.Module, epochs_batches: Iterable[Iterable[dict[str, to
     """AdamW over the parameters that require grad; a fresh optimizer each round (FL norm).
 
     ``epochs_batches`` yields one iterable of batches per local epoch. ``before_step`` lets an
-    adapter act before each step (DyLoRA samples its rank there).
+    adapter act before each step (DyLoRA samples its rank there) and, through the callable it
+    returns, right after it (DyLoRA undoes optimizer moves outside the step's rank).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -32,11 +34,12 @@ def train_local(model: nn.Module, epochs_batches: Iterable[Iterable[dict[str, to
     total, steps, examples = 0.0, 0, 0
     for batches in epochs_batches:
         for batch in batches:
-            if before_step is not None:
-                before_step(steps)
+            after_step = before_step(steps) if before_step is not None else None
             out = model(**batch)
             out.loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             opt.zero_grad(set_to_none=True)
             n = int(batch["labels"].shape[0])
             total += float(out.loss.detach()) * n
