@@ -63,7 +63,7 @@ def optimal_parameter(density: float) -> int:
 def _remainder_layout(b: int) -> tuple[int, int]:
     """``(c - 1, u)`` of the truncated binary code for remainders in ``[0, b)``."""
     c = (b - 1).bit_length()  # ceil(log2 b) for b >= 1
-    return max(c - 1, 0), (1 << c) - b + (b == 5)
+    return max(c - 1, 0), (1 << c) - b
 
 
 def gaps_of(positions: np.ndarray) -> np.ndarray:
