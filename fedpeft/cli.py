@@ -7,6 +7,7 @@ is written for them. Every number shown is also in the run's ``results.json``.
 from __future__ import annotations
 
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -139,6 +140,7 @@ def compare(config: str = typer.Argument(..., help="Experiment TOML (grid of str
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and exit code 2 for every user mistake."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation chatter
     try:
         app(args=argv, standalone_mode=False)
     except UsageError as exc:

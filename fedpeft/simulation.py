@@ -34,7 +34,7 @@ def simulate(cfg: RunConfig, reporters: list[Reporter], verbose: bool = False) -
     from fedpeft.federation.client_app import app as client_app
 
     if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.setLevel(logging.ERROR)  # hides run_simulation's deprecation notice
     outcome: list[RunOutcome] = []
     server_app = ServerApp()
 
