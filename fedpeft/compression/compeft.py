@@ -52,9 +52,10 @@ def top_k_positions(flat: np.ndarray, k: int) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     mag = np.abs(flat)
     threshold = np.partition(mag, n - k)[n - k]  # the k-th largest magnitude
-    above = np.flatnonzero(mag > threshold)
-    ties = np.flatnonzero(mag == threshold)[: k - above.size]
-    return np.sort(np.concatenate([above, ties])).astype(np.int64)
+    keep = mag > threshold
+    ties = np.flatnonzero(mag == threshold)[: k - int(keep.sum())]
+    keep[ties] = True
+    return np.flatnonzero(keep).astype(np.int64, copy=False)
 
 
 @CODECS.register("compeft")

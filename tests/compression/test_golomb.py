@@ -133,9 +133,10 @@ def test_million_positions_encode_and_decode_well_under_a_second():
     rng = np.random.default_rng(0)
     positions = np.flatnonzero(rng.random(5_000_000) < 0.2)  # ~1M positions
     b = golomb.optimal_parameter(0.2)
-    start = time.perf_counter()
-    code = golomb.encode(positions, b)
-    decoded = golomb.decode(code)
-    elapsed = time.perf_counter() - start
+    elapsed = []
+    for _ in range(3):  # best of 3: the machine may be shared with other test runs
+        start = time.perf_counter()
+        decoded = golomb.decode(golomb.encode(positions, b))
+        elapsed.append(time.perf_counter() - start)
     np.testing.assert_array_equal(decoded, positions)
-    assert elapsed < 1.0, f"{positions.size} positions took {elapsed:.2f}s"
+    assert min(elapsed) < 1.0, f"{positions.size} positions took {min(elapsed):.2f}s"
