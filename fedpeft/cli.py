@@ -133,9 +133,41 @@ def simulate(
 
 
 @app.command()
-def compare(config: str = typer.Argument(..., help="Experiment TOML (grid of strategies × adapters × …).")) -> None:
-    """Run strategies side by side (NOT IMPLEMENTED YET)."""
-    raise UsageError("fedpeft compare is not implemented yet (tracked in the strategies issue)")
+def compare(
+    config: str = typer.Argument(..., help="Experiment TOML: [base] settings and a [grid] of lists."),
+    output: Optional[str] = typer.Option(None, "--output", help="Comparison directory. [default: runs/compare-<name>-<timestamp>]"),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
+) -> None:
+    """Run a grid of simulations and write comparison.md/.csv and plots."""
+    from fedpeft.compare import load_experiment, run_experiment
+
+    exp = load_experiment(config)
+    cells = exp.cells()
+    out = Path(output) if output else Path("runs") / f"compare-{exp.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    console.print(f"[bold]fedpeft compare[/] {exp.name}: {len(cells)} runs -> {out}")
+    progress = Progress(TextColumn("[bold]runs"), MofNCompleteColumn(), BarColumn(),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+    task = progress.add_task("runs", total=len(cells), status="")
+
+    def run_one(cfg, run_dir: Path) -> None:  # noqa: ANN001
+        from fedpeft.simulation import simulate as run
+
+        progress.update(task, status=run_dir.name)
+        outcome = run(cfg, [ResultsWriter(run_dir)], verbose=verbose)
+        progress.update(task, advance=1, status=f"{run_dir.name}: acc {_fmt(outcome.final.accuracy)}")
+
+    with progress:
+        rows = run_experiment(exp, out, run_one)
+    table = Table(title=f"fedpeft compare: {exp.name}")
+    for col in ("setting", "runs", "accuracy", "bytes up", "bytes down", "ε", "agg. error", "wall s"):
+        table.add_column(col, justify="right" if col != "setting" else "left")
+    for r in rows:
+        table.add_row(r["setting"], str(r["runs"]), f"{_fmt(r['accuracy_mean'])} ± {_fmt(r['accuracy_std'])}",
+                      _fmt(r["bytes_up_total"], ",.0f"), _fmt(r["bytes_down_total"], ",.0f"),
+                      _fmt(r["epsilon"], ".3f"), _fmt(r["aggregation_error_mean"], ".2e"),
+                      _fmt(r["wall_s_mean"], ".1f"))
+    console.print(table)
+    console.print(f"-> {out / 'comparison.md'}, {out / 'comparison.csv'}, plots in {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

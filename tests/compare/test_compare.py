@@ -1,0 +1,82 @@
+"""``fedpeft compare`` orchestration: grid expansion, validation, summary and plots.
+
+The per-cell simulation is replaced by a writer of synthetic results so the summary maths can
+be checked against hand-computed values; the real end-to-end compare is a slow test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+
+from fedpeft.compare import load_experiment, run_experiment
+from fedpeft.errors import UsageError
+from fedpeft.results import FinalRecord, ResultsWriter, RoundRecord
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+def test_grid_expands_to_cartesian_product(tmp_path):
+    exp = load_experiment(_write(tmp_path, '[base]\nclients = 10\ncohort = 2\n[grid]\nrank = [2, 4]\nseed = [0, 1, 2]\n'))
+    cells = exp.cells()
+    assert len(cells) == 6
+    assert {(c.rank, c.seed) for c in cells} == {(r, s) for r in (2, 4) for s in (0, 1, 2)}
+    assert all(c.clients == 10 for c in cells)
+    assert exp.row_keys == ["rank"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[grid]\nstrategy = ['nope']\n", "--strategy 'nope'"),
+    ("[grid]\nseed = 3\n", "non-empty list"),
+    ("[base]\nbogus = 1\n[grid]\nseed = [0]\n", "bogus"),
+    ("[base]\nclients = 1\n", "no [grid]"),
+    ("[other]\nx = 1\n", "unknown table"),
+    ("[grid\n", "not valid TOML"),
+])
+def test_bad_experiment_files(tmp_path, text, needle):
+    with pytest.raises(UsageError, match=None) as info:
+        load_experiment(_write(tmp_path, text))
+    assert needle in str(info.value)
+
+
+def test_summary_statistics_and_outputs(tmp_path):
+    exp = load_experiment(_write(tmp_path, '[base]\nclients = 10\ncohort = 2\nrounds = 2\n[grid]\nrank = [2, 4]\nseed = [0, 1]\n'))
+    acc = {(2, 0): 0.70, (2, 1): 0.74, (4, 0): 0.80, (4, 1): 0.80}
+
+    def fake_run(cfg, run_dir):
+        w = ResultsWriter(run_dir)
+        w.on_start(cfg.to_dict(), {})
+        for t in (1, 2):
+            w.on_round(RoundRecord(round=t, clients_sampled=2, train_loss=0.5, eval_loss=0.5,
+                                   eval_accuracy=acc[(cfg.rank, cfg.seed)] - 0.1 * (2 - t), bytes_up=100 * cfg.rank,
+                                   bytes_down=10, aggregation_error=0.01 * t, epsilon=None, rank=cfg.rank, wall_s=1.0))
+        w.on_finish(FinalRecord(accuracy=acc[(cfg.rank, cfg.seed)], epsilon=None, delta=None, noise_multiplier=None,
+                                sample_rate=0.2, accountant=None, dp_level=None, bytes_up_total=200 * cfg.rank,
+                                bytes_down_total=20, wall_s=2.0))
+
+    rows = run_experiment(exp, tmp_path / "cmp", fake_run)
+    by = {r["setting"]: r for r in rows}
+    assert by["rank=2"]["accuracy_mean"] == pytest.approx(0.72)
+    assert by["rank=2"]["accuracy_std"] == pytest.approx(statistics.stdev([0.70, 0.74]))
+    assert by["rank=4"]["accuracy_std"] == 0.0
+    assert by["rank=4"]["bytes_up_total"] == 800
+    assert by["rank=2"]["aggregation_error_mean"] == pytest.approx(0.015)
+    out = tmp_path / "cmp"
+    csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["setting"] for r in csv_rows] == ["rank=2", "rank=4"]
+    md = (out / "comparison.md").read_text()
+    assert "0.7200 ± 0.0283" in md
+    for png in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "aggregation_error_vs_round.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # re-running skips finished cells
+    calls = []
+    run_experiment(exp, out, lambda cfg, d: calls.append(d))
+    assert calls == []
+    assert json.loads((out / "runs" / "rank=2__seed=0" / "results.json").read_text())["final"]["accuracy"] == 0.70
