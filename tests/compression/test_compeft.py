@@ -238,3 +238,13 @@ def test_payload_travels_as_uint8_array_in_a_flower_record():
     assert wire.from_wire(from_record(record)[wire.WIRE_KEY]) == payload
     overhead = payload_bytes(record) - len(payload)
     assert 0 < overhead <= 128 + len(wire.WIRE_KEY)  # the .npy header + key, independent of size
+
+
+def test_header_of_many_long_peft_keys_stays_small():
+    keys = [f"base_model.model.roberta.encoder.layer.{i}.attention.self.{m}.lora_{ab}.default.weight"
+            for i in range(12) for m in ("query", "value") for ab in "AB"]
+    update = {k: torch.randn(8, 768) for k in keys}
+    payload = build_codec("compeft", density=0.2).encode(update)
+    raw_json = len(",".join(keys))  # the key names alone, uncompressed
+    assert header_size(payload) < raw_json / 5
+    assert list(decode_payload(payload)) == keys
