@@ -123,7 +123,7 @@ class ComPEFTCodec(Codec):
 
 @CODECS.register("stc")
 class STCCodec(ComPEFTCodec):
-    """Sparse ternary compression: kept entries ``±mean|kept entries|``."""
+    """Sparse ternary compression: kept entries ``±mean|kept entries|`` (``gamma`` unused)."""
 
     name = "stc"
 
