@@ -28,8 +28,8 @@ PAPER_BITS = {0.05: 0.339, 0.1: 0.576, 0.2: 0.939, 0.3: 1.19, 0.5: 1.5}  # ComPE
 
 def make_update(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    shapes = {"q.lora_A": (8, 62_500), "q.lora_B": (62_500, 8),
-              "v.lora_A": (8, 31_250), "v.lora_B": (31_250, 8)}
+    shapes = {"q.lora_A": (8, 50_000), "q.lora_B": (50_000, 8),
+              "v.lora_A": (8, 12_500), "v.lora_B": (12_500, 8)}
     return {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
 
 
@@ -78,6 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     update = make_update()
+    assert sum(v.numel() for v in update.values()) == 1_000_000
     rows = [bench("none", None, update, args.repeats)]
     for name in ("compeft", "stc"):
         rows += [bench(name, d, update, args.repeats) for d in DENSITIES]
