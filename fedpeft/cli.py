@@ -21,7 +21,7 @@ from rich.table import Table
 from fedpeft.errors import UsageError
 from fedpeft.results import FinalRecord, ResultsWriter, RoundRecord
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Federated, differentially private fine-tuning of PEFT adapters.")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -101,9 +101,19 @@ def simulate(
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --dataset. [default: text]"),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column of --dataset. [default: label]"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Token truncation length. [default: 64]"),
-    dp: Optional[str] = typer.Option(None, "--dp", help="Privacy level: none (user/sample not implemented yet)."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Target ε (not implemented yet)."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="Target δ (not implemented yet)."),
+    dp: Optional[str] = typer.Option(None, "--dp", help="Privacy level: none, user (DP-FedAvg), sample (DP-SGD). [default: user if --epsilon/--noise-multiplier, else none]"),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Target ε over the whole run; calibrates the noise multiplier."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Target δ. [default: min(1e-5, 1/N^1.1)]"),
+    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="Fixed noise multiplier z (alternative to --epsilon)."),
+    clip: Optional[float] = typer.Option(None, "--clip", help="User level: L2 bound S of each client's update. [default: 0.5]"),
+    adaptive_clip: Optional[bool] = typer.Option(None, "--adaptive-clip/--no-adaptive-clip", help="Adaptive clipping (Andrew et al. 2021), quantile 0.5."),
+    sample_clip: Optional[float] = typer.Option(None, "--sample-clip", help="Sample level: per-example gradient bound C. [default: 1.0]"),
+    accountant: Optional[str] = typer.Option(None, "--accountant", help="rdp or prv (Opacus). [default: rdp]"),
+    compression: Optional[str] = typer.Option(None, "--compression", help="Upload codec: none, compeft, stc. [default: none]"),
+    density: Optional[float] = typer.Option(None, "--density", help="Fraction of update entries kept by compeft/stc. [default: 0.2]"),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="ComPEFT magnitude scale γ (values ±γ·σ). [default: 1]"),
+    compress_down: Optional[bool] = typer.Option(None, "--compress-down/--no-compress-down", help="Also compress the server broadcast."),
+    max_client_examples: Optional[int] = typer.Option(None, "--max-client-examples", help="Cap on examples a client trains on per round (0 = all). [default: 0]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed. [default: 0]"),
     cpus_per_client: Optional[float] = typer.Option(None, "--cpus-per-client", help="Ray CPUs per client actor. [default: 1]"),
     output: Optional[str] = typer.Option(None, "--output", help="Run directory. [default: runs/<timestamp>]"),

@@ -52,10 +52,22 @@ class RunConfig:
     max_test_examples: int = 2000
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
-    # privacy (issue: user-level / sample-level DP)
-    dp: str = "none"
+    # privacy (SPEC §3)
+    dp: str | None = None  # none | user | sample; None = "user" if a budget is given else "none"
     epsilon: float | None = None
-    delta: float | None = None
+    delta: float | None = None  # None = min(1e-5, 1/N^1.1)
+    noise_multiplier: float | None = None
+    clip: float = 0.5  # user level: L2 bound S of a client's whole upload
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    sample_clip: float = 1.0  # sample level: per-example gradient bound C
+    accountant: str = "rdp"
+    # compression (SPEC §2.3)
+    compression: str = "none"
+    density: float = 0.2
+    gamma: float = 1.0
+    compress_down: bool = False
     # runtime
     seed: int = 0
     cpus_per_client: float = 1.0
@@ -80,10 +92,14 @@ class RunConfig:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
 
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    f.name: ((float, int) if "float" in str(f.type) else (int,) if "int" in str(f.type) else (str,))
-    for f in fields(RunConfig)
-}
+def _types(annotation: str) -> tuple[type, ...]:
+    for name, types in (("bool", (bool,)), ("float", (float, int)), ("int", (int,))):
+        if name in annotation:
+            return types
+    return (str,)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {f.name: _types(str(f.type)) for f in fields(RunConfig)}
 
 
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -120,13 +136,60 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(math.isfinite(cfg.dirichlet_alpha) and cfg.dirichlet_alpha > 0, "dirichlet_alpha",
            cfg.dirichlet_alpha, "a finite number > 0")
     _check(0 < cfg.cpus_per_client <= 64, "cpus_per_client", cfg.cpus_per_client, "a number in (0, 64]")
-    _check(cfg.dp in ("none", "user", "sample"), "dp", cfg.dp, "none, user, sample")
-    if cfg.epsilon is not None or cfg.delta is not None or cfg.dp != "none":
-        raise NotImplementedYet(
-            "differential privacy (--epsilon/--delta/--dp) is not implemented yet; "
-            "run without it (tracked in the privacy issue)"
-        )
+    _check_privacy(cfg)
+    _check_compression(cfg)
     return cfg
+
+
+def _check_privacy(cfg: RunConfig) -> None:
+    from fedpeft.privacy import ACCOUNTANTS
+    from strategies import STRATEGIES
+
+    _check(cfg.dp in ("none", "user", "sample"), "dp", cfg.dp, "none, user, sample")
+    _check(cfg.accountant in ACCOUNTANTS, "accountant", cfg.accountant, ", ".join(ACCOUNTANTS.names()))
+    budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
+    if cfg.dp == "none":
+        if budget or cfg.delta is not None:
+            raise UsageError("--epsilon/--noise-multiplier/--delta contradict --dp none; "
+                             "drop them or choose --dp user|sample")
+        return
+    if not budget:
+        raise UsageError(f"--dp {cfg.dp} needs a budget: --epsilon E (calibrates the noise) "
+                         "or --noise-multiplier Z")
+    if cfg.epsilon is not None and cfg.noise_multiplier is not None:
+        raise UsageError("--noise-multiplier and --epsilon are alternatives; give only one")
+    if cfg.epsilon is not None:
+        _check(math.isfinite(cfg.epsilon) and cfg.epsilon > 0, "epsilon", cfg.epsilon, "a finite number > 0")
+    if cfg.noise_multiplier is not None:
+        _check(math.isfinite(cfg.noise_multiplier) and cfg.noise_multiplier > 0, "noise_multiplier",
+               cfg.noise_multiplier, "a finite number > 0")
+    if cfg.delta is not None:
+        _check(math.isfinite(cfg.delta) and 0 < cfg.delta < 1, "delta", cfg.delta, "a number in (0, 1/N)")
+    _check(math.isfinite(cfg.clip) and cfg.clip > 0, "clip", cfg.clip, "a finite number > 0")
+    _check(math.isfinite(cfg.sample_clip) and cfg.sample_clip > 0, "sample_clip", cfg.sample_clip, "a finite number > 0")
+    _check(0 < cfg.target_quantile < 1, "target_quantile", cfg.target_quantile, "a number in (0, 1)")
+    _check(math.isfinite(cfg.clip_lr) and cfg.clip_lr > 0, "clip_lr", cfg.clip_lr, "a finite number > 0")
+    if cfg.dp == "user":
+        if STRATEGIES.get(cfg.strategy).needs_individual_updates:
+            raise UsageError(
+                f"--strategy {cfg.strategy} needs every client's individual update, which user-level "
+                "central DP hides behind the noised sum; use --dp sample or another strategy")
+        from fedpeft.privacy import default_delta
+
+        delta = cfg.delta if cfg.delta is not None else default_delta(cfg.clients)
+        _check(delta < 1 / cfg.clients, "delta", delta, f"a number in (0, 1/N) = (0, {1 / cfg.clients:.3g}) for N = {cfg.clients} clients")
+    if cfg.dp == "sample":
+        raise NotImplementedYet("--dp sample (per-client DP-SGD) is not implemented yet; use --dp user")
+    if cfg.adaptive_clip and cfg.dp != "user":
+        raise UsageError("--adaptive-clip applies to --dp user only")
+
+
+def _check_compression(cfg: RunConfig) -> None:
+    from fedpeft.compression import CODECS
+
+    _check(cfg.compression in CODECS, "compression", cfg.compression, ", ".join(CODECS.names()))
+    _check(0 < cfg.density <= 1, "density", cfg.density, "a number in (0, 1]")
+    _check(math.isfinite(cfg.gamma) and cfg.gamma > 0, "gamma", cfg.gamma, "a finite number > 0")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -150,7 +213,7 @@ def normalize_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
             allowed = ", ".join(sorted(k.replace("_", "-") for k in _FIELD_TYPES))
             raise UsageError(f"unknown key {key!r} in {source}; allowed: {allowed}")
         types = _FIELD_TYPES[name]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and types != (bool,)) or not isinstance(value, types):
             raise UsageError(
                 f"{key} = {value!r} in {source} has the wrong type; expected {types[0].__name__}"
             )
@@ -164,7 +227,11 @@ def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunCo
     if config_path is not None:
         values.update(load_toml(config_path))
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    return validate(RunConfig(**values))
+    cfg = RunConfig(**values)
+    if cfg.dp is None:  # --epsilon alone means user-level DP (the headline use)
+        budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
+        cfg = dataclasses.replace(cfg, dp="user" if budget else "none")
+    return validate(cfg)
 
 
 __all__ = ["RunConfig", "resolve", "validate", "load_toml", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]
