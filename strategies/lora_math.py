@@ -125,9 +125,10 @@ def solve_residual_sgd(a_bar: torch.Tensor, b_bar: torch.Tensor, delta_w: torch.
       in parameter units, so ``lr`` is relative: the per-step change of ``Z`` is about
       ``lr``, whatever the magnitude of the factors.
 
-    ``lr`` decays on a cosine schedule to 0 so the last iterate settles instead of
-    oscillating. Deterministic (no randomness; float64 on CPU). Degenerate layers
-    (``ΔW = 0`` or ``Ā = 0``: cosine undefined) return ``ΔB = 0``.
+    ``lr`` decays on a cosine schedule to 0 so the iterates settle instead of oscillating,
+    and the best iterate seen is returned (``ΔB = 0`` included, so the result never scores
+    worse than FedAvg's ``B̄`` on the objective). Deterministic (no randomness; float64 on
+    CPU). Degenerate layers (``ΔW = 0`` or ``Ā = 0``: cosine undefined) return ``ΔB = 0``.
     """
     if lam < 0 or steps < 0 or lr <= 0:
         raise ValueError(f"need lam >= 0, steps >= 0, lr > 0; got {lam}, {steps}, {lr}")
@@ -142,23 +143,33 @@ def solve_residual_sgd(a_bar: torch.Tensor, b_bar: torch.Tensor, delta_w: torch.
     w_at = w @ a.T
     gram = a @ a.T
     precondition = (norm_w / math.sqrt(b.numel())) * _inverse_sqrt_psd(gram)
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        delta_b = z @ precondition
+        corrected = b + delta_b
+        norm_m = torch.sqrt(torch.clamp(((corrected @ gram) * corrected).sum(), min=0.0))
+        cos = (w_at * corrected).sum() / (norm_w * norm_m) if float(norm_m.detach()) > 0 \
+            else torch.zeros((), dtype=torch.float64)
+        return 1.0 - cos + lam * torch.linalg.matrix_norm(delta_b)
+
     z = torch.zeros_like(b, requires_grad=True)
     opt = torch.optim.Adam([z], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / steps)))
+    best_loss, best_z = math.inf, z.detach().clone()
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in range(steps + 1):
             opt.zero_grad(set_to_none=True)
-            delta_b = z @ precondition
-            corrected = b + delta_b
-            norm_m = torch.sqrt(torch.clamp(((corrected @ gram) * corrected).sum(), min=0.0))
-            cos = (w_at * corrected).sum() / (norm_w * norm_m) if float(norm_m.detach()) > 0 \
-                else torch.zeros((), dtype=torch.float64)
-            loss = 1.0 - cos + lam * torch.linalg.matrix_norm(delta_b)
+            loss = objective(z)
+            # ‖ΔB‖ is not smooth at 0, so Adam may end next to a better earlier iterate
+            if float(loss.detach()) < best_loss:
+                best_loss, best_z = float(loss.detach()), z.detach().clone()
+            if sched.last_epoch >= steps:
+                break
             loss.backward()
             opt.step()
             sched.step()
-    return (z @ precondition).detach()
+    return best_z @ precondition
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""LoRA-FAIR (SPEC §2.2; Bian et al., ICCV 2025, arXiv 2411.14961; no official code).
+
+FedAvg of LoRA factors sends ``B̄Ā``, not the clients' mean update ``ΔW = Σ p_i B_i A_i``
+(SPEC §1.1). LoRA-FAIR keeps ``Ā`` and sends ``B̄ + ΔB*`` instead of ``B̄``, where ``ΔB*``
+is a small residual that makes ``(B̄ + ΔB*) Ā`` point along ``ΔW`` (math in
+:mod:`strategies.lora_math`). Every other uploaded tensor (classifier head, ...) is the plain
+FedAvg mean. Next round every client starts from ``(Ā, B̄ + ΔB*)``; the aggregation error the
+base class logs is measured against exactly that sent state, so the correction shows up there.
+
+The server needs each client's own factors, so the strategy declares
+``needs_individual_updates``: it cannot sit behind secure aggregation or user-level central
+DP noise (the DP wrapper refuses that combination). Under sample-level DP-SGD it is
+post-processing and allowed.
+
+Options are constructor keywords (the server builds strategies as ``cls(adapter, sampler)``,
+so the defaults are what a run uses until config wiring passes them): ``solver`` ``"sgd"``
+(paper: Adam descent on the cosine objective) or ``"ridge"`` (closed-form least squares),
+``lam`` (λ, 0.01), ``steps`` (300, sgd only), ``lr`` (relative step size, sgd only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedpeft.adapters.base import Adapter, State
+from strategies.aggregation import weighted_mean
+from strategies.base import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
+from strategies.lora_math import SOLVERS, ResidualSolve, Solver, lora_fair_residual
+from strategies.registry import STRATEGIES
+
+
+@STRATEGIES.register("lora-fair")
+class LoraFair(FedPeftStrategy):
+    name = "lora-fair"
+    needs_individual_updates = True
+
+    def __init__(self, adapter: Adapter, sampler: ClientSampler, *, solver: Solver = "sgd",
+                 lam: float = 0.01, steps: int = 300, lr: float = 0.05) -> None:
+        super().__init__(adapter, sampler)
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown LoRA-FAIR solver {solver!r}; allowed: {', '.join(SOLVERS)}")
+        if lam < 0 or steps < 0 or lr <= 0:
+            raise ValueError(f"LoRA-FAIR needs lam >= 0, steps >= 0, lr > 0; got {lam}, {steps}, {lr}")
+        self.solver: Solver = solver
+        self.lam = float(lam)
+        self.steps = int(steps)
+        self.lr = float(lr)
+        #: Per-layer results of the last :meth:`aggregate` (B key -> solve), for diagnostics.
+        self.last_solves: dict[str, ResidualSolve] = {}
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+        states, weights = stack_uploads(updates)
+        new = self.adapter.merge(global_state, weighted_mean(states, weights), self._round_rank)
+        uploaded = set().union(*(u.state for u in updates))
+        views = [self.adapter.client_view(global_state, u.state) for u in updates]
+        self.last_solves = {}
+        for a_key, b_key in self.adapter.lora_pairs(set(new)):
+            if a_key not in uploaded and b_key not in uploaded:
+                continue  # layer not trained this round: every client holds the global pair
+            solve = lora_fair_residual(
+                [v[a_key] for v in views], [v[b_key] for v in views], weights,
+                solver=self.solver, lam=self.lam, steps=self.steps, lr=self.lr)
+            new[b_key] = solve.corrected_b.to(new[b_key].dtype)
+            self.last_solves[b_key] = solve
+        return new
