@@ -43,13 +43,13 @@ _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "tests", "*.eg
 def default_run_config() -> dict[str, bool | int | float | str]:
     """``[tool.flwr.app.config]``: every RunConfig field (dashed) with its default.
 
-    Fields whose default is ``None`` are left out (TOML has no null); ``output`` is kept as
-    ``""`` (= a timestamped ``runs/`` directory), so it can be overridden.
+    TOML has no null: a field whose default is ``None`` is listed as ``""``, which the
+    ServerApp reads back as "not set" (see ``server_app.config_from_run_config``), so that
+    ``--run-config 'epsilon=2.0'`` can override it.
     """
     flat = RunConfig().to_flat()
-    names = {f.name.replace("_", "-") for f in fields(RunConfig)}
-    if "output" in names and "output" not in flat:
-        flat["output"] = ""
+    for f in fields(RunConfig):
+        flat.setdefault(f.name.replace("_", "-"), "")
     return dict(sorted(flat.items()))
 
 

@@ -6,24 +6,35 @@ dashed). The simulator builds its own ServerApp around the same :func:`run_feder
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import datetime
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.config import RunConfig, validate
+from fedpeft.config import RunConfig, resolve
 from fedpeft.federation.server import run_federation
 from fedpeft.reporting import LogReporter
 from fedpeft.results import ResultsWriter
 
 app = ServerApp()
 
+# Settings whose default is None (TOML has no null): "" in the run config means "not set".
+_OPTIONAL = {f.name.replace("_", "-") for f in fields(RunConfig) if f.default is None}
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """Flower run config -> resolved, validated RunConfig (same resolution as the CLI)."""
+    flat = dict(run_config)
+    if "num-server-rounds" in flat and "rounds" not in flat:
+        flat["rounds"] = flat["num-server-rounds"]
+    flat = {k: v for k, v in flat.items() if not (k in _OPTIONAL and v == "")}
+    return resolve(RunConfig.from_flat(flat).to_dict())
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    flat = dict(context.run_config)
-    if "num-server-rounds" in flat and "rounds" not in flat:
-        flat["rounds"] = flat["num-server-rounds"]
-    cfg = validate(RunConfig.from_flat(flat))
+    cfg = config_from_run_config(dict(context.run_config))
     output = cfg.output or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
     run_federation(grid, cfg, [LogReporter(), ResultsWriter(output)])

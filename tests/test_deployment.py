@@ -1,0 +1,163 @@
+"""The fedpeft apps on Flower's deployment runtime: real processes on 127.0.0.1.
+
+One SuperLink (TLS + SuperNode authentication) and three SuperNodes as separate processes,
+two rounds via ``flwr run``: the same process layout as ``docker/compose.yaml`` and
+``docs/deployment.md``, minus the containers. Also shown: a SuperNode whose key was never
+registered is refused, and a SuperNode killed (SIGKILL, whole process tree) in the middle of
+round 2 does not stop the round — it completes with the two others.
+
+Run with ``pytest -m deployment tests/test_deployment.py`` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedpeft.deploy import app, certs, keys
+from fedpeft.deploy import launcher as L
+
+pytestmark = pytest.mark.deployment
+
+CONNECTION = "fedpeft-test"
+RUN_CONFIG = ("clients=3 cohort=3 rounds=2 max-client-examples=32 max-test-examples=64 "
+              "batch-size=16")
+FLWR_RUN_TIMEOUT = 600.0  # the run itself takes ~3-4 min on 2 cores
+KILLED = "supernode-1"
+
+
+def _local_dataset(path: Path, rows: int = 300) -> Path:
+    """A small csv (text,label) cut from the embedded data: one node's private dataset."""
+    from fedpeft.data.embedded import EMBEDDED
+
+    ds = EMBEDDED["rotten-tomatoes"]().shuffle(seed=7).select(range(rows))
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(ds["text"], ds["label"]))
+    return path
+
+
+def _wait_for(predicate, timeout: float, what: str, procs: L.Processes, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs.snapshot()  # remember Flower's detached children while they live
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _rounds_done(results: Path) -> int:
+    try:
+        return len(json.loads(results.read_text())["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path) -> None:
+    t_start = time.monotonic()
+    tls = certs.generate(tmp_path / "certs", ["127.0.0.1"])
+    node_keys = [keys.generate(tmp_path / "keys", f"supernode-{i}") for i in range(3)]
+    intruder_key = keys.generate(tmp_path / "keys", "intruder")  # never registered
+    app_dir = app.write_app(tmp_path / "fedpeft-app")
+    local_csv = _local_dataset(tmp_path / "node2-data.csv")
+    out_dir = tmp_path / "run-output"
+    results = out_dir / "results.json"
+
+    flwr_home = tmp_path / "flwr-home"
+    env = L.flwr_env(flwr_home)
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # datasets' csv cache stays in tmp
+    port = L.free_port()
+    address = f"127.0.0.1:{port}"
+    L.write_connection(flwr_home, CONNECTION, address, tls.ca_cert)
+
+    procs = L.Processes(tmp_path / "logs", env)
+    timings: dict[str, float] = {}
+    try:
+        link = procs.start("superlink", L.superlink_argv(
+            host="127.0.0.1", port=port, ca_cert=tls.ca_cert, server_cert=tls.server_cert,
+            server_key=tls.server_key, node_auth=True), cwd=tmp_path)
+        L.wait_for_port("127.0.0.1", port, timeout=60, proc=link.popen)
+        for k in node_keys:
+            L.register_node(k.public, CONNECTION, env)
+
+        # An unregistered key is refused: the SuperNode exits on its own, quickly.
+        intruder = procs.start("intruder", L.supernode_argv(
+            superlink=address, runtime_port=L.free_port(), ca_cert=tls.ca_cert,
+            private_key=intruder_key.private,
+            node_config={"partition-id": 0, "num-partitions": 3}))
+
+        node_configs: list[dict[str, int | str]] = [
+            {"partition-id": i, "num-partitions": 3} for i in range(3)]
+        node_configs[2]["dataset-path"] = str(local_csv)  # a node with its own data
+        for i, node_config in enumerate(node_configs):
+            procs.start(f"supernode-{i}", L.supernode_argv(
+                superlink=address, runtime_port=L.free_port(), ca_cert=tls.ca_cert,
+                private_key=node_keys[i].private, node_config=node_config))
+
+        intruder.popen.wait(timeout=60)
+        assert intruder.popen.returncode != 0
+        assert "Failed to activate SuperNode" in intruder.log_text()
+        timings["setup"] = time.monotonic() - t_start
+
+        run_log = tmp_path / "logs" / "flwr-run.log"
+        t_run = time.monotonic()
+        run = procs.start("flwr-run", [
+            L.flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+            "--run-config", f'{RUN_CONFIG} output="{out_dir}"'])
+
+        _wait_for(lambda: _rounds_done(results) >= 1 or run.popen.poll() is not None,
+                  FLWR_RUN_TIMEOUT, "round 1", procs)
+        assert _rounds_done(results) >= 1, "the run ended before round 1 was recorded"
+        timings["round 1 done"] = time.monotonic() - t_run
+        # Kill node 1 while its round-2 ClientApp runs (query + 2 trains = 3 ClientApps).
+        killed_log = procs.procs[KILLED]
+        _wait_for(lambda: killed_log.log_text().count("Start `flwr-clientapp` process") >= 3
+                  or _rounds_done(results) >= 2, 120, "round 2 to start on " + KILLED, procs,
+                  poll=0.5)
+        assert _rounds_done(results) < 2, "round 2 finished before the node could be killed"
+        procs.kill(KILLED)
+        timings["killed"] = time.monotonic() - t_run
+
+        remaining = FLWR_RUN_TIMEOUT - (time.monotonic() - t_run)
+        _wait_for(lambda: run.popen.poll() is not None, remaining, "flwr run to finish", procs)
+        timings["flwr run"] = time.monotonic() - t_run
+        assert run.popen.returncode == 0, "flwr run failed"
+
+        record = json.loads(results.read_text())
+        assert [r["round"] for r in record["rounds"]] == [1, 2]
+        assert record["config"]["clients"] == 3 and record["config"]["rounds"] == 2
+        assert record["plan"]["sample_rate"] == 1.0
+        for r in record["rounds"]:
+            assert r["clients_sampled"] == 3
+            assert r["train_loss"] is not None and r["eval_accuracy"] is not None
+            assert r["bytes_up"] > 0
+        # Round 1: all three uploads; round 2: the two survivors only.
+        assert record["rounds"][1]["bytes_up"] < record["rounds"][0]["bytes_up"]
+        assert record["final"] is not None and record["final"]["accuracy"] is not None
+        assert "round 2: 1 of 3 sampled clients failed" in run_log.read_text()
+        # The registered nodes were the federation; the intruder never joined.
+        listed = subprocess.run([L.flower_bin("flwr"), "supernode", "ls", CONNECTION,
+                                 "--format", "json"], env=env, capture_output=True, text=True,
+                                timeout=60, check=True)
+        nodes = L._last_json(listed.stdout).get("nodes", [])
+        assert len(nodes) == 3, listed.stdout
+    except BaseException:
+        procs.snapshot()
+        print(procs.logs(tail=150))
+        raise
+    finally:
+        t_stop = time.monotonic()
+        procs.stop_all(grace=10.0)
+        timings["stop"] = time.monotonic() - t_stop
+        timings["total"] = time.monotonic() - t_start
+        print("deployment timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    assert procs.leftovers() == [], "processes left running"
+    assert timings["stop"] < 60
