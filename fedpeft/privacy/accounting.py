@@ -68,6 +68,17 @@ class Accountant(ABC):
             history.append((z, q, n))
 
     @property
+    def opacus_accountant(self) -> IAccountant:
+        """The wrapped Opacus accountant, shared, not copied.
+
+        For sample-level DP-SGD (SPEC §3.2) hand it to the client's ``PrivacyEngine``
+        before ``make_private`` (``engine.accountant = acc.opacus_accountant``): Opacus'
+        optimizer hook then records every noisy step here, and the state persists across
+        rounds through :meth:`state_dict`. Read ε with :meth:`epsilon` (extended orders).
+        """
+        return self._opacus
+
+    @property
     def history(self) -> list[Event]:
         return [(float(z), float(q), int(n)) for z, q, n in self._opacus.history]
 

@@ -118,3 +118,16 @@ def test_step_refuses_zero_noise_and_bad_rates():
         acc.step(1.0, 0.0)
     with pytest.raises(ValueError):
         acc.step(1.0, 1.5)
+
+
+def test_opacus_optimizer_hook_records_dp_sgd_steps_in_the_shared_accountant():
+    """Sample-level DP-SGD (SPEC §3.2): Opacus' PrivacyEngine steps the accountant through
+    get_optimizer_hook_fn; handing it ours must record the same (z, q) events."""
+    from types import SimpleNamespace
+
+    acc = make_accountant("rdp")
+    hook = acc.opacus_accountant.get_optimizer_hook_fn(sample_rate=0.01)
+    for _ in range(25):
+        hook(SimpleNamespace(noise_multiplier=1.1, accumulated_iterations=1))
+    assert acc.history == [(1.1, 0.01, 25)]
+    assert acc.epsilon(1e-5) == pytest.approx(google_rdp_epsilon([(1.1, 0.01, 25)], 1e-5), rel=0.05)
