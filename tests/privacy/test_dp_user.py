@@ -248,3 +248,16 @@ def test_budget_check_stops_before_the_round_that_would_exceed_it():
         dp.accountant.step(dp.noise_multiplier, dp.sample_rate)
         rounds += 1
     assert rounds == 4 and dp.epsilon() <= target
+
+
+def test_registered_lora_fair_is_refused_and_fedavg_accepted():
+    from strategies import STRATEGIES
+
+    if "lora-fair" not in STRATEGIES:
+        pytest.skip("lora-fair not registered in this checkout")
+    adapter, sampler = FakeAdapter(AdapterSpec()), FixedSampler([1])
+    with pytest.raises(UsageError, match="lora-fair"):
+        UserLevelDP(STRATEGIES.get("lora-fair")(adapter, sampler), 1.0, 1.0, 4.0, 0.1,
+                    make_accountant("rdp"), 1e-5)
+    UserLevelDP(STRATEGIES.get("fedavg")(adapter, sampler), 1.0, 1.0, 4.0, 0.1,
+                make_accountant("rdp"), 1e-5)
