@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters.base import Adapter, State
 from fedpeft.federation.records import from_record, payload_bytes, to_record
+from fedpeft.federation.upload import decode_upload
 from strategies.aggregation import lora_aggregation_error
 
 
@@ -116,15 +117,16 @@ class FedPeftStrategy(Strategy):
         """New global trainable state from this round's client updates."""
 
     # -- helpers -----------------------------------------------------------------------
-    @staticmethod
-    def decode(reply: Message) -> ClientUpdate:
+    def decode(self, reply: Message) -> ClientUpdate:
+        """A reply as a :class:`ClientUpdate` (compressed uploads are decoded against the
+        round's global state)."""
         record = reply.content["arrays"]
         m = reply.content["metrics"]
         return ClientUpdate(
             node_id=reply.metadata.src_node_id,
             client_id=int(m.get("client-id", -1)),
             num_examples=int(m["num-examples"]),
-            state=from_record(record),
+            state=decode_upload(record, self._global),
             train_loss=float(m.get("train-loss", float("nan"))),
             bytes_up=payload_bytes(record),
             metrics={k: float(v) for k, v in m.items()},

@@ -56,7 +56,8 @@ def train(msg: Message, context: Context) -> Message:
     import torch
 
     from fedpeft.federation.client import ClientRound, run_client_round
-    from fedpeft.federation.records import from_record, to_record
+    from fedpeft.federation.records import from_record
+    from fedpeft.federation.upload import client_state_dir, encode_upload
     from fedpeft.federation.workspace import get_workspace
 
     config = msg.content["config"]
@@ -68,9 +69,11 @@ def train(msg: Message, context: Context) -> Message:
     rnd = ClientRound(client_id=part_index, num_partitions=part_count,
                       server_round=int(config["server-round"]), round_rank=rank)
     ws = get_workspace(cfg)
-    upload, result = run_client_round(ws, cfg, rnd, from_record(msg.content["arrays"]))
+    broadcast = from_record(msg.content["arrays"])
+    upload, result = run_client_round(ws, cfg, rnd, broadcast)
     metrics = MetricRecord({"client-id": client_id, "num-examples": result.examples,
                             "train-loss": result.mean_loss if result.examples else 0.0,
                             "steps": result.steps})
-    arrays = to_record(upload) if upload else ArrayRecord()
+    arrays = (encode_upload(cfg, client_id, broadcast, upload, client_state_dir(cfg, context.node_config))
+              if upload else ArrayRecord())
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
