@@ -75,13 +75,7 @@ class FedPeftStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         updates = [self.decode(r) for r in replies if not r.has_error()]
-        failed = len(replies) - len(updates)
-        metrics: dict[str, float] = {
-            "clients-replied": float(len(updates)),
-            "clients-failed": float(failed),
-            "bytes-up": float(sum(u.bytes_up for u in updates)),
-            "bytes-down": float(self._broadcast_bytes * len(replies)),
-        }
+        metrics = self.round_metrics(replies, updates)
         usable = [u for u in updates if u.num_examples > 0]
         if not usable:
             return None, MetricRecord(metrics)
@@ -96,9 +90,6 @@ class FedPeftStrategy(Strategy):
         )
         if err is not None:
             metrics["aggregation-error"] = err
-        total = float(sum(weights))
-        metrics["train-loss"] = sum(u.train_loss * u.num_examples for u in usable) / total
-        metrics["num-examples"] = total
         return to_record(new_global), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -110,6 +101,31 @@ class FedPeftStrategy(Strategy):
 
     def summary(self) -> None:
         log(INFO, "\t├── strategy: %s (adapter %s)", self.name, self.adapter.name)
+
+    # -- round state, read by wrappers (DP, ...) -------------------------------------------
+    @property
+    def global_state(self) -> State:
+        """The global trainable state sent this round (set in :meth:`configure_train`)."""
+        return self._global
+
+    @property
+    def round_rank(self) -> int | None:
+        return self._round_rank
+
+    def round_metrics(self, replies: Sequence[Message], updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """The per-round keys of the results schema that every strategy reports."""
+        metrics: dict[str, float] = {
+            "clients-replied": float(len(updates)),
+            "clients-failed": float(len(replies) - len(updates)),
+            "bytes-up": float(sum(u.bytes_up for u in updates)),
+            "bytes-down": float(self._broadcast_bytes * len(replies)),
+        }
+        usable = [u for u in updates if u.num_examples > 0]
+        if usable:
+            total = float(sum(u.num_examples for u in usable))
+            metrics["train-loss"] = sum(u.train_loss * u.num_examples for u in usable) / total
+            metrics["num-examples"] = total
+        return metrics
 
     # -- to implement ------------------------------------------------------------------
     @abstractmethod

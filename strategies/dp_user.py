@@ -49,42 +49,11 @@ from fedpeft.privacy.adaptive_clipping import (
 )
 from fedpeft.privacy.calibration import would_exceed_budget
 from fedpeft.privacy.mechanisms import clip_by_l2, dp_fedavg_aggregate
+from fedpeft.updates import apply_update, client_delta, prefix_slice
 from strategies.base import ClientUpdate, FedPeftStrategy
 
 #: Shapes of what clients upload in a round: key -> tensor shape.
 Layout = dict[str, tuple[int, ...]]
-
-
-def prefix_slice(shape: Sequence[int]) -> tuple[slice, ...]:
-    """Index of the leading block of that shape (DyLoRA rank-prefix uploads, SPEC §1.3)."""
-    return tuple(slice(0, int(s)) for s in shape)
-
-
-def client_delta(global_state: State, upload: State) -> State:
-    """``Δ_i = upload_i − global`` on exactly the uploaded coordinates (float64).
-
-    An upload may be a rank prefix of the global tensor (DP-DyLoRA): the global is sliced
-    to the upload's shape, so clipping and noise touch only those coordinates (SPEC §1.3).
-    """
-    delta: State = {}
-    for key, value in upload.items():
-        if key not in global_state:
-            raise ValueError(f"client uploaded {key!r}, which is not in the global state")
-        g = global_state[key]
-        if value.dim() != g.dim() or any(s > t for s, t in zip(value.shape, g.shape)):
-            raise ValueError(f"upload {key!r} of shape {tuple(value.shape)} is not a prefix of "
-                             f"the global shape {tuple(g.shape)}")
-        delta[key] = value.to(torch.float64) - g[prefix_slice(value.shape)].to(torch.float64)
-    return delta
-
-
-def apply_update(global_state: State, mean_update: State) -> State:
-    """``global_slice + Δ̄`` per uploaded key, in the global tensor's dtype."""
-    out: State = {}
-    for key, d in mean_update.items():
-        g = global_state[key]
-        out[key] = (g[prefix_slice(d.shape)].to(torch.float64) + d).to(g.dtype)
-    return out
 
 
 def layout_of(state: Mapping[str, torch.Tensor]) -> Layout:
@@ -190,8 +159,8 @@ class UserLevelDP(Strategy):
         """
         replies = list(replies)
         # Read, not written: the inner strategy set these in configure_train.
-        global_state: State = self.inner._global  # noqa: SLF001
-        round_rank: int | None = self.inner._round_rank  # noqa: SLF001
+        global_state: State = self.inner.global_state
+        round_rank: int | None = self.inner.round_rank
         updates = [self.inner.decode(r) for r in replies if not r.has_error()]
 
         deltas = [client_delta(global_state, u.state) for u in updates]
@@ -218,7 +187,7 @@ class UserLevelDP(Strategy):
             estimate = noised_quantile(norms, clip, self.count_std, self.expected_cohort, generator)
             self.clip = next_clip(clip, estimate, self.adaptive.target_quantile, self.adaptive.clip_lr)
 
-        metrics = self._round_metrics(replies, updates)
+        metrics = self.inner.round_metrics(replies, updates)
         metrics["epsilon"] = self.epsilon()
         metrics["noise-multiplier"] = self.noise_multiplier
         metrics["clip-norm"] = clip
@@ -268,21 +237,6 @@ class UserLevelDP(Strategy):
                                  f"(keys/shapes {sorted(layout_of(d).items())[:3]}...)")
         self._layouts[round_rank] = expected
         return expected
-
-    def _round_metrics(self, replies: list[Message], updates: list[ClientUpdate]) -> dict[str, float]:
-        """The base strategy's per-round keys (SPEC results schema), computed the same way."""
-        metrics: dict[str, float] = {
-            "clients-replied": float(len(updates)),
-            "clients-failed": float(len(replies) - len(updates)),
-            "bytes-up": float(sum(u.bytes_up for u in updates)),
-            "bytes-down": float(self.inner._broadcast_bytes * len(replies)),  # noqa: SLF001
-        }
-        usable = [u for u in updates if u.num_examples > 0]
-        if usable:
-            total = float(sum(u.num_examples for u in usable))
-            metrics["train-loss"] = sum(u.train_loss * u.num_examples for u in usable) / total
-            metrics["num-examples"] = total
-        return metrics
 
 
 __all__ = ["Layout", "UserLevelDP", "apply_update", "client_delta", "layout_of", "prefix_slice"]
