@@ -47,11 +47,15 @@ class RichReporter:
             f"strategy {plan['strategy']}, {plan['trainable_parameters']:,} trainable parameters, "
             f"{plan['train_examples']:,} train / {plan['test_examples']:,} test examples"
         )
+        dp = plan.get("privacy", {})
+        if dp.get("dp_level"):
+            console.print("[bold]privacy plan[/]: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                              for k, v in dp.items() if v is not None))
         self.progress.start()
 
     def on_round(self, r: RoundRecord) -> None:
         status = (f"acc {_fmt(r.eval_accuracy)}  loss {_fmt(r.eval_loss)}  clients {r.clients_sampled}  "
-                  f"up {r.bytes_up / 1e6:.2f} MB  agg-err {_fmt(r.aggregation_error, '.2e')}")
+                  f"up {r.bytes_up / 1e6:.2f} MB  agg-err {_fmt(r.aggregation_error, '.2e')}  ε {_fmt(r.epsilon, '.3f')}")
         self.progress.update(self.task, advance=1, status=status)
 
     def on_finish(self, final: FinalRecord) -> None:
@@ -88,12 +92,12 @@ def simulate(
     local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help="Local epochs per round. [default: 1]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Local batch size. [default: 16]"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Client AdamW learning rate. [default: 2e-3]"),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter: lora. [default: lora]"),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (r_max for DyLoRA). [default: 8]"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter: lora, ffa-lora (frozen shared A; a larger --alpha is recommended), dylora, dp-dylora. [default: lora]"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (r_max for dylora/dp-dylora). [default: 8]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (scale alpha/r). [default: 16]"),
-    min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest DyLoRA rank. [default: 1]"),
+    min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest rank, drawn uniformly in [min-rank, rank] per step (dylora) or per round by the server (dp-dylora). [default: 1]"),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt. [default: query,value]"),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="Server strategy: fedavg. [default: fedavg]"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Server strategy: fedavg, lora-fair, fedsa-lora. [default: fedavg]"),
     partition: Optional[str] = typer.Option(None, "--partition", help="iid or dirichlet. [default: iid]"),
     dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="Dirichlet concentration (smaller = more label skew). [default: 0.5]"),
     model: Optional[str] = typer.Option(None, "--model", help="embedded:all-MiniLM-L6-v2, a local directory or a Hugging Face hub id."),
@@ -138,6 +142,9 @@ def simulate(
     outcome = run(cfg, [writer, RichReporter(cfg.rounds)], verbose=verbose)
     console.print(summary_table(writer))
     f = outcome.final
+    if f.dp_level:
+        console.print(f"privacy ({f.dp_level} level): ε = {_fmt(f.epsilon, '.4f')} at δ = {f.delta:.3g}, "
+                      f"z = {_fmt(f.noise_multiplier, '.4f')}, q = {f.sample_rate:.4g}, accountant {f.accountant}")
     console.print(f"final accuracy [bold]{_fmt(f.accuracy)}[/], bytes up {f.bytes_up_total:,}, "
                   f"bytes down {f.bytes_down_total:,}, wall {f.wall_s:.1f} s -> {out / 'results.json'}")
 

@@ -120,6 +120,13 @@ class FedPeftStrategy(Strategy):
             "bytes-up": float(sum(u.bytes_up for u in updates)),
             "bytes-down": float(self._broadcast_bytes * len(replies)),
         }
+        # sample-level DP: each client reports its own ε; the run's guarantee is the maximum
+        eps = [u.metrics["epsilon"] for u in updates if "epsilon" in u.metrics]
+        if eps:
+            metrics["epsilon-max"] = max(eps)
+        zs = [u.metrics["noise-multiplier"] for u in updates if "noise-multiplier" in u.metrics]
+        if zs:
+            metrics["noise-multiplier-min"] = min(zs)
         usable = [u for u in updates if u.num_examples > 0]
         if usable:
             total = float(sum(u.num_examples for u in usable))

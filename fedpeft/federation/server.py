@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import eval_batches
 from fedpeft.federation.records import from_record, to_record
+from fedpeft.federation.privacy_plan import build_privacy
 from fedpeft.federation.sampling import PoissonSampler, discover_clients
 from fedpeft.federation.workspace import get_workspace
 from fedpeft.reporting import Reporter
@@ -51,21 +52,27 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> Run
     node_ids = discover_clients(grid, cfg.clients)
     rate = cfg.cohort / cfg.clients
     sampler = PoissonSampler(node_ids, rate, cfg.seed)
-    strategy = STRATEGIES.get(cfg.strategy)(ws.adapter, sampler)
+    privacy = build_privacy(cfg, ws, rate)
+    strategy = privacy.wrap(STRATEGIES.get(cfg.strategy)(ws.adapter, sampler))
     plan = {"clients": cfg.clients, "expected_cohort": cfg.cohort, "sample_rate": rate,
             "rounds": cfg.rounds, "adapter": cfg.adapter, "strategy": cfg.strategy,
             "trainable_parameters": sum(v.numel() for v in ws.initial_state.values()),
             "train_examples": len(ws.train), "test_examples": len(ws.test),
-            "num_labels": ws.splits.num_labels}
+            "num_labels": ws.splits.num_labels, "privacy": privacy.plan()}
     for r in reporters:
         r.on_start(cfg.to_dict(), plan)
 
     global_state = ws.initial_state
     records: list[RoundRecord] = []
     for server_round in range(1, cfg.rounds + 1):
+        stop = privacy.stop_reason(strategy)
+        if stop is not None:
+            log(WARNING, "round %d not run: %s", server_round, stop)
+            break
         t_round = time.perf_counter()
         rank = ws.adapter.round_rank(np.random.default_rng([cfg.seed, 0xD1, server_round]))
-        config = ConfigRecord({**cfg.to_flat(), "server-round": server_round, "round-rank": rank or 0})
+        config = ConfigRecord({**cfg.to_flat(), **privacy.round_config(),
+                               "server-round": server_round, "round-rank": rank or 0})
         messages = list(strategy.configure_train(server_round, to_record(global_state), config, grid))
         replies = (list(grid.send_and_receive(messages, timeout=round_timeout(cfg)))
                    if messages else [])
@@ -84,7 +91,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> Run
             round=server_round, clients_sampled=len(messages),
             train_loss=m.get("train-loss"), eval_loss=ev.loss, eval_accuracy=ev.accuracy,
             bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)),
-            aggregation_error=m.get("aggregation-error"), epsilon=None,
+            aggregation_error=m.get("aggregation-error"), epsilon=privacy.observe_round(m),
             rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
         )
         records.append(record)
@@ -92,8 +99,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> Run
             r.on_round(record)
 
     final = FinalRecord(
-        accuracy=records[-1].eval_accuracy if records else None, epsilon=None, delta=None,
-        noise_multiplier=None, sample_rate=rate, accountant=None, dp_level=None,
+        accuracy=records[-1].eval_accuracy if records else None, sample_rate=rate,
+        **privacy.final_fields(),
         bytes_up_total=sum(r.bytes_up for r in records),
         bytes_down_total=sum(r.bytes_down for r in records), wall_s=time.perf_counter() - t0,
     )

@@ -1,0 +1,167 @@
+"""How a run's privacy level (``--dp none|user|sample``) plugs into the server loop.
+
+One class per level, selected by name through :data:`PRIVACY_LEVELS`: it wraps the strategy
+(user level: :class:`strategies.dp_user.UserLevelDP`), adds keys to every round's config
+(sample level: the run's δ), decides whether the next round would pass the budget, turns
+round metrics into the ε spent so far, and fills the privacy fields of ``results.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fedpeft.config import RunConfig
+from fedpeft.errors import UsageError
+from fedpeft.federation.workspace import Workspace
+from fedpeft.privacy import AdaptiveClipConfig, default_delta, make_accountant, noise_multiplier_for
+from fedpeft.registry import Registry
+from strategies.base import FedPeftStrategy
+
+PRIVACY_LEVELS: Registry[type[PrivacyLevel]] = Registry("privacy level")
+
+
+class PrivacyLevel:
+    """No privacy: every hook is a no-op."""
+
+    level: str | None = None
+
+    def __init__(self, cfg: RunConfig, ws: Workspace, sample_rate: float) -> None:
+        self.cfg = cfg
+        self.ws = ws
+        self.sample_rate = sample_rate
+        self.delta: float | None = None
+        self.noise_multiplier: float | None = None
+        self.epsilon: float | None = None
+
+    def wrap(self, strategy: FedPeftStrategy) -> Any:
+        return strategy
+
+    def plan(self) -> dict[str, Any]:
+        return {"dp_level": self.level}
+
+    def round_config(self) -> dict[str, float]:
+        return {}
+
+    def stop_reason(self, strategy: Any) -> str | None:
+        """Why the next round must not run (budget), or None."""
+        return None
+
+    def observe_round(self, metrics: dict[str, float]) -> float | None:
+        """ε spent so far, after this round's metrics."""
+        return None
+
+    def final_fields(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                "accountant": None, "dp_level": self.level}
+
+
+PRIVACY_LEVELS.register("none")(PrivacyLevel)
+
+
+@PRIVACY_LEVELS.register("user")
+class UserLevel(PrivacyLevel):
+    """Central DP-FedAvg (SPEC §3.1): clip each client's whole update, noise the sum once
+    per round, fixed denominator q·N, one Poisson-sampled Gaussian mechanism per round."""
+
+    level = "user"
+
+    def __init__(self, cfg: RunConfig, ws: Workspace, sample_rate: float) -> None:
+        super().__init__(cfg, ws, sample_rate)
+        self.delta = cfg.delta if cfg.delta is not None else default_delta(cfg.clients)
+        if cfg.noise_multiplier is not None:
+            self.noise_multiplier = cfg.noise_multiplier
+        else:
+            assert cfg.epsilon is not None  # validated in config
+            self.noise_multiplier = noise_multiplier_for(cfg.epsilon, self.delta, sample_rate,
+                                                         cfg.rounds, cfg.accountant)
+        self.strategy: Any = None
+
+    def wrap(self, strategy: FedPeftStrategy) -> Any:
+        from fedpeft.updates import prefix_slice
+        from strategies.dp_user import UserLevelDP, layout_of
+
+        adapter, model = self.ws.adapter, self.ws.model
+
+        def upload_layout(round_rank: int | None) -> dict[str, tuple[int, ...]]:
+            # shapes of what clients upload at this rank (without training anything)
+            full = adapter.upload(model, round_rank)
+            return layout_of({k: v[prefix_slice(v.shape)] for k, v in full.items()})
+
+        adaptive = (AdaptiveClipConfig(target_quantile=self.cfg.target_quantile, clip_lr=self.cfg.clip_lr)
+                    if self.cfg.adaptive_clip else None)
+        self.strategy = UserLevelDP(strategy, self.noise_multiplier, self.cfg.clip, self.cfg.cohort,
+                                    self.sample_rate, make_accountant(self.cfg.accountant), self.delta,
+                                    seed=self.cfg.seed, adaptive=adaptive, upload_layout=upload_layout)
+        return self.strategy
+
+    def plan(self) -> dict[str, Any]:
+        return {"dp_level": "user", "epsilon_target": self.cfg.epsilon, "delta": self.delta,
+                "sample_rate": self.sample_rate, "rounds": self.cfg.rounds,
+                "noise_multiplier": self.noise_multiplier,
+                "update_noise_multiplier": getattr(self.strategy, "update_noise_multiplier", None),
+                "clip": self.cfg.clip, "adaptive_clip": self.cfg.adaptive_clip,
+                "accountant": self.cfg.accountant, "expected_cohort": self.cfg.cohort}
+
+    def stop_reason(self, strategy: Any) -> str | None:
+        if self.cfg.epsilon is not None and strategy.exceeds_budget_next_round(self.cfg.epsilon):
+            return (f"the next round would take ε past the target {self.cfg.epsilon} "
+                    f"(spent {strategy.epsilon():.4f}); stopping")
+        return None
+
+    def observe_round(self, metrics: dict[str, float]) -> float | None:
+        self.epsilon = metrics.get("epsilon", self.epsilon)
+        return self.epsilon
+
+    def final_fields(self) -> dict[str, Any]:
+        eps = self.strategy.epsilon() if self.strategy is not None else None
+        return {"epsilon": eps, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                "accountant": self.cfg.accountant, "dp_level": "user"}
+
+
+@PRIVACY_LEVELS.register("sample")
+class SampleLevel(PrivacyLevel):
+    """Per-client DP-SGD (SPEC §3.2). Clients account themselves across all their rounds; the
+    run's guarantee is the maximum ε over clients (reported in each reply)."""
+
+    level = "sample"
+
+    def __init__(self, cfg: RunConfig, ws: Workspace, sample_rate: float) -> None:
+        super().__init__(cfg, ws, sample_rate)
+        mean_examples = max(1, len(ws.train) // cfg.clients)
+        if cfg.max_client_examples:
+            mean_examples = min(mean_examples, cfg.max_client_examples)
+        self.delta = cfg.delta if cfg.delta is not None else default_delta(mean_examples)
+        if not self.delta < 1 / mean_examples:
+            raise UsageError(f"--delta {self.delta} is invalid for sample-level DP; allowed: a number "
+                             f"in (0, 1/n) = (0, {1 / mean_examples:.3g}) with n = {mean_examples} "
+                             "examples per client")
+        self.noise_multiplier = cfg.noise_multiplier
+        self.max_epsilon = 0.0
+        self.z_seen: list[float] = []
+
+    def plan(self) -> dict[str, Any]:
+        return {"dp_level": "sample", "epsilon_target": self.cfg.epsilon, "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier or "calibrated per client",
+                "sample_clip": self.cfg.sample_clip, "accountant": self.cfg.accountant,
+                "rounds": self.cfg.rounds, "client_sample_rate": self.sample_rate}
+
+    def round_config(self) -> dict[str, float]:
+        return {"dp-delta": float(self.delta)}
+
+    def observe_round(self, metrics: dict[str, float]) -> float | None:
+        if "epsilon-max" in metrics and math.isfinite(metrics["epsilon-max"]):
+            self.max_epsilon = max(self.max_epsilon, metrics["epsilon-max"])
+        if "noise-multiplier-min" in metrics:
+            self.z_seen.append(metrics["noise-multiplier-min"])
+        self.epsilon = self.max_epsilon
+        return self.epsilon
+
+    def final_fields(self) -> dict[str, Any]:
+        z = self.noise_multiplier if self.noise_multiplier is not None else (min(self.z_seen) if self.z_seen else None)
+        return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": z,
+                "accountant": self.cfg.accountant, "dp_level": "sample"}
+
+
+def build_privacy(cfg: RunConfig, ws: Workspace, sample_rate: float) -> PrivacyLevel:
+    return PRIVACY_LEVELS.get(cfg.dp or "none")(cfg, ws, sample_rate)
