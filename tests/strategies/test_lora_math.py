@@ -101,6 +101,23 @@ def test_sgd_beats_independent_candidate_points_on_the_paper_objective():
         assert float(solution) <= float(at_lstsq) + 1e-6
 
 
+@pytest.mark.parametrize("lam", [0.01, 0.03])
+def test_sgd_solution_is_a_stationary_point_of_the_paper_objective(lam):
+    # the solver descends a reduced form (whitened, product never formed); the gradient of the
+    # direct SPEC §2.2 formula, by autograd, must vanish at its answer (ΔB ≠ 0, so smooth there)
+    a_list, b_list = _random_clients(seed=5)
+    dw, a_bar, b_bar = (torch.from_numpy(x) for x in _np_problem(a_list, b_list))
+
+    def grad(delta_b: torch.Tensor) -> torch.Tensor:
+        delta_b = delta_b.clone().requires_grad_(True)
+        lora_fair_objective(delta_b, a_bar, b_bar, dw, lam).backward()
+        return delta_b.grad
+
+    solution = solve_residual_sgd(a_bar, b_bar, dw, lam=lam)
+    assert float(solution.norm()) > 0.5
+    assert float(grad(solution).norm()) < 1e-3 * float(grad(torch.full_like(b_bar, 1e-9)).norm())
+
+
 @pytest.mark.parametrize(("solver", "lams"), [
     # λ is in different units: next to 1 − cos ∈ [0, 2] for sgd, next to ĀĀᵀ for ridge
     ("sgd", [0.0, 0.001, 0.01, 1.0]),
