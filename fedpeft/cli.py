@@ -119,6 +119,7 @@ def simulate(
     compress_down: Optional[bool] = typer.Option(None, "--compress-down/--no-compress-down", help="Also compress the server broadcast."),
     max_client_examples: Optional[int] = typer.Option(None, "--max-client-examples", help="Cap on examples a client trains on per round (0 = all). [default: 0]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed. [default: 0]"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="ray (Flower simulation engine) or inprocess (no Ray, clients run one after another). [default: ray]"),
     cpus_per_client: Optional[float] = typer.Option(None, "--cpus-per-client", help="Ray CPUs per client actor. [default: 1]"),
     output: Optional[str] = typer.Option(None, "--output", help="Run directory. [default: runs/<timestamp>]"),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),

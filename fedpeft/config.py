@@ -70,6 +70,8 @@ class RunConfig:
     compress_down: bool = False
     # runtime
     seed: int = 0
+    round_timeout: float = 1800.0  # seconds a round waits for replies (stragglers are dropped)
+    backend: str = "ray"  # ray (Flower simulation engine) | inprocess (no Ray, sequential)
     cpus_per_client: float = 1.0
     output: str | None = None
 
@@ -135,6 +137,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.max_test_examples >= 10, "max_test_examples", cfg.max_test_examples, "an integer >= 10")
     _check(math.isfinite(cfg.dirichlet_alpha) and cfg.dirichlet_alpha > 0, "dirichlet_alpha",
            cfg.dirichlet_alpha, "a finite number > 0")
+    from fedpeft.simulation import BACKENDS
+
+    _check(math.isfinite(cfg.round_timeout) and 1 <= cfg.round_timeout <= 86400, "round_timeout",
+           cfg.round_timeout, "seconds a round waits for replies, in [1, 86400]")
+
+    _check(cfg.backend in BACKENDS, "backend", cfg.backend, ", ".join(BACKENDS.names()))
     _check(0 < cfg.cpus_per_client <= 64, "cpus_per_client", cfg.cpus_per_client, "a number in (0, 64]")
     _check_privacy(cfg)
     _check_compression(cfg)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 from fedpeft.config import RunConfig
 from fedpeft.federation.server import RunOutcome, run_federation
+from fedpeft.registry import Registry
 from fedpeft.reporting import Reporter
 
 
@@ -24,8 +26,27 @@ def quiet_environment() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+BACKENDS: Registry[Callable[[RunConfig, list[Reporter], bool], RunOutcome]] = Registry("backend")
+
+
 def simulate(cfg: RunConfig, reporters: list[Reporter], verbose: bool = False) -> RunOutcome:
+    """Run ``cfg`` on the backend it names (``ray`` by default)."""
     quiet_environment()
+    return BACKENDS.get(cfg.backend)(cfg, reporters, verbose)
+
+
+@BACKENDS.register("inprocess")
+def _inprocess(cfg: RunConfig, reporters: list[Reporter], verbose: bool) -> RunOutcome:
+    """Every client in this process, one after another: no Ray, same apps and loop."""
+    from fedpeft.federation.client_app import app as client_app
+    from fedpeft.federation.local_grid import LocalGrid
+
+    return run_federation(LocalGrid(client_app, cfg.clients), cfg, reporters)
+
+
+@BACKENDS.register("ray")
+def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool) -> RunOutcome:
+    """Flower's simulation engine on Ray: one actor per ``cpus_per_client`` CPUs."""
     from flwr.common.logger import FLOWER_LOGGER as flwr_logger
     from flwr.serverapp import Grid, ServerApp
     from flwr.app import Context

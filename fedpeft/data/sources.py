@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, DatasetDict, disable_progress_bars, load_dataset, load_from_disk
 
 from fedpeft.data.embedded import EMBEDDED
 from fedpeft.errors import UsageError
 
+disable_progress_bars()  # the CLI shows its own progress; datasets' bars are noise
 SPLIT_SEED = 1234  # fixed: the test split must not move with --seed
 
 
