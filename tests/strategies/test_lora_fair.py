@@ -154,3 +154,15 @@ def test_reported_aggregation_error_drops_versus_fedavg(flower_identity):
     # the metric is computed on what is actually sent next round
     expected = _error(_NoInject(AdapterSpec()), glob, updates, new_fair)
     assert m_fair["aggregation-error"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_lora_fair_restores_the_torch_thread_setting():
+    # the solves run single-threaded (tiny tensors); the server's setting must come back
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        glob, updates = _heterogeneous_clients(seed=4)
+        STRATEGIES.get("lora-fair")(_NoInject(AdapterSpec()), sampler=None, steps=5).aggregate(glob, updates)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
