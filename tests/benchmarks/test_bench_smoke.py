@@ -1,0 +1,48 @@
+"""Smoke runs of the cheapest benchmarks (``--quick``): they run and write their JSON fields.
+
+The full benchmarks are not part of the test suite; see ``benchmarks/README.md``.
+Both scripts are called in this process so they share one model/data workspace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):  # noqa: ANN202 - a module
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import their sibling ``common``
+    return importlib.import_module(name)
+
+
+def test_flops_quick_writes_positive_rates(tmp_path):
+    common = _load("common")
+    out = _load("bench_flops").main(["--quick", "--out", str(tmp_path / "flops.json")])
+    doc = json.loads(Path(out).read_text())
+    assert doc["benchmark"] == "flops" and doc["quick"] is True
+    common.assert_positive(doc, ["train_flops_per_step", "train_step_wall_s", "achieved_flops_per_cpu_s",
+                                 "matmul_flops_per_cpu_s", "fraction_of_matmul_cpu",
+                                 "fraction_of_matmul_wall", "machine.cpu_count"])
+
+
+def test_dp_step_quick_writes_positive_ratio(tmp_path):
+    common = _load("common")
+    out = _load("bench_dp_step").main(["--quick", "--out", str(tmp_path / "dp.json")])
+    doc = json.loads(Path(out).read_text())
+    common.assert_positive(doc, ["results.plain.step_wall_s", "results.dp_sgd.step_wall_s",
+                                 "ratio_wall", "ratio_cpu", "config.mean_tokens_per_batch"])
+
+
+def test_tree_sampler_sees_a_child_process():
+    """The RSS sampler counts the process tree of the command it runs."""
+    common = _load("common")
+    env, tag = common.bench_env()
+    res = common.run_measured([sys.executable, "-c", "import time; b = bytearray(50 * 2**20); time.sleep(1.0)"],
+                              env=env, tag=tag, interval=0.1)
+    assert res["returncode"] == 0
+    assert res["peak_rss_bytes"] > 50 * 2**20 and res["peak_pss_bytes"] > 0 and res["samples"] >= 2
