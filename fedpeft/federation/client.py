@@ -1,16 +1,26 @@
-"""One client's round as a plain function (the ClientApp is a thin Flower wrapper on it)."""
+"""One client's round as a plain function (the ClientApp is a thin Flower wrapper on it).
+
+How a client trains depends on the run's privacy level (``--dp``), looked up in
+:data:`TRAINING_MODES` — no if-chain over names: ``none`` and ``user`` (DP-FedAvg clips and
+noises on the server, SPEC §3.1) train plainly; ``sample`` runs Opacus DP-SGD with the
+client's persistent accountant (SPEC §3.2, :mod:`fedpeft.training.dp_sgd`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedpeft.adapters import State
+from fedpeft.adapters.base import StepHook
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import shuffled_batches
 from fedpeft.federation.workspace import Workspace
+from fedpeft.registry import Registry
 from fedpeft.training.local import LocalResult, train_local
 
 
@@ -20,6 +30,41 @@ class ClientRound:
     num_partitions: int
     server_round: int
     round_rank: int | None
+    #: Identity of this client's on-disk state (accountant file); default ``client_id``.
+    #: A node training on its own dataset is partition 0 of 1, but keeps its node identity.
+    state_key: str | None = None
+    #: The run's δ for sample-level DP, sent by the server in the round config ("dp-delta").
+    dp_delta: float | None = None
+
+    @property
+    def key(self) -> str:
+        return self.state_key if self.state_key is not None else str(self.client_id)
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """Everything a training mode needs for one client round (built by :func:`train_client`)."""
+
+    ws: Workspace
+    cfg: RunConfig
+    rnd: ClientRound
+    rows: np.ndarray
+    rng: np.random.Generator
+    hook: StepHook | None
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    upload: State
+    result: LocalResult
+    #: Mode-specific reply metrics (sample-level DP: epsilon, noise-multiplier, dp-steps).
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+#: ``mode(task) -> (LocalResult, extra reply metrics)``, keyed by ``--dp``.
+TrainingMode = Callable[[LocalTask], tuple[LocalResult, dict[str, float]]]
+TRAINING_MODES: Registry[TrainingMode] = Registry("training mode")
 
 
 def client_seed(cfg: RunConfig, rnd: ClientRound) -> list[int]:
@@ -27,20 +72,90 @@ def client_seed(cfg: RunConfig, rnd: ClientRound) -> list[int]:
     return [cfg.seed, rnd.server_round, rnd.client_id]
 
 
-def run_client_round(ws: Workspace, cfg: RunConfig, rnd: ClientRound,
-                     broadcast: State) -> tuple[State, LocalResult]:
+@TRAINING_MODES.register("none")
+@TRAINING_MODES.register("user")
+def train_plain(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
+    """Non-private local AdamW (user-level DP protects the update on the server side)."""
+    ws, cfg = task.ws, task.cfg
+    epochs = (shuffled_batches(ws.train, task.rows, cfg.batch_size, task.rng, ws.pad_id)
+              for _ in range(cfg.local_epochs))
+    return train_local(ws.model, epochs, cfg.lr, before_step=task.hook), {}
+
+
+@TRAINING_MODES.register("sample")
+def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
+    """Opacus DP-SGD on the client's rows (SPEC §3.2), accounted in the client's own
+    persistent accountant: load its history, refuse a round that would pass ``--epsilon``,
+    train (every noisy step is recorded), save atomically, report ε at the run's δ."""
+    from fedpeft.errors import UsageError
+    from fedpeft.privacy.calibration import default_delta
+    from fedpeft.privacy.client_accounting import ClientAccountantStore, client_noise_plan
+    from fedpeft.training.dp_sgd import PoissonSchedule, poisson_batches, train_local_dp
+
+    ws, cfg, rnd, rows = task.ws, task.cfg, task.rnd, task.rows
+    n = len(rows)
+    # The run's δ comes from the server ("dp-delta"); standalone use falls back to the
+    # configured δ or the default for this client's n.
+    delta = (rnd.dp_delta if rnd.dp_delta is not None
+             else cfg.delta if cfg.delta is not None else default_delta(n))
+    plan = client_noise_plan(n, cfg.batch_size, cfg.local_epochs, cfg.rounds, delta=delta,
+                             epsilon=cfg.epsilon, noise_multiplier=cfg.noise_multiplier,
+                             accountant=cfg.accountant)
+    schedule = PoissonSchedule(n, cfg.batch_size)
+    store = ClientAccountantStore(task.state_dir / "accountants", cfg.accountant)
+    accountant = store.load(rnd.key)
+    if cfg.epsilon is not None:
+        trial = accountant.copy()
+        trial.step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        if trial.epsilon(delta) > cfg.epsilon:
+            raise UsageError(
+                f"client {rnd.key}: this round would take its ε to {trial.epsilon(delta):.4f}, past "
+                f"--epsilon {cfg.epsilon} (its accountant at {store.path(rnd.key)} already holds "
+                f"{accountant.steps} steps; stale client state from an earlier run?)")
+    seed = task.rng.integers(2**63, size=2)
+    sampling = torch.Generator().manual_seed(int(seed[0]))
+    noise = torch.Generator().manual_seed(int(seed[1]))
+    epochs = (poisson_batches(ws.train, rows, plan.sample_rate, schedule.steps_per_epoch, sampling,
+                              ws.pad_id)
+              for _ in range(cfg.local_epochs))
+    result = train_local_dp(ws.model, epochs, lr=cfg.lr, noise_multiplier=plan.noise_multiplier,
+                            sample_clip=cfg.sample_clip, sample_rate=plan.sample_rate,
+                            expected_batch_size=schedule.expected_batch_size,
+                            accountant=accountant, generator=noise, before_step=task.hook)
+    store.save(rnd.key, accountant)
+    return result, {"epsilon": accountant.epsilon(delta), "noise-multiplier": plan.noise_multiplier,
+                    "dp-steps": float(result.steps), "dp-delta": delta}
+
+
+def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: State,
+                 state_dir: Path) -> ClientOutcome:
+    """Load the broadcast into the cached model, train this client's rows in the run's
+    training mode, return its upload, loss and mode-specific metrics."""
     parts = ws.partitions(cfg.partition, rnd.num_partitions, cfg.dirichlet_alpha, cfg.seed)
     rows = parts.indices(rnd.client_id)
     if cfg.max_client_examples:
         rows = rows[: cfg.max_client_examples]
     ws.adapter.load_state(ws.model, broadcast)
     if len(rows) == 0:
-        return {}, LocalResult(mean_loss=float("nan"), steps=0, examples=0)
+        return ClientOutcome({}, LocalResult(mean_loss=float("nan"), steps=0, examples=0))
+    mode = TRAINING_MODES.get(cfg.dp or "none")
     rng = np.random.default_rng(client_seed(cfg, rnd))
     torch.manual_seed(int(rng.integers(2**31)))
-    epochs = (shuffled_batches(ws.train, rows, cfg.batch_size, rng, ws.pad_id)
-              for _ in range(cfg.local_epochs))
     hook = ws.adapter.step_hook(ws.model, rng, rnd.round_rank)
-    result = train_local(ws.model, epochs, cfg.lr, before_step=hook)
-    return ws.adapter.upload(ws.model, rnd.round_rank), LocalResult(
-        mean_loss=result.mean_loss, steps=result.steps, examples=len(rows))
+    result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
+    return ClientOutcome(ws.adapter.upload(ws.model, rnd.round_rank),
+                         LocalResult(mean_loss=result.mean_loss, steps=result.steps,
+                                     examples=len(rows)),
+                         metrics)
+
+
+def run_client_round(ws: Workspace, cfg: RunConfig, rnd: ClientRound,
+                     broadcast: State, state_dir: Path | None = None) -> tuple[State, LocalResult]:
+    """:func:`train_client` without the mode metrics (per-client state under ``state_dir``,
+    default: the run's ``client_state`` folder)."""
+    if state_dir is None:
+        from fedpeft.federation.upload import client_state_dir
+
+        state_dir = client_state_dir(cfg, {})
+    out = train_client(ws, cfg, rnd, broadcast, state_dir)
+    return out.upload, out.result

@@ -55,7 +55,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     import torch
 
-    from fedpeft.federation.client import ClientRound, run_client_round
+    from fedpeft.federation.client import ClientRound, train_client
     from fedpeft.federation.records import from_record
     from fedpeft.federation.upload import client_state_dir, encode_upload
     from fedpeft.federation.workspace import get_workspace
@@ -66,14 +66,21 @@ def train(msg: Message, context: Context) -> Message:
     client_id, num_partitions = _identity(context)
     cfg, part_index, part_count = node_data(cfg, context.node_config, client_id, num_partitions)
     rank = int(config.get("round-rank", 0)) or None
+    dp_delta = config.get("dp-delta")
     rnd = ClientRound(client_id=part_index, num_partitions=part_count,
-                      server_round=int(config["server-round"]), round_rank=rank)
+                      server_round=int(config["server-round"]), round_rank=rank,
+                      state_key=str(client_id),
+                      dp_delta=float(dp_delta) if dp_delta is not None else None)
     ws = get_workspace(cfg)
     broadcast = from_record(msg.content["arrays"])
-    upload, result = run_client_round(ws, cfg, rnd, broadcast)
+    state_dir = client_state_dir(cfg, context.node_config)
+    out = train_client(ws, cfg, rnd, broadcast, state_dir)
+    upload, result = out.upload, out.result
+    # sample-level DP adds "epsilon" (this client's ε so far at the run's δ),
+    # "noise-multiplier" and "dp-steps"; the server reports the max ε over clients
     metrics = MetricRecord({"client-id": client_id, "num-examples": result.examples,
                             "train-loss": result.mean_loss if result.examples else 0.0,
-                            "steps": result.steps})
-    arrays = (encode_upload(cfg, client_id, broadcast, upload, client_state_dir(cfg, context.node_config))
+                            "steps": result.steps, **out.metrics})
+    arrays = (encode_upload(cfg, client_id, broadcast, upload, state_dir)
               if upload else ArrayRecord())
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,119 @@
+"""Per-client privacy accounting for sample-level DP-SGD (SPEC §3.2, §4 "compact storage").
+
+A client's accountant must persist across ALL rounds it trains in — a fresh accountant per
+round silently resets ε. Clients are hosted by whichever worker the engine picks, so the
+history cannot live in process memory: each client has one small JSON file,
+``<state dir>/accountants/<client id>.json``, holding :meth:`Accountant.state_dict` (the
+accountant's name and its run-length-merged event history — a few bytes per client,
+written only for clients that have trained).
+
+Also here: the per-client noise calibration. With ``--epsilon`` every client calibrates its
+own z for the worst case that it is sampled in every round, so no client can exceed the
+target whatever the server's sampling does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from fedpeft.errors import UsageError
+from fedpeft.privacy.accounting import Accountant, make_accountant
+from fedpeft.privacy.calibration import noise_multiplier_for
+
+
+class ClientAccountantStore:
+    """Load/save one :class:`Accountant` per client id under ``root`` (atomic writes)."""
+
+    def __init__(self, root: Path | str, accountant: str = "rdp") -> None:
+        self.root = Path(root)
+        self.accountant = accountant
+
+    def path(self, client_id: int | str) -> Path:
+        name = str(client_id)
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"client id {name!r} cannot name a file")
+        return self.root / f"{name}.json"
+
+    def load(self, client_id: int | str) -> Accountant:
+        """The client's accountant with its full history (empty if it never trained)."""
+        acc = make_accountant(self.accountant)
+        path = self.path(client_id)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return acc
+        acc.load_state_dict(json.loads(text))
+        return acc
+
+    def save(self, client_id: int | str, accountant: Accountant) -> Path:
+        """Write the state to a temporary file in the same folder, then ``os.replace`` it:
+        a reader (or a crash) never sees a half-written history."""
+        if accountant.name != self.accountant:
+            raise ValueError(f"store of {self.accountant!r} accountants got a {accountant.name!r} one")
+        path = self.path(client_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(accountant.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def client_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("*.json")) if self.root.is_dir() else []
+
+
+@dataclass(frozen=True)
+class ClientNoisePlan:
+    """What one client's DP-SGD uses: Poisson rate q, noisy steps per round, and z."""
+
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+
+
+@lru_cache(maxsize=256)
+def _calibrated(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    return noise_multiplier_for(epsilon, delta, sample_rate, steps, accountant)
+
+
+def client_noise_plan(num_examples: int, batch_size: int, local_epochs: int, rounds: int, *,
+                      delta: float, epsilon: float | None = None,
+                      noise_multiplier: float | None = None,
+                      accountant: str = "rdp") -> ClientNoisePlan:
+    """z for a client with ``num_examples`` examples: the given ``noise_multiplier``, or the
+    smallest z with which ``rounds · local_epochs · ceil(n / B)`` steps at ``q = min(1, B / n)``
+    stay within ``(epsilon, delta)`` — the worst case of being sampled in every round.
+
+    Raises :class:`UsageError` if ``delta`` is not below ``1/n`` (a guarantee that allows
+    publishing one example outright is no guarantee).
+    """
+    if num_examples < 1:
+        raise ValueError(f"num_examples {num_examples} must be >= 1")
+    if not (math.isfinite(delta) and 0 < delta < 1 / num_examples):
+        raise UsageError(f"--delta {delta!r} is invalid for sample-level DP on a client with "
+                         f"{num_examples} examples; allowed: a number in (0, 1/n) = "
+                         f"(0, {1 / num_examples:.3g})")
+    q = min(1.0, batch_size / num_examples)
+    per_round = int(local_epochs) * math.ceil(num_examples / batch_size)
+    if noise_multiplier is not None:
+        z = float(noise_multiplier)
+    elif epsilon is not None:
+        z = _calibrated(float(epsilon), float(delta), q, int(rounds) * per_round, accountant)
+    else:
+        raise UsageError("--dp sample needs --epsilon or --noise-multiplier")
+    return ClientNoisePlan(sample_rate=q, steps_per_round=per_round, noise_multiplier=z)
+
+
+__all__ = ["ClientAccountantStore", "ClientNoisePlan", "client_noise_plan"]
