@@ -29,12 +29,12 @@ class RunConfig:
     # federation
     clients: int = 100
     cohort: int = 10
-    rounds: int = 8
+    rounds: int = 10
     strategy: str = "fedavg"
     # local training
     local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 2e-3
+    batch_size: int = 8
+    lr: float = 3e-3
     max_client_examples: int = 0  # 0 = use the whole partition; >0 caps local data per round
     # adapter
     adapter: str = "lora"
@@ -70,6 +70,12 @@ class RunConfig:
     compress_down: bool = False
     # runtime
     seed: int = 0
+    # faults and update validation
+    dropout: float = 0.0  # probability that a sampled client fails to return
+    straggler_prob: float = 0.0  # probability that a sampled client is slowed down
+    straggler_slowdown: float = 10.0  # a straggler's training takes this many times longer
+    deadline: float = 0.0  # round deadline in seconds of (simulated) client time; 0 = none
+    max_upload_bytes: int = 0  # larger replies are rejected; 0 = 2x an honest dense upload
     round_timeout: float = 1800.0  # seconds a round waits for replies (stragglers are dropped)
     backend: str = "ray"  # ray (Flower simulation engine) | inprocess (no Ray, sequential)
     cpus_per_client: float = 1.0
@@ -110,7 +116,11 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Raise :class:`UsageError` naming the first bad value and what is allowed."""
+    """The config with derived defaults filled in; raise :class:`UsageError` naming the first
+    bad value and what is allowed."""
+    if cfg.dp is None:  # --epsilon alone means user-level DP (the headline use)
+        budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
+        cfg = dataclasses.replace(cfg, dp="user" if budget else "none")
     # imported here: registries import torch-heavy modules only when validating a run
     from fedpeft.adapters import ADAPTERS
     from fedpeft.data.partition import PARTITIONERS
@@ -139,6 +149,12 @@ def validate(cfg: RunConfig) -> RunConfig:
            cfg.dirichlet_alpha, "a finite number > 0")
     from fedpeft.simulation import BACKENDS
 
+    _check(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a probability in [0, 1)")
+    _check(0 <= cfg.straggler_prob <= 1, "straggler_prob", cfg.straggler_prob, "a probability in [0, 1]")
+    _check(math.isfinite(cfg.straggler_slowdown) and cfg.straggler_slowdown >= 1, "straggler_slowdown",
+           cfg.straggler_slowdown, "a factor >= 1")
+    _check(math.isfinite(cfg.deadline) and cfg.deadline >= 0, "deadline", cfg.deadline, "seconds >= 0 (0 = no deadline)")
+    _check(cfg.max_upload_bytes >= 0, "max_upload_bytes", cfg.max_upload_bytes, "bytes >= 0 (0 = automatic)")
     _check(math.isfinite(cfg.round_timeout) and 1 <= cfg.round_timeout <= 86400, "round_timeout",
            cfg.round_timeout, "seconds a round waits for replies, in [1, 86400]")
 
@@ -235,11 +251,7 @@ def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunCo
     if config_path is not None:
         values.update(load_toml(config_path))
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    cfg = RunConfig(**values)
-    if cfg.dp is None:  # --epsilon alone means user-level DP (the headline use)
-        budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
-        cfg = dataclasses.replace(cfg, dp="user" if budget else "none")
-    return validate(cfg)
+    return validate(RunConfig(**values))
 
 
 __all__ = ["RunConfig", "resolve", "validate", "load_toml", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ class RoundRecord:
     epsilon: float | None
     rank: int | None
     wall_s: float
+    clients_failed: int = 0  # sampled but no reply (dropout, crash, timeout)
+    stragglers: int = 0  # replied after the round deadline, not aggregated
+    rejected: int = 0  # malformed updates refused by the server (see rejections)
+    rejections: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -110,5 +114,6 @@ class ResultsWriter:
         writer = csv.DictWriter(buf, fieldnames=ROUND_KEYS, lineterminator="\n")
         writer.writeheader()
         for r in self.as_dict()["rounds"]:
-            writer.writerow({k: "" if r[k] is None else r[k] for k in ROUND_KEYS})
+            writer.writerow({k: "" if r[k] is None else ("; ".join(r[k]) if isinstance(r[k], list) else r[k])
+                             for k in ROUND_KEYS})
         atomic_write(self.dir / "rounds.csv", buf.getvalue())

@@ -9,9 +9,9 @@ rather than living inside them (see Flower's ``dp_fixed_clipping.py`` for the pa
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import ClassVar, Protocol
 
 import torch
@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters.base import Adapter, State
 from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.federation.upload import decode_upload
+from fedpeft.federation.validation import Layout, check_update
 from strategies.aggregation import lora_aggregation_error
 
 
@@ -58,6 +59,15 @@ class FedPeftStrategy(Strategy):
         self._global: State = {}
         self._round_rank: int | None = None
         self._broadcast_bytes = 0
+        #: ``round_rank -> {key: shape}`` of an honest upload; None disables shape checks
+        self.upload_layout: Callable[[int | None], Layout] | None = None
+        #: largest accepted reply payload in bytes (0 = no limit)
+        self.max_upload_bytes = 0
+        #: simulated seconds after which a reply counts as a straggler (0 = no deadline)
+        self.deadline_s = 0.0
+        #: ``(client id, reason)`` of the replies refused in the last round
+        self.rejections: list[tuple[int, str]] = []
+        self.late = 0
 
     # -- Flower Strategy API ----------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -74,7 +84,7 @@ class FedPeftStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        updates = [self.decode(r) for r in replies if not r.has_error()]
+        updates = self.accept(replies)
         metrics = self.round_metrics(replies, updates)
         usable = [u for u in updates if u.num_examples > 0]
         if not usable:
@@ -112,11 +122,47 @@ class FedPeftStrategy(Strategy):
     def round_rank(self) -> int | None:
         return self._round_rank
 
+    def accept(self, replies: Sequence[Message]) -> list[ClientUpdate]:
+        """Decode the replies that arrived; refuse malformed or late ones (with reasons)."""
+        self.rejections, self.late = [], 0
+        expected = self.upload_layout(self._round_rank) if self.upload_layout else None
+        accepted = []
+        for reply in replies:
+            if reply.has_error():
+                continue  # a failed client (dropout, crash): counted in clients-failed
+            client = _client_id(reply)
+            size = payload_bytes(reply.content["arrays"]) if "arrays" in reply.content else 0
+            if self.max_upload_bytes and size > self.max_upload_bytes:
+                self.rejections.append((client, f"payload of {size} bytes over the limit {self.max_upload_bytes}"))
+                continue
+            try:
+                update = self.decode(reply)
+            except Exception as exc:  # noqa: BLE001 - any malformed reply is refused, never fatal
+                self.rejections.append((client, f"undecodable reply ({type(exc).__name__}: {exc})"))
+                continue
+            if self.deadline_s and update.metrics.get("simulated-latency", 0.0) > self.deadline_s:
+                self.late += 1
+                continue
+            if update.num_examples < 0 or (update.num_examples > 0 and not update.state):
+                self.rejections.append((client, f"inconsistent example count {update.num_examples}"))
+                continue
+            if expected is not None and update.num_examples > 0:
+                reason = check_update(update.state, expected)
+                if reason is not None:
+                    self.rejections.append((client, reason))
+                    continue
+            accepted.append(update)
+        for client, reason in self.rejections:
+            log(WARNING, "rejected update of client %d: %s", client, reason)
+        return accepted
+
     def round_metrics(self, replies: Sequence[Message], updates: Sequence[ClientUpdate]) -> dict[str, float]:
         """The per-round keys of the results schema that every strategy reports."""
         metrics: dict[str, float] = {
             "clients-replied": float(len(updates)),
-            "clients-failed": float(len(replies) - len(updates)),
+            "clients-failed": float(sum(1 for r in replies if r.has_error())),
+            "rejected": float(len(self.rejections)),
+            "late": float(self.late),
             "bytes-up": float(sum(u.bytes_up for u in updates)),
             "bytes-down": float(self._broadcast_bytes * len(replies)),
         }
@@ -154,6 +200,13 @@ class FedPeftStrategy(Strategy):
             bytes_up=payload_bytes(record),
             metrics={k: float(v) for k, v in m.items()},
         )
+
+
+def _client_id(reply: Message) -> int:
+    try:
+        return int(reply.content["metrics"]["client-id"])
+    except Exception:  # noqa: BLE001
+        return -1
 
 
 def stack_uploads(updates: Sequence[ClientUpdate]) -> tuple[list[State], list[float]]:

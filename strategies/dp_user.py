@@ -161,7 +161,7 @@ class UserLevelDP(Strategy):
         # Read, not written: the inner strategy set these in configure_train.
         global_state: State = self.inner.global_state
         round_rank: int | None = self.inner.round_rank
-        updates = [self.inner.decode(r) for r in replies if not r.has_error()]
+        updates = self.inner.accept(replies)
 
         deltas = [client_delta(global_state, u.state) for u in updates]
         layout = self._layout(round_rank, global_state, deltas)

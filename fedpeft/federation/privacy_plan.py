@@ -78,16 +78,10 @@ class UserLevel(PrivacyLevel):
         self.strategy: Any = None
 
     def wrap(self, strategy: FedPeftStrategy) -> Any:
-        from fedpeft.updates import prefix_slice
-        from strategies.dp_user import UserLevelDP, layout_of
+        from fedpeft.federation.validation import honest_upload_layout
+        from strategies.dp_user import UserLevelDP
 
-        adapter, model = self.ws.adapter, self.ws.model
-
-        def upload_layout(round_rank: int | None) -> dict[str, tuple[int, ...]]:
-            # shapes of what clients upload at this rank (without training anything)
-            full = adapter.upload(model, round_rank)
-            return layout_of({k: v[prefix_slice(v.shape)] for k, v in full.items()})
-
+        upload_layout = honest_upload_layout(self.ws.adapter, self.ws.model)
         adaptive = (AdaptiveClipConfig(target_quantile=self.cfg.target_quantile, clip_lr=self.cfg.clip_lr)
                     if self.cfg.adaptive_clip else None)
         self.strategy = UserLevelDP(strategy, self.noise_multiplier, self.cfg.clip, self.cfg.cohort,

@@ -21,6 +21,7 @@ from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import eval_batches
 from fedpeft.federation.records import from_record, to_record
 from fedpeft.federation.privacy_plan import build_privacy
+from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import PoissonSampler, discover_clients
 from fedpeft.federation.workspace import get_workspace
 from fedpeft.reporting import Reporter
@@ -53,7 +54,12 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> Run
     rate = cfg.cohort / cfg.clients
     sampler = PoissonSampler(node_ids, rate, cfg.seed)
     privacy = build_privacy(cfg, ws, rate)
-    strategy = privacy.wrap(STRATEGIES.get(cfg.strategy)(ws.adapter, sampler))
+    inner = STRATEGIES.get(cfg.strategy)(ws.adapter, sampler)
+    inner.upload_layout = honest_upload_layout(ws.adapter, ws.model)
+    dense = sum(4 * v.numel() + 256 for v in ws.adapter.upload(ws.model, None).values())
+    inner.max_upload_bytes = cfg.max_upload_bytes or 2 * dense
+    inner.deadline_s = cfg.deadline
+    strategy = privacy.wrap(inner)
     plan = {"clients": cfg.clients, "expected_cohort": cfg.cohort, "sample_rate": rate,
             "rounds": cfg.rounds, "adapter": cfg.adapter, "strategy": cfg.strategy,
             "trainable_parameters": sum(v.numel() for v in ws.initial_state.values()),
@@ -93,6 +99,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> Run
             bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)),
             aggregation_error=m.get("aggregation-error"), epsilon=privacy.observe_round(m),
             rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
+            clients_failed=failed, stragglers=int(m.get("late", 0)), rejected=len(inner.rejections),
+            rejections=[f"client {c}: {why}" for c, why in inner.rejections],
         )
         records.append(record)
         for r in reporters:

@@ -16,7 +16,7 @@ from fedpeft.cli import main
     (["--lr", "-1"], "--lr -1.0"),
     (["--rounds", "0"], "--rounds 0"),
     (["--config", "/nonexistent/x.toml"], "/nonexistent/x.toml"),
-    (["--epsilon", "2"], "not implemented yet"),
+    (["--epsilon", "2", "--noise-multiplier", "1"], "alternatives"),
     (["--clients", "abc"], "abc"),
     (["--dirichlet-alpha", "0"], "--dirichlet-alpha 0.0"),
 ])
