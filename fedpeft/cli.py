@@ -83,6 +83,29 @@ def _prepare_output(output: str | None) -> Path:
     return path
 
 
+def _load_resume(resume: str, values: dict[str, Any], config: str | None):  # noqa: ANN202
+    """The saved config of a run directory and its last checkpoint."""
+    import json
+
+    from fedpeft.config import RunConfig, validate
+    from fedpeft.federation.checkpoint import load_checkpoint
+
+    given = [k for k, v in values.items() if v is not None]
+    if given or config:
+        names = ", ".join("--" + k.replace("_", "-") for k in given) or "--config"
+        raise UsageError(f"--resume continues a run with its saved settings; drop {names}")
+    run_dir = Path(resume)
+    results = run_dir / "results.json"
+    if not results.is_file():
+        raise UsageError(f"--resume {resume!r} is not a fedpeft run directory (no results.json)")
+    try:
+        saved = json.loads(results.read_text())["config"]
+        cfg = validate(RunConfig(**saved))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--resume {resume!r}: results.json is unreadable ({exc})") from None
+    return cfg, load_checkpoint(run_dir)
+
+
 @app.command()
 def simulate(
     config: Optional[str] = typer.Option(None, "--config", help="TOML file of settings (CLI flags override it)."),
@@ -122,17 +145,27 @@ def simulate(
     backend: Optional[str] = typer.Option(None, "--backend", help="ray (Flower simulation engine) or inprocess (no Ray, clients run one after another). [default: ray]"),
     cpus_per_client: Optional[float] = typer.Option(None, "--cpus-per-client", help="Ray CPUs per client actor. [default: 1]"),
     output: Optional[str] = typer.Option(None, "--output", help="Run directory. [default: runs/<timestamp>]"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write an atomic checkpoint every K rounds. [default: 0 = never]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Probability that a sampled client fails to return. [default: 0]"),
+    straggler_prob: Optional[float] = typer.Option(None, "--straggler-prob", help="Probability that a sampled client is slowed down by --straggler-slowdown. [default: 0]"),
+    deadline: Optional[float] = typer.Option(None, "--deadline", help="Round deadline in seconds of client time; later replies are dropped. [default: 0 = none]"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint (no other settings)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
 ) -> None:
     """Simulate a federation and write results.json / rounds.csv to --output."""
-    values = {k: v for k, v in locals().items() if k not in ("config", "verbose")}
-    from fedpeft.config import resolve
-
-    cfg = resolve(values, config)
-    out = _prepare_output(cfg.output)
+    values = {k: v for k, v in locals().items() if k not in ("config", "verbose", "resume")}
     import dataclasses
 
-    cfg = dataclasses.replace(cfg, output=str(out))
+    from fedpeft.config import resolve
+
+    checkpoint = None
+    if resume is not None:
+        cfg, checkpoint = _load_resume(resume, values, config)
+        out = Path(resume)
+    else:
+        cfg = resolve(values, config)
+        out = _prepare_output(cfg.output)
+        cfg = dataclasses.replace(cfg, output=str(out))
 
     from fedpeft.federation.workspace import get_workspace
     from fedpeft.simulation import simulate as run
@@ -140,7 +173,7 @@ def simulate(
     with console.status("loading model and data…"):
         get_workspace(cfg)  # fail fast on model/data errors, before Ray starts or files appear
     writer = ResultsWriter(out)
-    outcome = run(cfg, [writer, RichReporter(cfg.rounds)], verbose=verbose)
+    outcome = run(cfg, [writer, RichReporter(cfg.rounds)], verbose=verbose, resume=checkpoint)
     console.print(summary_table(writer))
     f = outcome.final
     if f.dp_level:

@@ -76,6 +76,7 @@ class RunConfig:
     straggler_slowdown: float = 10.0  # a straggler's training takes this many times longer
     deadline: float = 0.0  # round deadline in seconds of (simulated) client time; 0 = none
     max_upload_bytes: int = 0  # larger replies are rejected; 0 = 2x an honest dense upload
+    checkpoint_every: int = 0  # write an atomic checkpoint every K rounds (0 = never)
     round_timeout: float = 1800.0  # seconds a round waits for replies (stragglers are dropped)
     backend: str = "ray"  # ray (Flower simulation engine) | inprocess (no Ray, sequential)
     cpus_per_client: float = 1.0
@@ -154,6 +155,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(math.isfinite(cfg.straggler_slowdown) and cfg.straggler_slowdown >= 1, "straggler_slowdown",
            cfg.straggler_slowdown, "a factor >= 1")
     _check(math.isfinite(cfg.deadline) and cfg.deadline >= 0, "deadline", cfg.deadline, "seconds >= 0 (0 = no deadline)")
+    _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "an integer >= 0 (0 = no checkpoints)")
     _check(cfg.max_upload_bytes >= 0, "max_upload_bytes", cfg.max_upload_bytes, "bytes >= 0 (0 = automatic)")
     _check(math.isfinite(cfg.round_timeout) and 1 <= cfg.round_timeout <= 86400, "round_timeout",
            cfg.round_timeout, "seconds a round waits for replies, in [1, 86400]")

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 
 from fedpeft.config import RunConfig
+from fedpeft.federation.checkpoint import Checkpoint
 from fedpeft.federation.server import RunOutcome, run_federation
 from fedpeft.registry import Registry
 from fedpeft.reporting import Reporter
@@ -26,26 +27,29 @@ def quiet_environment() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-BACKENDS: Registry[Callable[[RunConfig, list[Reporter], bool], RunOutcome]] = Registry("backend")
+Backend = Callable[[RunConfig, list[Reporter], bool, "Checkpoint | None"], RunOutcome]
+BACKENDS: Registry[Backend] = Registry("backend")
 
 
-def simulate(cfg: RunConfig, reporters: list[Reporter], verbose: bool = False) -> RunOutcome:
-    """Run ``cfg`` on the backend it names (``ray`` by default)."""
+def simulate(cfg: RunConfig, reporters: list[Reporter], verbose: bool = False,
+             resume: Checkpoint | None = None) -> RunOutcome:
+    """Run ``cfg`` on the backend it names (``ray`` by default), optionally from a checkpoint."""
     quiet_environment()
-    return BACKENDS.get(cfg.backend)(cfg, reporters, verbose)
+    return BACKENDS.get(cfg.backend)(cfg, reporters, verbose, resume)
 
 
 @BACKENDS.register("inprocess")
-def _inprocess(cfg: RunConfig, reporters: list[Reporter], verbose: bool) -> RunOutcome:
+def _inprocess(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
+               resume: Checkpoint | None) -> RunOutcome:
     """Every client in this process, one after another: no Ray, same apps and loop."""
     from fedpeft.federation.client_app import app as client_app
     from fedpeft.federation.local_grid import LocalGrid
 
-    return run_federation(LocalGrid(client_app, cfg.clients), cfg, reporters)
+    return run_federation(LocalGrid(client_app, cfg.clients), cfg, reporters, resume)
 
 
 @BACKENDS.register("ray")
-def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool) -> RunOutcome:
+def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool, resume: Checkpoint | None) -> RunOutcome:
     """Flower's simulation engine on Ray: one actor per ``cpus_per_client`` CPUs."""
     from flwr.common.logger import FLOWER_LOGGER as flwr_logger
     from flwr.serverapp import Grid, ServerApp
@@ -61,7 +65,7 @@ def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool) -> RunOutcome
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome.append(run_federation(grid, cfg, reporters))
+        outcome.append(run_federation(grid, cfg, reporters, resume))
 
     cpus = os.cpu_count() or 1
     backend_config = {

@@ -12,7 +12,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -179,6 +179,14 @@ class FedPeftStrategy(Strategy):
             metrics["train-loss"] = sum(u.train_loss * u.num_examples for u in usable) / total
             metrics["num-examples"] = total
         return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable strategy state for checkpoints (stateless strategies: empty)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name} keeps no state but the checkpoint has {sorted(state)}")
 
     # -- to implement ------------------------------------------------------------------
     @abstractmethod

@@ -15,6 +15,7 @@ imports (torch, transformers, peft) happen inside the handlers that need them: d
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     import torch
 
     from fedpeft.federation.client import ClientRound, train_client
+    from fedpeft.federation.faults import check_dropout, simulated_latency
     from fedpeft.federation.records import from_record
     from fedpeft.federation.upload import client_state_dir, encode_upload
     from fedpeft.federation.workspace import get_workspace
@@ -65,6 +67,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(max(1, int(cfg.cpus_per_client)))
     client_id, num_partitions = _identity(context)
     cfg, part_index, part_count = node_data(cfg, context.node_config, client_id, num_partitions)
+    check_dropout(cfg, int(config["server-round"]), client_id)
     rank = int(config.get("round-rank", 0)) or None
     dp_delta = config.get("dp-delta")
     rnd = ClientRound(client_id=part_index, num_partitions=part_count,
@@ -74,13 +77,15 @@ def train(msg: Message, context: Context) -> Message:
     ws = get_workspace(cfg)
     broadcast = from_record(msg.content["arrays"])
     state_dir = client_state_dir(cfg, context.node_config)
+    started = time.perf_counter()
     out = train_client(ws, cfg, rnd, broadcast, state_dir)
+    latency = simulated_latency(cfg, rnd.server_round, client_id, time.perf_counter() - started)
     upload, result = out.upload, out.result
     # sample-level DP adds "epsilon" (this client's ε so far at the run's δ),
     # "noise-multiplier" and "dp-steps"; the server reports the max ε over clients
     metrics = MetricRecord({"client-id": client_id, "num-examples": result.examples,
                             "train-loss": result.mean_loss if result.examples else 0.0,
-                            "steps": result.steps, **out.metrics})
+                            "steps": result.steps, "simulated-latency": latency, **out.metrics})
     arrays = (encode_upload(cfg, client_id, broadcast, upload, state_dir)
               if upload else ArrayRecord())
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

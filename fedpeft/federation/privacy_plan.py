@@ -55,6 +55,14 @@ class PrivacyLevel:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "accountant": None, "dp_level": self.level}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Server-side privacy bookkeeping for checkpoints (the accountant lives in the
+        user-level strategy wrapper, client accountants in the client state directory)."""
+        return {"epsilon": self.epsilon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epsilon = state.get("epsilon")
+
 
 PRIVACY_LEVELS.register("none")(PrivacyLevel)
 
@@ -150,6 +158,14 @@ class SampleLevel(PrivacyLevel):
             self.z_seen.append(metrics["noise-multiplier-min"])
         self.epsilon = self.max_epsilon
         return self.epsilon
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "max_epsilon": self.max_epsilon, "z_seen": self.z_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epsilon = state.get("epsilon")
+        self.max_epsilon = float(state.get("max_epsilon", 0.0))
+        self.z_seen = list(state.get("z_seen", []))
 
     def final_fields(self) -> dict[str, Any]:
         z = self.noise_multiplier if self.noise_multiplier is not None else (min(self.z_seen) if self.z_seen else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from logging import WARNING
 
 import numpy as np
@@ -20,7 +21,9 @@ from flwr.serverapp import Grid
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import eval_batches
 from fedpeft.federation.records import from_record, to_record
+from fedpeft.federation.checkpoint import Checkpoint, restore_client_state, save_checkpoint
 from fedpeft.federation.privacy_plan import build_privacy
+from fedpeft.federation.upload import client_state_dir
 from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import PoissonSampler, discover_clients
 from fedpeft.federation.workspace import get_workspace
@@ -46,7 +49,9 @@ class RunOutcome:
     rounds: list[RoundRecord]
 
 
-def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> RunOutcome:
+def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
+                   resume: Checkpoint | None = None) -> RunOutcome:
+    """Run (or, from ``resume``, continue) the federation described by ``cfg``."""
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ws = get_workspace(cfg)
@@ -70,7 +75,17 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> Run
 
     global_state = ws.initial_state
     records: list[RoundRecord] = []
-    for server_round in range(1, cfg.rounds + 1):
+    client_state = client_state_dir(cfg, {})
+    if resume is not None:
+        global_state = {k: v.clone() for k, v in resume.global_state.items()}
+        records = list(resume.records)
+        strategy.load_state_dict(resume.strategy_state)
+        privacy.load_state_dict(resume.privacy_state)
+        restore_client_state(Path(cfg.output or "."), client_state)
+        for record in records:
+            for r in reporters:
+                r.on_round(record)
+    for server_round in range(len(records) + 1, cfg.rounds + 1):
         stop = privacy.stop_reason(strategy)
         if stop is not None:
             log(WARNING, "round %d not run: %s", server_round, stop)
@@ -105,6 +120,10 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter]) -> Run
         records.append(record)
         for r in reporters:
             r.on_round(record)
+        if cfg.checkpoint_every and cfg.output and server_round % cfg.checkpoint_every == 0:
+            save_checkpoint(Path(cfg.output), Checkpoint(
+                round=server_round, global_state=global_state, records=records,
+                strategy_state=strategy.state_dict(), privacy_state=privacy.state_dict()), client_state)
 
     final = FinalRecord(
         accuracy=records[-1].eval_accuracy if records else None, sample_rate=rate,
