@@ -8,6 +8,7 @@ client's persistent accountant (SPEC §3.2, :mod:`fedpeft.training.dp_sgd`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,9 @@ def client_seed(cfg: RunConfig, rnd: ClientRound) -> list[int]:
 def train_plain(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
     """Non-private local AdamW (user-level DP protects the update on the server side)."""
     ws, cfg = task.ws, task.cfg
+    dp_sgd = sys.modules.get("fedpeft.training.dp_sgd")
+    if dp_sgd is not None:  # this worker ran --dp sample clients before: back to plain autograd
+        dp_sgd.release_grad_sample_module()
     epochs = (shuffled_batches(ws.train, task.rows, cfg.batch_size, task.rng, ws.pad_id)
               for _ in range(cfg.local_epochs))
     return train_local(ws.model, epochs, cfg.lr, before_step=task.hook), {}

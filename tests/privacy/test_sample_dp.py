@@ -24,13 +24,12 @@ from opacus.accountants import RDPAccountant
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import collate
 from fedpeft.errors import UsageError
-from fedpeft.federation.client import ClientRound, train_client
+from fedpeft.federation.client import TRAINING_MODES, ClientRound, LocalTask, train_client
 from fedpeft.federation.records import to_record
 from fedpeft.federation.workspace import frozen_fingerprint, get_workspace
 from fedpeft.privacy.accounting import RDP_ORDERS, make_accountant
 from fedpeft.privacy.client_accounting import ClientAccountantStore, client_noise_plan
 from fedpeft.training.dp_sgd import grad_sample_module, train_local_dp
-from fedpeft.training.local import train_local
 
 N_EXAMPLES, BATCH = 12, 4  # q = 1/3, ceil(12/4) = 3 noisy steps per round
 DELTA = 1e-5
@@ -40,7 +39,10 @@ CFG = RunConfig(clients=50, cohort=5, rounds=2, batch_size=BATCH, max_client_exa
 
 @pytest.fixture(scope="module")
 def ws():
-    return get_workspace(CFG)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a simulated client runs (cpus_per_client = 1); fast on a busy box
+    yield get_workspace(CFG)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -206,18 +208,21 @@ def test_empty_poisson_batch_is_a_noise_only_step_and_is_accounted(ws):
 def test_no_hook_leak_over_many_clients_and_plain_training_afterwards_is_untouched(ws, tmp_path):
     train_client(ws, CFG, client_round(9, 1), ws.initial_state, tmp_path)  # wraps (if not yet)
     hooks = forward_hook_count(ws.model)
-    for cid in range(10, 13):
+    for cid in range(10, 12):
         train_client(ws, CFG, client_round(cid, 1), ws.initial_state, tmp_path)
     assert forward_hook_count(ws.model) == hooks
-    # the same cached model then trains without DP: Opacus must stay silent
-    ws.adapter.load_state(ws.model, ws.initial_state)
-    batch = collate(ws.train, np.arange(8), ws.pad_id)
+    # the same cached model then trains without DP: Opacus is unwrapped and stays silent
+    plain = RunConfig(**{**CFG.to_dict(), "dp": "none", "noise_multiplier": None})
     seen = []
-    train_local(ws.model, [[batch]], 1e-3,
-                before_step=lambda step: lambda: seen.append(
-                    [getattr(p, "grad_sample", None) for p in ws.model.parameters()]))
+    hook = lambda step: lambda: seen.append([getattr(p, "grad_sample", None) for p in ws.model.parameters()])
+    task = LocalTask(ws, plain, client_round(13, 1), np.arange(8), np.random.default_rng(0), hook, tmp_path)
+    TRAINING_MODES.get("none")(task)
     assert seen and all(g is None for g in seen[0])
+    assert forward_hook_count(ws.model) == 0  # LoRA adds no hooks of its own
+    assert not hasattr(ws.model, "autograd_grad_sample_hooks")
     assert not any("activations" in m.__dict__ for m in ws.model.modules())
+    train_client(ws, CFG, client_round(14, 1), ws.initial_state, tmp_path)  # and DP again
+    assert forward_hook_count(ws.model) == hooks
 
 
 # -- the ClientApp reply carries the privacy metrics ------------------------------------------------
