@@ -128,7 +128,8 @@ def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
                             accountant=accountant, generator=noise, before_step=task.hook)
     store.save(rnd.key, accountant)
     return result, {"epsilon": accountant.epsilon(delta), "noise-multiplier": plan.noise_multiplier,
-                    "dp-steps": float(result.steps), "dp-delta": delta}
+                    "dp-steps": float(result.steps), "dp-delta": delta,
+                    "dp-sample-rate": plan.sample_rate}
 
 
 def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: State,

@@ -82,7 +82,8 @@ def train(msg: Message, context: Context) -> Message:
     latency = simulated_latency(cfg, rnd.server_round, client_id, time.perf_counter() - started)
     upload, result = out.upload, out.result
     # sample-level DP adds "epsilon" (this client's ε so far at the run's δ),
-    # "noise-multiplier" and "dp-steps"; the server reports the max ε over clients
+    # "noise-multiplier", "dp-steps", "dp-delta" and "dp-sample-rate" (its DP-SGD q); the
+    # server reports the max ε over clients
     metrics = MetricRecord({"client-id": client_id, "num-examples": result.examples,
                             "train-loss": result.mean_loss if result.examples else 0.0,
                             "steps": result.steps, "simulated-latency": latency, **out.metrics})

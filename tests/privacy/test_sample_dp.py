@@ -239,5 +239,6 @@ def test_client_app_reply_has_epsilon_noise_multiplier_and_steps(ws, tmp_path):
     metrics = dict(reply.content["metrics"])
     steps = math.ceil(N_EXAMPLES / BATCH)
     assert metrics["dp-steps"] == steps and metrics["noise-multiplier"] == 1.0
+    assert metrics["dp-sample-rate"] == BATCH / N_EXAMPLES and metrics["dp-delta"] == DELTA
     assert metrics["epsilon"] == pytest.approx(opacus_epsilon([(1.0, BATCH / N_EXAMPLES, steps)], DELTA))
     assert (tmp_path / "accountants" / "2.json").is_file()
