@@ -176,8 +176,10 @@ class TreeSampler:
         except psutil.Error:
             pass
         if self.tag is not None:
-            # the environment scan is the costly part: every other sample is enough
-            if self.samples % 2 == 0:
+            # the environment scan of every process is the costly part (it competes with
+            # the measured job on a 2-core host): every 8th sample is enough, since a tagged
+            # process outside the tree is a long-lived re-parented one
+            if self.samples % 8 == 0:
                 for p in psutil.process_iter():
                     if p.pid not in procs and p.pid not in self._tagged and _has_tag(p, self.tag):
                         self._tagged.add(p.pid)
@@ -258,8 +260,15 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str], tag: str, cwd: str 
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                # stop the whole tree (Ray's raylet and workers too), by pid, then the root
+                stragglers = [p for p in sampler.processes() if p.pid != proc.pid]
                 proc.kill()
                 code = proc.wait()
+                for p in stragglers:
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
             sampler.sample()
         wall = time.perf_counter() - t0
     finally:
