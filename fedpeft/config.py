@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedpeft.errors import NotImplementedYet, UsageError
+from fedpeft.errors import UsageError
 
 DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 DEFAULT_DATASET = "rotten-tomatoes"
@@ -174,6 +174,8 @@ def _check_privacy(cfg: RunConfig) -> None:
     _check(cfg.dp in ("none", "user", "sample"), "dp", cfg.dp, "none, user, sample")
     _check(cfg.accountant in ACCOUNTANTS, "accountant", cfg.accountant, ", ".join(ACCOUNTANTS.names()))
     budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
+    if cfg.adaptive_clip and cfg.dp != "user":
+        raise UsageError("--adaptive-clip applies to --dp user only")
     if cfg.dp == "none":
         if budget or cfg.delta is not None:
             raise UsageError("--epsilon/--noise-multiplier/--delta contradict --dp none; "

@@ -7,6 +7,7 @@ Drives a :class:`strategies.FedPeftStrategy` through Flower's Strategy API on an
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,9 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     global_state = ws.initial_state
     records: list[RoundRecord] = []
     client_state = client_state_dir(cfg, {})
-    if resume is not None:
+    if resume is None:
+        shutil.rmtree(client_state, ignore_errors=True)  # never inherit residuals/accountants
+    else:
         global_state = {k: v.clone() for k, v in resume.global_state.items()}
         records = list(resume.records)
         strategy.load_state_dict(resume.strategy_state)
