@@ -59,3 +59,65 @@ class Partitions:
             raise IndexError(f"partition {partition_id} outside 0..{self.num_partitions - 1}")
         part = self._partitioner.load_partition(partition_id)
         return np.asarray(part[INDEX_COLUMN], dtype=np.int64)
+
+
+class FfaSkewPartitioner(Partitioner):
+    """The 3-client label skew of the FFA-LoRA paper's non-IID runs (SPEC §1.2, §4).
+
+    Binary labels only: client 0 gets label proportions [0.1, 0.9], client 1 [0.9, 0.1],
+    client 2 [0.5, 0.5]. All three clients get the same number of examples ``m``, the largest
+    that both label pools can serve (1.5·m examples of each label are needed); the clients are
+    disjoint, rows beyond that are left unused. Row choice is a seeded shuffle of each label pool.
+    """
+
+    PROPORTIONS = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
+
+    def __init__(self, num_partitions: int, partition_by: str, seed: int) -> None:
+        super().__init__()
+        from fedpeft.errors import UsageError
+
+        if num_partitions != len(self.PROPORTIONS):
+            raise UsageError(f"--partition ffa-skew is the 3-client skew [0.1,0.9]/[0.9,0.1]/[0.5,0.5]; "
+                             f"--clients {num_partitions} is invalid; allowed: 3")
+        self._num_partitions = num_partitions
+        self._partition_by = partition_by
+        self._seed = seed
+        self._rows: list[np.ndarray] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def _build(self) -> list[np.ndarray]:
+        from fedpeft.errors import UsageError
+
+        labels = np.asarray(self.dataset[self._partition_by])
+        values = np.unique(labels)
+        if len(values) != 2:
+            raise UsageError(f"--partition ffa-skew needs a dataset with exactly 2 labels; this one has "
+                             f"{len(values)}; allowed: a binary dataset such as rotten-tomatoes")
+        rng = np.random.default_rng(self._seed)
+        pools = [rng.permutation(np.flatnonzero(labels == v)) for v in values]
+        need = [sum(p[k] for p in self.PROPORTIONS) for k in range(2)]  # 1.5, 1.5
+        m = int(min(len(pools[k]) / need[k] for k in range(2)))
+        rows, used = [], [0, 0]
+        for props in self.PROPORTIONS:
+            n0 = int(round(props[0] * m))
+            counts = (n0, m - n0)
+            part = []
+            for k in range(2):
+                part.append(pools[k][used[k]:used[k] + counts[k]])
+                used[k] += counts[k]
+            rows.append(rng.permutation(np.concatenate(part)))
+        return rows
+
+    def load_partition(self, partition_id: int) -> Dataset:
+        if self._rows is None:
+            self._rows = self._build()
+        return self.dataset.select(self._rows[partition_id].tolist())
+
+
+@PARTITIONERS.register("ffa-skew")
+def _ffa_skew(num_partitions: int, label_column: str, dirichlet_alpha: float, seed: int,
+              num_examples: int) -> Partitioner:
+    return FfaSkewPartitioner(num_partitions=num_partitions, partition_by=label_column, seed=seed)
