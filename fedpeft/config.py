@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedpeft.errors import UsageError
+from fedpeft.errors import NotImplementedYet, UsageError
 
 DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 DEFAULT_DATASET = "rotten-tomatoes"
@@ -218,6 +218,8 @@ def _check_compression(cfg: RunConfig) -> None:
     _check(cfg.compression in CODECS, "compression", cfg.compression, ", ".join(CODECS.names()))
     _check(0 < cfg.density <= 1, "density", cfg.density, "a number in (0, 1]")
     _check(math.isfinite(cfg.gamma) and cfg.gamma > 0, "gamma", cfg.gamma, "a finite number > 0")
+    if cfg.compress_down:
+        raise NotImplementedYet("--compress-down (compressing the server broadcast) is not implemented yet")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
