@@ -17,13 +17,12 @@ import dataclasses
 import itertools
 import json
 import statistics
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import RunConfig, normalize_keys, validate
+from fedpeft.config import RunConfig, normalize_keys, read_toml, validate
 from fedpeft.errors import UsageError
 
 SUMMARY_COLUMNS = ["setting", "runs", "accuracy_mean", "accuracy_std", "bytes_up_total",
@@ -51,12 +50,7 @@ class Experiment:
 
 def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"experiment config {str(path)!r} does not exist or is not a file")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"experiment config {str(path)!r} is not valid TOML: {exc}") from None
+    data = read_toml(p, "experiment config")
     unknown = set(data) - {"base", "grid", "name", "description"}
     if unknown:
         raise UsageError(f"unknown table(s) {sorted(unknown)} in {path}; allowed: name, description, base, grid")

@@ -222,16 +222,20 @@ def _check_compression(cfg: RunConfig) -> None:
         raise NotImplementedYet("--compress-down (compressing the server broadcast) is not implemented yet")
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML run config; one-line errors for missing/unreadable/unknown keys."""
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file; one-line :class:`UsageError` (naming ``what``) if missing or invalid."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config {str(path)!r} does not exist or is not a file")
+        raise UsageError(f"{what} {str(path)!r} does not exist or is not a file")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--config {str(path)!r} is not valid TOML: {exc}") from None
-    return normalize_keys(data, source=str(path))
+        raise UsageError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML run config; one-line errors for missing/unreadable/unknown keys."""
+    return normalize_keys(read_toml(path, "--config"), source=str(path))
 
 
 def normalize_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
