@@ -1,0 +1,32 @@
+"""Client discovery: registration order fast path and the query fallback agree."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from fedpeft.federation.client_app import app
+from fedpeft.federation.local_grid import LocalGrid
+from fedpeft.federation.sampling import PoissonSampler, discover_clients, registration_order
+
+
+def test_query_discovery_orders_nodes_by_client_id():
+    grid = LocalGrid(app, 7)
+    ordered = discover_clients(grid, 7, timeout=30)
+    by_node = {nid: ctx.node_config["partition-id"] for nid, ctx in grid._contexts.items()}  # noqa: SLF001
+    assert [by_node[n] for n in ordered] == list(range(7))
+    assert registration_order(grid, ordered) is None  # not an in-memory link state: must query
+
+
+def test_registration_order_used_when_available():
+    ids = [50, 3, 99, 7]  # registration order, not sorted
+    fake = SimpleNamespace(state=SimpleNamespace(nodes={i: object() for i in ids}))
+    assert registration_order(fake, sorted(ids)) == ids
+    assert registration_order(fake, sorted(ids)[:3]) is None  # incomplete view: fall back
+
+
+def test_poisson_sampler_rate_and_round_determinism():
+    s = PoissonSampler(list(range(1, 10001)), 0.05, seed=3)
+    a, b = s.sample(4), s.sample(4)
+    assert a == b and s.sample(5) != a
+    # Binomial(10000, 0.05): mean 500, sd ~21.8
+    assert abs(len(a) - 500) < 5 * 21.8
