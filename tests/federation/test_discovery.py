@@ -21,7 +21,8 @@ def test_registration_order_used_when_available():
     ids = [50, 3, 99, 7]  # registration order, not sorted
     fake = SimpleNamespace(state=SimpleNamespace(nodes={i: object() for i in ids}))
     assert registration_order(fake, sorted(ids)) == ids
-    assert registration_order(fake, sorted(ids)[:3]) is None  # incomplete view: fall back
+    assert registration_order(fake, [3, 7, 50]) == [50, 3, 7]  # online subset keeps registration order
+    assert registration_order(fake, [3, 4]) is None  # a node the registry does not know: query instead
 
 
 def test_poisson_sampler_rate_and_round_determinism():
