@@ -1,0 +1,77 @@
+"""Print the results table of ``benchmarks/README.md`` from ``benchmarks/results/*.json``.
+
+    python benchmarks/make_table.py [--results DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(d: Path, name: str) -> dict | None:
+    p = d / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _load_avg(doc: dict, side: str | None = None) -> str:
+    la = (doc[side]["load_average_before"] if side else doc.get("load_average_before")
+          or doc["machine"]["load_average"])
+    return f"{la[0]:.1f}"
+
+
+def rows(d: Path) -> list[tuple[str, str, str, str, str]]:
+    out = []
+    if (o := _load(d, "overhead")):
+        r = o["ratio_wall"]
+        out.append(("1. overhead: plain loop / `fedpeft simulate` (100 clients, cohort 10, 2 rounds)", ">= 0.9",
+                    f"{r:.2f} (plain {o['plain']['wall_s']:.0f} s vs fedpeft {o['fedpeft']['wall_s']:.0f} s; "
+                    f"tree CPU-s ratio {o['ratio_tree_cpu']:.2f})", "yes" if r >= 0.9 else "no",
+                    _load_avg(o, "fedpeft")))
+    if (n := _load(d, "naive_flower")):
+        s = n["speedup_wall"]
+        out.append(("2. naive Flower+Ray / fedpeft (1000 clients, cohort 10, 3 rounds)", ">= 5x",
+                    f"{s:.2f}x (naive {n['naive']['wall_s']:.0f} s vs fedpeft {n['fedpeft']['wall_s']:.0f} s; "
+                    f"CPU-s {n['speedup_tree_cpu']:.2f}x)", "yes" if s >= 5 else "no", _load_avg(n, "fedpeft")))
+    if (h := _load(d, "headline")):
+        out.append(("3a. headline `--clients 1000 --epsilon 2`: wall time", "<= 300 s",
+                    f"{h['wall_s']:.0f} s", "yes" if h["wall_s"] <= 300 else "no", _load_avg(h)))
+        out.append(("3b. headline: peak RSS of the process tree", "<= 4 GiB",
+                    f"{h['peak_rss_gib']:.2f} GiB summed RSS ({h['peak_pss_gib']:.2f} GiB PSS)",
+                    "yes" if h["peak_rss_gib"] <= 4 else "no", _load_avg(h)))
+    if (s := _load(d, "scale_rss")):
+        runs = {r["clients"]: r for r in s["runs"]}
+        parts = []
+        for k, r in runs.items():
+            tag = "" if r["returncode"] == 0 else f", killed at {r['wall_s']:.0f} s timeout"
+            parts.append(f"{k // 1000}k: {r['peak_rss_gib']:.2f} GiB{tag}")
+        ratio = s["ratio_rss"]
+        out.append(("4. peak RSS 10k / 1k clients (same cohort)", "<= 1.2",
+                    f"{ratio:.2f} ({'; '.join(parts)})" if ratio else "n/a",
+                    "yes" if ratio and ratio <= 1.2 else "no", _load_avg({**s["runs"][0]})))
+    if (p := _load(d, "dp_step")):
+        out.append(("5. DP-SGD step / non-private step (batch 16, 1 thread)", "<= 1.5",
+                    f"{p['ratio_cpu']:.2f} CPU-s, {p['ratio_wall']:.2f} wall "
+                    f"({p['results']['dp_sgd']['step_cpu_s']:.2f} vs {p['results']['plain']['step_cpu_s']:.2f} CPU-s/step)",
+                    "yes" if max(p["ratio_cpu"], p["ratio_wall"]) <= 1.5 else "no", _load_avg(p)))
+    if (f := _load(d, "flops")):
+        out.append(("6. client-training FLOP/s / matmul FLOP/s (1 thread)", "(report)",
+                    f"{f['fraction_of_matmul_cpu']:.2f} ({f['achieved_flops_per_cpu_s'] / 1e9:.0f} vs "
+                    f"{f['matmul_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-s; wall-based {f['fraction_of_matmul_wall']:.2f})",
+                    "—", _load_avg(f)))
+    return out
+
+
+def table(d: Path = RESULTS) -> str:
+    lines = ["| benchmark | target | measured | met? | load avg (1 min) |", "|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {e} | {g} |" for a, b, c, e, g in rows(d)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(RESULTS))
+    print(table(Path(ap.parse_args().results)))
