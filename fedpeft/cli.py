@@ -140,6 +140,7 @@ def simulate(
     density: Optional[float] = typer.Option(None, "--density", help="Fraction of update entries kept by compeft/stc. [default: 0.2]"),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="ComPEFT magnitude scale γ (values ±γ·σ). [default: 1]"),
     compress_down: Optional[bool] = typer.Option(None, "--compress-down/--no-compress-down", help="Also compress the server broadcast."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate the global model every K rounds (always after the last). [default: 1]"),
     max_client_examples: Optional[int] = typer.Option(None, "--max-client-examples", help="Cap on examples a client trains on per round (0 = all). [default: 0]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed. [default: 0]"),
     backend: Optional[str] = typer.Option(None, "--backend", help="ray (Flower simulation engine) or inprocess (no Ray, clients run one after another). [default: ray]"),

@@ -50,6 +50,7 @@ class RunConfig:
     max_length: int = 64
     test_fraction: float = 0.1
     max_test_examples: int = 2000
+    eval_every: int = 1  # evaluate the global model every K rounds (and always after the last)
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
     # privacy (SPEC §3)
@@ -145,6 +146,7 @@ def validate(cfg: RunConfig) -> RunConfig:
            "a comma-separated list of module names, e.g. query,value")
     _check(8 <= cfg.max_length <= 512, "max_length", cfg.max_length, "an integer in 8..512")
     _check(0 < cfg.test_fraction < 0.5, "test_fraction", cfg.test_fraction, "a number in (0, 0.5)")
+    _check(cfg.eval_every >= 1, "eval_every", cfg.eval_every, "an integer >= 1")
     _check(cfg.max_test_examples >= 10, "max_test_examples", cfg.max_test_examples, "an integer >= 10")
     _check(math.isfinite(cfg.dirichlet_alpha) and cfg.dirichlet_alpha > 0, "dirichlet_alpha",
            cfg.dirichlet_alpha, "a finite number > 0")

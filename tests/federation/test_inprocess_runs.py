@@ -66,3 +66,9 @@ def test_same_seed_same_results(tmp_path):
     assert strip(a.rounds) == strip(b.rounds)
     _, c = _run(tmp_path, "c", clients=6, cohort=3, rounds=2, seed=8)
     assert strip(c.rounds) != strip(a.rounds)
+
+
+def test_eval_every_skips_intermediate_rounds(tmp_path):
+    _, out = _run(tmp_path, "ev", clients=4, cohort=4, rounds=3, eval_every=2)
+    assert [r.eval_accuracy is not None for r in out.rounds] == [False, True, True]
+    assert out.final.accuracy == out.rounds[-1].eval_accuracy
