@@ -121,6 +121,8 @@ def simulate(
     min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest rank, drawn uniformly in [min-rank, rank] per step (dylora) or per round by the server (dp-dylora). [default: 1]"),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt. [default: query,value]"),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Server strategy: fedavg, lora-fair, fedsa-lora. [default: fedavg]"),
+    fair_solver: Optional[str] = typer.Option(None, "--fair-solver", help="LoRA-FAIR residual solver: sgd (paper) or ridge (closed form). [default: sgd]"),
+    fair_lambda: Optional[float] = typer.Option(None, "--fair-lambda", help="LoRA-FAIR regulariser λ. [default: 0.01]"),
     partition: Optional[str] = typer.Option(None, "--partition", help="iid or dirichlet. [default: iid]"),
     dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="Dirichlet concentration (smaller = more label skew). [default: 0.5]"),
     model: Optional[str] = typer.Option(None, "--model", help="embedded:all-MiniLM-L6-v2, a local directory or a Hugging Face hub id."),

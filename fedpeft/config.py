@@ -31,6 +31,8 @@ class RunConfig:
     cohort: int = 10
     rounds: int = 10
     strategy: str = "fedavg"
+    fair_solver: str = "sgd"  # LoRA-FAIR residual solver: sgd (paper) | ridge (closed form)
+    fair_lambda: float = 0.01  # LoRA-FAIR regulariser λ
     # local training
     local_epochs: int = 1
     batch_size: int = 8
@@ -138,6 +140,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            "an integer >= 0 (0 = no cap)")
     _check(cfg.adapter in ADAPTERS, "adapter", cfg.adapter, ", ".join(ADAPTERS.names()))
     _check(cfg.strategy in STRATEGIES, "strategy", cfg.strategy, ", ".join(STRATEGIES.names()))
+    _check(cfg.fair_solver in ("sgd", "ridge"), "fair_solver", cfg.fair_solver, "sgd, ridge")
+    _check(math.isfinite(cfg.fair_lambda) and cfg.fair_lambda >= 0, "fair_lambda", cfg.fair_lambda, "a finite number >= 0")
     _check(cfg.partition in PARTITIONERS, "partition", cfg.partition, ", ".join(PARTITIONERS.names()))
     _check(1 <= cfg.rank <= 1024, "rank", cfg.rank, "an integer in 1..1024")
     _check(1 <= cfg.min_rank <= cfg.rank, "min_rank", cfg.min_rank, f"1..--rank ({cfg.rank})")

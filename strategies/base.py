@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters.base import Adapter, State
+from fedpeft.config import RunConfig
 from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.federation.upload import decode_upload
 from fedpeft.federation.validation import Layout, check_update
@@ -68,6 +69,11 @@ class FedPeftStrategy(Strategy):
         #: ``(client id, reason)`` of the replies refused in the last round
         self.rejections: list[tuple[int, str]] = []
         self.late = 0
+
+    @classmethod
+    def from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> FedPeftStrategy:
+        """Build from the run config; strategies with options override this."""
+        return cls(adapter, sampler)
 
     # -- Flower Strategy API ----------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

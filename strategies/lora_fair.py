@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
+from fedpeft.config import RunConfig
 from fedpeft.adapters.base import Adapter, State
 from strategies.aggregation import weighted_mean
 from strategies.base import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
@@ -53,6 +54,10 @@ def _single_threaded() -> Iterator[None]:
 class LoraFair(FedPeftStrategy):
     name = "lora-fair"
     needs_individual_updates = True
+
+    @classmethod
+    def from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> LoraFair:
+        return cls(adapter, sampler, solver=cfg.fair_solver, lam=cfg.fair_lambda)
 
     def __init__(self, adapter: Adapter, sampler: ClientSampler, *, solver: Solver = "sgd",
                  lam: float = 0.01, steps: int = 300, lr: float = 0.05) -> None:

@@ -60,7 +60,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     rate = cfg.cohort / cfg.clients
     sampler = PoissonSampler(node_ids, rate, cfg.seed)
     privacy = build_privacy(cfg, ws, rate)
-    inner = STRATEGIES.get(cfg.strategy)(ws.adapter, sampler)
+    inner = STRATEGIES.get(cfg.strategy).from_config(ws.adapter, sampler, cfg)
     inner.upload_layout = honest_upload_layout(ws.adapter, ws.model)
     dense = sum(4 * v.numel() + 256 for v in ws.adapter.upload(ws.model, None).values())
     inner.max_upload_bytes = cfg.max_upload_bytes or 2 * dense

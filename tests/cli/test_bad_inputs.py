@@ -26,6 +26,8 @@ FLAGS = [
     (["--target-modules", ","], "--target-modules"),
     (["--strategy", "fedprox2"], "--strategy 'fedprox2'"),
     (["--partition", "zipf"], "--partition 'zipf'"),
+    (["--fair-solver", "newton"], "--fair-solver 'newton'"),
+    (["--fair-lambda", "-1"], "--fair-lambda -1.0"),
     (["--dirichlet-alpha", "-0.1"], "--dirichlet-alpha -0.1"),
     (["--model", "embedded:gpt5"], "embedded:gpt5"),
     (["--dataset", "/no/such/file.csv"], "/no/such/file.csv"),
