@@ -11,11 +11,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from fedpeft.atomic import atomic_write_text
 
 
 @dataclass
@@ -66,17 +66,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ResultsWriter:
     """Reporter that keeps ``results.json`` and ``rounds.csv`` of one run up to date."""
 
@@ -109,11 +98,11 @@ class ResultsWriter:
         })
 
     def _flush(self) -> None:
-        atomic_write(self.dir / "results.json", json.dumps(self.as_dict(), indent=2) + "\n")
+        atomic_write_text(self.dir / "results.json", json.dumps(self.as_dict(), indent=2) + "\n", fsync=False)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=ROUND_KEYS, lineterminator="\n")
         writer.writeheader()
         for r in self.as_dict()["rounds"]:
             writer.writerow({k: "" if r[k] is None else ("; ".join(r[k]) if isinstance(r[k], list) else r[k])
                              for k in ROUND_KEYS})
-        atomic_write(self.dir / "rounds.csv", buf.getvalue())
+        atomic_write_text(self.dir / "rounds.csv", buf.getvalue(), fsync=False)

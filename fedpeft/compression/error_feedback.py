@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
+from fedpeft.atomic import atomic_write_bytes
 from fedpeft.compression.codec import Codec, State
 
 ClientId = int | str
@@ -123,16 +123,7 @@ class DiskResidualStore(ResidualStore):
     def put(self, client_id: ClientId, residual: State) -> None:
         path = self.path(client_id)
         data = save_bytes({k: v.detach().cpu().contiguous().clone() for k, v in residual.items()})
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, data)
 
     def delete(self, client_id: ClientId) -> None:
         self.path(client_id).unlink(missing_ok=True)

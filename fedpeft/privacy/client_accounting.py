@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from fedpeft.atomic import atomic_write_text
 from fedpeft.errors import UsageError
 from fedpeft.privacy.accounting import Accountant, make_accountant
 from fedpeft.privacy.calibration import noise_multiplier_for
@@ -58,16 +57,7 @@ class ClientAccountantStore:
             raise ValueError(f"store of {self.accountant!r} accountants got a {accountant.name!r} one")
         path = self.path(client_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(accountant.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(accountant.state_dict()))
         return path
 
     def client_ids(self) -> list[str]:
