@@ -140,6 +140,9 @@ def validate(cfg: RunConfig) -> RunConfig:
            "an integer >= 0 (0 = no cap)")
     _check(cfg.adapter in ADAPTERS, "adapter", cfg.adapter, ", ".join(ADAPTERS.names()))
     _check(cfg.strategy in STRATEGIES, "strategy", cfg.strategy, ", ".join(STRATEGIES.names()))
+    refusal = STRATEGIES.get(cfg.strategy).refusal(cfg)
+    if refusal is not None:
+        raise UsageError(refusal)
     _check(cfg.fair_solver in ("sgd", "ridge"), "fair_solver", cfg.fair_solver, "sgd, ridge")
     _check(math.isfinite(cfg.fair_lambda) and cfg.fair_lambda >= 0, "fair_lambda", cfg.fair_lambda, "a finite number >= 0")
     _check(cfg.partition in PARTITIONERS, "partition", cfg.partition, ", ".join(PARTITIONERS.names()))

@@ -75,6 +75,28 @@ class FedPeftStrategy(Strategy):
         """Build from the run config; strategies with options override this."""
         return cls(adapter, sampler)
 
+    @classmethod
+    def refusal(cls, cfg: RunConfig) -> str | None:
+        """Why this strategy cannot run ``cfg`` (checked by config validation), or None."""
+        return None
+
+    def initial_global(self, initial: State, frozen_base: State) -> State:
+        """The round-1 global state. ``initial`` is the adapter's trainable state, and
+        ``frozen_base`` the pristine frozen weights of the adapted layers (strategies that
+        fold updates into the base, like FLoRA, carry them in the global state)."""
+        return initial
+
+    def aggregation_error(self, global_state: State, updates: Sequence[ClientUpdate],
+                          new_global: State) -> float | None:
+        """SPEC §1.1 error of the state the server sends next, against the clients' exact
+        weighted mean product ``Σ p_i B_i A_i``; None without LoRA pairs."""
+        # frozen shared factors (FFA-LoRA's A) are not in the states but are in every product
+        full = self.adapter.with_frozen_factors
+        sent = full(new_global)
+        return lora_aggregation_error(
+            [full(self.adapter.client_view(global_state, u.state)) for u in updates],
+            [u.num_examples for u in updates], sent, self.adapter.lora_pairs(set(sent)))
+
     # -- Flower Strategy API ----------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -96,14 +118,7 @@ class FedPeftStrategy(Strategy):
         if not usable:
             return None, MetricRecord(metrics)
         new_global = self.aggregate(self._global, usable)
-        weights = [u.num_examples for u in usable]
-        # frozen shared factors (FFA-LoRA's A) are not in the states but are in every product
-        full = self.adapter.with_frozen_factors
-        sent = full(new_global)
-        err = lora_aggregation_error(
-            [full(self.adapter.client_view(self._global, u.state)) for u in usable], weights, sent,
-            self.adapter.lora_pairs(set(sent)),
-        )
+        err = self.aggregation_error(self._global, usable, new_global)
         if err is not None:
             metrics["aggregation-error"] = err
         return to_record(new_global), MetricRecord(metrics)

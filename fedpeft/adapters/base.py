@@ -40,6 +40,9 @@ class Adapter(ABC):
     """Strategy-agnostic description of one parameter-efficient adapter."""
 
     name: ClassVar[str]
+    #: False when the LoRA scale depends on a rank chosen per step or round (DyLoRA's
+    #: ``alpha / b``): then ``scale · B A`` is not one fixed product per client.
+    fixed_scale: ClassVar[bool] = True
 
     def __init__(self, spec: AdapterSpec) -> None:
         self.spec = spec
@@ -102,6 +105,12 @@ class Adapter(ABC):
         return self.spec.rank if round_rank is None else round_rank
 
     # -- LoRA structure -------------------------------------------------------------
+    @property
+    def lora_scale(self) -> float:
+        """peft's ``scaling`` of every adapted layer, ``alpha / r`` (the product a layer adds
+        to its frozen weight is ``lora_scale · B A``)."""
+        return self.spec.alpha / self.spec.rank
+
     def with_frozen_factors(self, state: State) -> State:
         """``state`` plus every LoRA factor that is frozen and shared by all parties.
 

@@ -113,6 +113,7 @@ class DyLoRA(Adapter):
     """DyLoRA: a fresh rank ``b ~ U{min_rank..r_max}`` for every local step."""
 
     name = "dylora"
+    fixed_scale = False  # alpha / b with b drawn per step (or per round for DP-DyLoRA)
 
     def inject(self, model: nn.Module) -> nn.Module:
         s = self.spec

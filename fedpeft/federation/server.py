@@ -74,7 +74,9 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     for r in reporters:
         r.on_start(cfg.to_dict(), plan)
 
-    global_state = ws.initial_state
+    # a FLoRA run in this process may have folded updates into the cached model's base
+    ws.adapter.load_state(ws.model, ws.frozen_base)
+    global_state = inner.initial_global(ws.initial_state, ws.frozen_base)
     records: list[RoundRecord] = []
     client_state = client_state_dir(cfg, {})
     if resume is None:

@@ -34,6 +34,9 @@ class Workspace:
     train: TokenizedSplit
     test: TokenizedSplit
     initial_state: State
+    #: pristine copies of the adapted layers' frozen weights (``...base_layer.weight``):
+    #: FLoRA folds updates into them, and every run starts from these
+    frozen_base: State
     _partitions: dict[tuple[str, int, float], Partitions]
 
     def partitions(self, scheme: str, num_partitions: int, dirichlet_alpha: float, seed: int) -> Partitions:
@@ -84,7 +87,14 @@ def _build(cfg: RunConfig) -> Workspace:
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,
-                     test=test, initial_state=adapter.trainable_state(model), _partitions={})
+                     test=test, initial_state=adapter.trainable_state(model),
+                     frozen_base=adapted_base_weights(model), _partitions={})
+
+
+def adapted_base_weights(model: nn.Module) -> State:
+    """Copies of the frozen weight of every LoRA-wrapped layer (peft's ``base_layer``)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if n.endswith(".base_layer.weight") and not p.requires_grad}
 
 
 def frozen_fingerprint(model: nn.Module) -> dict[str, torch.Tensor]:
