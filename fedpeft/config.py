@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedpeft.errors import NotImplementedYet, UsageError
+from fedpeft.errors import UsageError
 
 DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 DEFAULT_DATASET = "rotten-tomatoes"
@@ -227,8 +227,9 @@ def _check_compression(cfg: RunConfig) -> None:
     _check(cfg.compression in CODECS, "compression", cfg.compression, ", ".join(CODECS.names()))
     _check(0 < cfg.density <= 1, "density", cfg.density, "a number in (0, 1]")
     _check(math.isfinite(cfg.gamma) and cfg.gamma > 0, "gamma", cfg.gamma, "a finite number > 0")
-    if cfg.compress_down:
-        raise NotImplementedYet("--compress-down (compressing the server broadcast) is not implemented yet")
+    if cfg.compress_down and cfg.compression == "none":
+        raise UsageError("--compress-down compresses the broadcast with the --compression codec, "
+                         "but --compression is none; allowed: --compression compeft or stc")
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 A checkpoint holds everything the rest of the run depends on:
 - the global adapter + head (``global.safetensors``),
+- with ``--compress-down``, the clients' mirror of the global and the per-client download
+  ledger (``downlink.safetensors``, ``downlink_state`` in ``server.json``),
 - the finished rounds' records, strategy/privacy state (accountant history, adaptive clip,
   per-run ε so far) as JSON (``server.json``),
 - a copy of the per-client state directory (error-feedback residuals, sample-level
@@ -40,6 +42,9 @@ class Checkpoint:
     records: list[RoundRecord]
     strategy_state: dict[str, Any]
     privacy_state: dict[str, Any]
+    #: compressed broadcast (``--compress-down``): ledger as JSON, mirror state as tensors
+    downlink_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    downlink_tensors: State = dataclasses.field(default_factory=dict)
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint, client_state: Path) -> Path:
@@ -49,8 +54,12 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, client_state: Path) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in ckpt.global_state.items()}, str(tmp / "global.safetensors"))
+    if ckpt.downlink_tensors:
+        save_file({k: v.contiguous() for k, v in ckpt.downlink_tensors.items()},
+                  str(tmp / "downlink.safetensors"))
     meta = {"round": ckpt.round, "records": [dataclasses.asdict(r) for r in ckpt.records],
-            "strategy_state": ckpt.strategy_state, "privacy_state": ckpt.privacy_state}
+            "strategy_state": ckpt.strategy_state, "privacy_state": ckpt.privacy_state,
+            "downlink_state": ckpt.downlink_state}
     (tmp / "server.json").write_text(json.dumps(meta))
     if client_state.is_dir():
         shutil.copytree(client_state, tmp / "client_state")
@@ -71,9 +80,12 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     if not (path / "server.json").is_file():
         raise UsageError(f"--resume {str(run_dir)!r} has no checkpoint; it needs a run started with --checkpoint-every")
     meta = json.loads((path / "server.json").read_text())
+    downlink = path / "downlink.safetensors"
     return Checkpoint(round=int(meta["round"]), global_state=load_file(str(path / "global.safetensors")),
                       records=[RoundRecord(**r) for r in meta["records"]],
-                      strategy_state=meta["strategy_state"], privacy_state=meta["privacy_state"])
+                      strategy_state=meta["strategy_state"], privacy_state=meta["privacy_state"],
+                      downlink_state=meta.get("downlink_state", {}),
+                      downlink_tensors=load_file(str(downlink)) if downlink.is_file() else {})
 
 
 def restore_client_state(run_dir: Path, client_state: Path) -> None:

@@ -23,8 +23,9 @@ from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import eval_batches
 from fedpeft.federation.records import from_record, to_record
 from fedpeft.federation.checkpoint import Checkpoint, restore_client_state, save_checkpoint
+from fedpeft.federation.downlink import build_downlink
 from fedpeft.federation.privacy_plan import build_privacy
-from fedpeft.federation.upload import client_state_dir
+from fedpeft.federation.upload import client_state_dir, codec_for
 from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import PoissonSampler, discover_clients
 from fedpeft.federation.workspace import get_workspace
@@ -77,6 +78,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     # a FLoRA run in this process may have folded updates into the cached model's base
     ws.adapter.load_state(ws.model, ws.frozen_base)
     global_state = inner.initial_global(ws.initial_state, ws.frozen_base)
+    downlink = build_downlink(cfg.compress_down, codec_for(cfg) if cfg.compress_down else None,
+                              global_state)
     records: list[RoundRecord] = []
     client_state = client_state_dir(cfg, {})
     if resume is None:
@@ -86,6 +89,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         records = list(resume.records)
         strategy.load_state_dict(resume.strategy_state)
         privacy.load_state_dict(resume.privacy_state)
+        downlink.load_state_dict(resume.downlink_state, resume.downlink_tensors)
         restore_client_state(Path(cfg.output or "."), client_state)
         for record in records:
             for r in reporters:
@@ -99,7 +103,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         rank = ws.adapter.round_rank(np.random.default_rng([cfg.seed, 0xD1, server_round]))
         config = ConfigRecord({**cfg.to_flat(), **privacy.round_config(),
                                "server-round": server_round, "round-rank": rank or 0})
-        messages = list(strategy.configure_train(server_round, to_record(global_state), config, grid))
+        sent = downlink.prepare(global_state, server_round)
+        messages = list(strategy.configure_train(server_round, to_record(sent), config, grid))
         replies = (list(grid.send_and_receive(messages, timeout=round_timeout(cfg)))
                    if messages else [])
         arrays, metrics = strategy.aggregate_train(server_round, replies)
@@ -110,7 +115,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                 "aggregating the %d replies", server_round, failed, len(messages),
                 len(messages) - failed)
         if arrays is not None:
-            global_state = from_record(arrays)
+            global_state = downlink.absorb(global_state, sent, from_record(arrays))
+        bytes_down = downlink.bytes_down([msg.metadata.dst_node_id for msg in messages], server_round)
         ws.adapter.load_state(ws.model, global_state)
         # central evaluation costs more than a small cohort's training: --eval-every thins it,
         # the last round is always evaluated (final accuracy)
@@ -119,7 +125,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         record = RoundRecord(
             round=server_round, clients_sampled=len(messages),
             train_loss=m.get("train-loss"), eval_loss=ev.loss if ev else None, eval_accuracy=ev.accuracy if ev else None,
-            bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)),
+            bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)) if bytes_down is None else bytes_down,
             aggregation_error=m.get("aggregation-error"), epsilon=privacy.observe_round(m),
             rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
             clients_failed=failed, stragglers=int(m.get("late", 0)), rejected=len(inner.rejections),
@@ -131,7 +137,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         if cfg.checkpoint_every and cfg.output and server_round % cfg.checkpoint_every == 0:
             save_checkpoint(Path(cfg.output), Checkpoint(
                 round=server_round, global_state=global_state, records=records,
-                strategy_state=strategy.state_dict(), privacy_state=privacy.state_dict()), client_state)
+                strategy_state=strategy.state_dict(), privacy_state=privacy.state_dict(),
+                downlink_state=downlink.state_dict(), downlink_tensors=downlink.tensors()), client_state)
 
     final = FinalRecord(
         accuracy=next((r.eval_accuracy for r in reversed(records) if r.eval_accuracy is not None), None),

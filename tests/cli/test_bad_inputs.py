@@ -50,7 +50,7 @@ FLAGS = [
     (["--density", "1.5"], "--density 1.5"),
     (["--gamma", "0"], "--gamma 0.0"),
     (["--dropout", "1"], "--dropout 1.0"),
-    (["--compress-down"], "not implemented yet"),
+    (["--compress-down"], "allowed: --compression compeft or stc"),
     (["--deadline", "-1"], "--deadline -1.0"),
     (["--checkpoint-every", "-1"], "--checkpoint-every -1"),
     (["--backend", "dask"], "--backend 'dask'"),

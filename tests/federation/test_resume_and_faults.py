@@ -45,7 +45,8 @@ def _strip(rounds):
     return [dataclasses.replace(r, wall_s=0.0) for r in rounds]
 
 
-@pytest.mark.parametrize("extra", [{}, {"epsilon": 8.0, "compression": "compeft"}])
+@pytest.mark.parametrize("extra", [{}, {"epsilon": 8.0, "compression": "compeft"},
+                                   {"strategy": "flora", "compression": "stc", "compress_down": True}])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, extra):
     base = {**TINY, "clients": 8, "cohort": 3, "rounds": 4, "checkpoint_every": 2, **extra}
     full_cfg = resolve({**base, "output": str(tmp_path / "full")})
