@@ -35,6 +35,9 @@ class RoundRecord:
     stragglers: int = 0  # replied after the round deadline, not aggregated
     rejected: int = 0  # malformed updates refused by the server (see rejections)
     rejections: list[str] = field(default_factory=list)
+    #: example-weighted mean accuracy of the sampled clients' personalized models on their
+    #: local test sets (strategies with client-local parameters, e.g. FedSA-LoRA), else null
+    personalized_accuracy: float | None = None
 
 
 @dataclass

@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters.base import Adapter, State
 from fedpeft.errors import UsageError
+from fedpeft.federation.local_params import client_local_of, shared_only
 from fedpeft.federation.records import to_record
 from fedpeft.privacy.accounting import Accountant
 from fedpeft.privacy.adaptive_clipping import (
@@ -78,7 +79,8 @@ class UserLevelDP(Strategy):
         seed: noise seed; round t's noise depends only on (seed, t), so a resumed run
             draws the same noise.
         adaptive: adaptive clipping options, or None for fixed clipping.
-        upload_layout: ``round_rank -> {key: shape}`` of what clients upload, used to noise
+        upload_layout: ``round_rank -> {key: shape}`` of what clients upload (without the
+            tensors a strategy keeps on the clients, e.g. FedSA-LoRA's ``B``), used to noise
             rounds in which nobody replied. Without it the layout of an earlier round with
             the same rank is used, else the broadcast's layout (logged).
     """
@@ -228,7 +230,8 @@ class UserLevelDP(Strategy):
         elif round_rank in self._layouts:
             expected = self._layouts[round_rank]
         else:
-            expected = layout_of(self.inner.adapter.broadcast(global_state, round_rank))
+            sent = self.inner.adapter.broadcast(global_state, round_rank)
+            expected = layout_of(shared_only(sent, client_local_of(self.inner)))
             log(WARNING, "user-level DP: no client replied and the upload layout is unknown; "
                 "noising the broadcast's coordinates instead")
         for d in deltas:

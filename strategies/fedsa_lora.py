@@ -1,44 +1,64 @@
-"""FedSA-LoRA, SERVER SIDE ONLY (SPEC §2.4; Guo et al., ICLR 2025, arXiv 2410.01463).
+"""FedSA-LoRA (SPEC §2.4; Guo et al., ICLR 2025, arXiv 2410.01463).
 
 FedSA-LoRA shares only the LoRA ``A`` matrices (they learn general knowledge) and keeps
-each client's ``B`` matrices on that client (client-specific knowledge). This module
-implements the server half: the new global state is the FedAvg mean of every uploaded
-tensor EXCEPT the ``lora_B`` ones (so: every ``lora_A``, the classifier head and any other
-shared tensor), and the global ``B`` tensors are left exactly as they were.
+each client's ``B`` matrices on that client (client-specific knowledge).
 
-NOT IMPLEMENTED — the client half, without which this is not yet FedSA-LoRA:
+Server (this class): the new global state is the FedAvg mean of every uploaded tensor —
+every ``lora_A``, the classifier head and any other shared tensor; the global ``B`` tensors
+are left exactly as they were, i.e. at their initial value (peft LoRA: zeros) for the whole
+run.
 
-* Each client must keep its own ``B`` between the rounds in which it is sampled, persisted
-  in per-client state keyed by client id (compact storage, as SPEC §4 asks for per-client
-  state), loaded over the broadcast before local training, and saved after it.
-* Today the client loads the whole broadcast, so every round it restarts from the global
-  ``B`` — which this strategy never changes (for peft LoRA that is the zero init). Each
-  client thus trains ``A``, ``B`` and the head from ``B = B_init`` every round and the
-  server keeps only the ``A`` and head part.
-* Clients still upload ``B`` (the server drops it): uploads, byte counts and any DP clipping
-  include coordinates the server ignores. An upload filter belongs in the client/adapter.
-* Evaluation: FedSA-LoRA evaluates each client's personalized model (shared ``A`` + its own
-  ``B``); fedpeft evaluates the global state centrally, i.e. ``A`` with the initial ``B``
-  (for peft LoRA, ``B = 0``: the LoRA branch contributes nothing and only the head counts).
-* The base class's ``aggregation-error`` compares the clients' ``Σ p_i B_i A_i`` with the
-  global ``B A``; since global ``B`` is never updated it reads ~1 once clients have trained.
-  It is true of the global model evaluated, but not a meaningful FedSA quantity.
+Client (:func:`fedpeft.federation.client.train_client`, driven by :attr:`client_local`):
+
+* each client keeps its own ``B`` between the rounds in which it is sampled, in per-client
+  state (``<client state dir>/local_params/<client key>.safetensors``, only for clients ever
+  sampled; copied into checkpoints with the rest of the client state). It loads the
+  broadcast (global ``A`` + head), then its saved ``B`` over it (first time: the initial
+  ``B``), trains, and saves its ``B``;
+* its upload omits ``B``: byte counts, ComPEFT compression with error feedback and
+  user-level DP clipping cover ``A`` + head only. The server's honest-upload layouts are
+  filtered the same way (:attr:`upload_layout` here; ``privacy_plan`` for user-level DP),
+  so ``B``-less uploads are accepted and a ``B`` sent anyway is rejected;
+* it evaluates its personalized model — the broadcast's global ``A`` and head with its
+  freshly trained ``B`` — on a local test set drawn from the central test split with its
+  own train label proportions (:mod:`fedpeft.training.personal_eval`), and reports
+  ``personalized-accuracy``; :meth:`round_metrics` adds the example-weighted mean over the
+  round's accepted replies. Under user-level DP this is a diagnostic like ``train-loss``
+  (computed from raw replies, not covered by the guarantee); under sample-level DP ``B`` is
+  trained by DP-SGD like everything else.
+
+What differs from the paper, or is not meaningful here:
+
+* The ``A`` in the personalized evaluation is the one the client received, one aggregation
+  older than the round's new global ``A`` (a client only sees that when next sampled), and
+  only the round's sampled clients are evaluated (the paper evaluates every client).
+* fedpeft's central evaluation (``eval_accuracy``) evaluates the global state, i.e. the
+  shared ``A`` and head with the INITIAL ``B`` — for peft LoRA ``B = 0``, so the LoRA branch
+  contributes nothing and only the head counts. It is not FedSA-LoRA's reported metric;
+  ``personalized_accuracy`` is.
+* The base class's ``aggregation-error`` rebuilds each client's product from its upload and
+  the global state; without the clients' ``B`` it compares ``Σ p_i B₀ A_i`` with ``B₀ Ā``,
+  which is 0 by linearity (or because ``B₀ = 0``). It is not a meaningful FedSA quantity.
+* The broadcast still carries the (constant) global ``B``, so ``bytes_down`` includes it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from logging import WARNING
+from collections.abc import Callable, Sequence
 
-from flwr.common import log
+from flwr.app import Message
 
 from fedpeft.adapters.base import Adapter, State
+from fedpeft.federation.local_params import shared_only
+from fedpeft.federation.validation import Layout
 from strategies.aggregation import weighted_mean
 from strategies.base import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
 from strategies.registry import STRATEGIES
 
 _LORA_B = re.compile(r"^.+\.lora_B\.[^.]+\.weight$")
+
+UploadLayout = Callable[[int | None], Layout]
 
 
 def is_lora_b(key: str) -> bool:
@@ -51,16 +71,50 @@ def shared_part(state: State) -> State:
     return {k: v for k, v in state.items() if not is_lora_b(k)}
 
 
+def personalized_accuracy(updates: Sequence[ClientUpdate]) -> float | None:
+    """Mean of the clients' ``personalized-accuracy``, weighted by their local test sizes."""
+    rated = [(u.metrics["personalized-accuracy"], u.metrics.get("personalized-examples", 1.0))
+             for u in updates if "personalized-accuracy" in u.metrics]
+    total = sum(n for _, n in rated)
+    return sum(acc * n for acc, n in rated) / total if total > 0 else None
+
+
+def _without_local(layout: UploadLayout) -> UploadLayout:
+    def shared(round_rank: int | None) -> Layout:
+        return shared_only(layout(round_rank), is_lora_b)
+
+    return shared
+
+
 @STRATEGIES.register("fedsa-lora")
 class FedSaLora(FedPeftStrategy):
     name = "fedsa-lora"
+    #: The tensors each client keeps and never uploads (read by the client, see
+    #: :mod:`fedpeft.federation.local_params`).
+    client_local = staticmethod(is_lora_b)
 
     def __init__(self, adapter: Adapter, sampler: ClientSampler) -> None:
+        self._upload_layout: UploadLayout | None = None
         super().__init__(adapter, sampler)
-        log(WARNING, "fedsa-lora: server side only — clients do not keep a local B yet, so "
-                     "they restart from the global (initial) B every round; see strategies/fedsa_lora.py")
+
+    @property
+    def upload_layout(self) -> UploadLayout | None:
+        """``round_rank -> layout`` of an honest upload, which has no ``B`` tensors."""
+        return self._upload_layout
+
+    @upload_layout.setter
+    def upload_layout(self, layout: UploadLayout | None) -> None:
+        # the server sets the adapter's full upload layout; FedSA clients keep B at home
+        self._upload_layout = None if layout is None else _without_local(layout)
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         states, weights = stack_uploads(updates)
         shared = weighted_mean([shared_part(s) for s in states], weights)
         return self.adapter.merge(global_state, shared, self._round_rank)
+
+    def round_metrics(self, replies: Sequence[Message], updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        metrics = super().round_metrics(replies, updates)
+        acc = personalized_accuracy([u for u in updates if u.num_examples > 0])
+        if acc is not None:
+            metrics["personalized-accuracy"] = acc
+        return metrics

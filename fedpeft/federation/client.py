@@ -4,11 +4,18 @@ How a client trains depends on the run's privacy level (``--dp``), looked up in
 :data:`TRAINING_MODES` — no if-chain over names: ``none`` and ``user`` (DP-FedAvg clips and
 noises on the server, SPEC §3.1) train plainly; ``sample`` runs Opacus DP-SGD with the
 client's persistent accountant (SPEC §3.2, :mod:`fedpeft.training.dp_sgd`).
+
+Strategies that keep some tensors on the clients (FedSA-LoRA's ``B``: a ``client_local``
+predicate on the strategy class, :mod:`fedpeft.federation.local_params`) get them loaded
+over the broadcast, saved after training, left out of the upload, and a personalized
+evaluation of the client's own model (:mod:`fedpeft.training.personal_eval`); other
+strategies pay nothing for this.
 """
 
 from __future__ import annotations
 
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +27,14 @@ from fedpeft.adapters import State
 from fedpeft.adapters.base import StepHook
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import shuffled_batches
+from fedpeft.federation.local_params import (
+    LOCAL_PARAMS_DIR,
+    ClientLocal,
+    LocalParamStore,
+    client_local_of,
+    local_only,
+    shared_only,
+)
 from fedpeft.federation.workspace import Workspace
 from fedpeft.registry import Registry
 from fedpeft.training.local import LocalResult, train_local
@@ -132,23 +147,68 @@ def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
                     "dp-sample-rate": plan.sample_rate}
 
 
+def strategy_client_local(strategy: str) -> ClientLocal | None:
+    """Which tensors the run's strategy keeps on the clients (None: it keeps none)."""
+    from strategies import STRATEGIES
+
+    return client_local_of(STRATEGIES.get(strategy))
+
+
+def local_test_seed(cfg: RunConfig, rnd: ClientRound) -> list[int]:
+    """Seed of a client's local test set: the run seed and the client, never the round
+    (a client is evaluated on the same examples every time it is sampled)."""
+    return [cfg.seed, 0x9E75, zlib.crc32(rnd.key.encode())]
+
+
+def personalized_metrics(ws: Workspace, cfg: RunConfig, rnd: ClientRound, rows: np.ndarray,
+                         broadcast: State, is_local: ClientLocal) -> dict[str, float]:
+    """Accuracy of the client's personalized model — the broadcast's shared tensors (global
+    ``A`` and head) with its own freshly trained local ones (``B``) — on its local test set.
+
+    Leaves the model holding exactly that personalized state."""
+    from fedpeft.training.personal_eval import LOCAL_TEST_SIZE, evaluate_rows, local_test_rows
+
+    ws.adapter.load_state(ws.model, shared_only(broadcast, is_local))
+    test_rows = local_test_rows(ws.train.labels[rows], ws.test.labels, LOCAL_TEST_SIZE,
+                                np.random.default_rng(local_test_seed(cfg, rnd)))
+    if len(test_rows) == 0:
+        return {}
+    ev = evaluate_rows(ws.model, ws.test, test_rows, ws.pad_id)
+    return {"personalized-accuracy": ev.accuracy, "personalized-examples": float(ev.examples)}
+
+
 def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: State,
                  state_dir: Path) -> ClientOutcome:
     """Load the broadcast into the cached model, train this client's rows in the run's
-    training mode, return its upload, loss and mode-specific metrics."""
+    training mode, return its upload, loss and mode-specific metrics.
+
+    With client-local tensors (FedSA-LoRA's ``B``) the client starts from its own saved ones
+    (first time: the initial ones, which the server's global copy never leaves), saves them
+    after training, uploads only the shared tensors and reports a personalized evaluation.
+    """
     parts = ws.partitions(cfg.partition, rnd.num_partitions, cfg.dirichlet_alpha, cfg.seed)
     rows = parts.indices(rnd.client_id)
     if cfg.max_client_examples:
         rows = rows[: cfg.max_client_examples]
+    is_local = strategy_client_local(cfg.strategy)
     ws.adapter.load_state(ws.model, broadcast)
     if len(rows) == 0:
         return ClientOutcome({}, LocalResult(mean_loss=float("nan"), steps=0, examples=0))
+    store = LocalParamStore(Path(state_dir) / LOCAL_PARAMS_DIR) if is_local else None
+    if store is not None:
+        own = store.load(rnd.key, rnd.server_round)
+        ws.adapter.load_state(ws.model, own if own is not None else local_only(ws.initial_state, is_local))
     mode = TRAINING_MODES.get(cfg.dp or "none")
     rng = np.random.default_rng(client_seed(cfg, rnd))
     torch.manual_seed(int(rng.integers(2**31)))
     hook = ws.adapter.step_hook(ws.model, rng, rnd.round_rank)
     result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
-    return ClientOutcome(ws.adapter.upload(ws.model, rnd.round_rank),
+    upload = ws.adapter.upload(ws.model, rnd.round_rank)
+    if store is not None:
+        store.save(rnd.key, local_only(ws.adapter.trainable_state(ws.model), is_local), rnd.server_round)
+        upload = shared_only(upload, is_local)
+        metrics = {**metrics, **personalized_metrics(ws, cfg, rnd, rows, broadcast, is_local)}
+    return ClientOutcome(upload,
                          LocalResult(mean_loss=result.mean_loss, steps=result.steps,
                                      examples=len(rows)),
                          metrics)

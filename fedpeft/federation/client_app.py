@@ -83,7 +83,8 @@ def train(msg: Message, context: Context) -> Message:
     upload, result = out.upload, out.result
     # sample-level DP adds "epsilon" (this client's ε so far at the run's δ),
     # "noise-multiplier", "dp-steps", "dp-delta" and "dp-sample-rate" (its DP-SGD q); the
-    # server reports the max ε over clients
+    # server reports the max ε over clients; strategies with client-local tensors (FedSA-LoRA)
+    # add "personalized-accuracy" and "personalized-examples" (its own model, local test set)
     metrics = MetricRecord({"client-id": client_id, "num-examples": result.examples,
                             "train-loss": result.mean_loss if result.examples else 0.0,
                             "steps": result.steps, "simulated-latency": latency, **out.metrics})

@@ -86,10 +86,13 @@ class UserLevel(PrivacyLevel):
         self.strategy: Any = None
 
     def wrap(self, strategy: FedPeftStrategy) -> Any:
+        from fedpeft.federation.local_params import client_local_of
         from fedpeft.federation.validation import honest_upload_layout
         from strategies.dp_user import UserLevelDP
 
-        upload_layout = honest_upload_layout(self.ws.adapter, self.ws.model)
+        # clients of strategies with client-local tensors (FedSA-LoRA's B) never upload them:
+        # only the shared coordinates are clipped and noised
+        upload_layout = honest_upload_layout(self.ws.adapter, self.ws.model, client_local_of(strategy))
         adaptive = (AdaptiveClipConfig(target_quantile=self.cfg.target_quantile, clip_lr=self.cfg.clip_lr)
                     if self.cfg.adaptive_clip else None)
         self.strategy = UserLevelDP(strategy, self.noise_multiplier, self.cfg.clip, self.cfg.cohort,

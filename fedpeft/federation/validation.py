@@ -8,7 +8,7 @@ uploads this round (``Adapter.upload`` of the server's own model at the round's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -38,13 +38,19 @@ def check_update(state: Mapping[str, torch.Tensor], expected: Layout) -> str | N
     return None
 
 
-def honest_upload_layout(adapter, model):  # noqa: ANN001, ANN201 - Adapter, nn.Module
-    """``round_rank -> layout`` of what an honest client uploads (computed, not trained)."""
+def honest_upload_layout(adapter, model,  # noqa: ANN001, ANN201 - Adapter, nn.Module
+                         client_local: Callable[[str], bool] | None = None):
+    """``round_rank -> layout`` of what an honest client uploads (computed, not trained).
+
+    ``client_local`` names the tensors the strategy keeps on the clients (FedSA-LoRA's ``B``,
+    :mod:`fedpeft.federation.local_params`); an honest upload leaves them out.
+    """
     cache: dict[int | None, Layout] = {}
 
     def layout(round_rank: int | None) -> Layout:
         if round_rank not in cache:
-            cache[round_rank] = layout_of(adapter.upload(model, round_rank))
+            full = layout_of(adapter.upload(model, round_rank))
+            cache[round_rank] = {k: s for k, s in full.items() if client_local is None or not client_local(k)}
         return cache[round_rank]
 
     return layout

@@ -1,5 +1,6 @@
-"""``fedsa-lora`` server side (SPEC §2.4): A and head are averaged, global B is untouched;
-``flora`` is deliberately not registered."""
+"""``fedsa-lora`` server side (SPEC §2.4): A and head are averaged, global B is untouched,
+honest uploads have no B, personalized accuracy is example-weighted. The client half is
+tested in ``tests/federation/test_fedsa_client.py``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import pytest
 import torch
 
 from fedpeft.adapters.base import Adapter, AdapterSpec
-from fedpeft.errors import UsageError
 from strategies import STRATEGIES
 from strategies.base import ClientUpdate
 from strategies.fedsa_lora import FedSaLora, is_lora_b
@@ -59,8 +59,20 @@ def test_lora_b_key_recognition():
     assert not is_lora_b("m.lora_B_extra.weight")
 
 
-def test_flora_is_not_a_selectable_strategy():
-    # only the exact stacking math exists (strategies/flora.py); no dishonest strategy
-    assert "flora" not in STRATEGIES
-    with pytest.raises(UsageError):
-        STRATEGIES.get("flora")
+def test_fedsa_honest_upload_layout_has_no_b_whoever_sets_it():
+    strategy = FedSaLora(_NoInject(AdapterSpec()), sampler=None)
+    assert strategy.upload_layout is None
+    strategy.upload_layout = lambda rank: {A: (2, 6), B: (5, 2), HEAD: (3, 6)}
+    assert strategy.upload_layout(None) == {A: (2, 6), HEAD: (3, 6)}
+    assert FedSaLora.client_local(B) and not FedSaLora.client_local(A)
+    assert getattr(STRATEGIES.get("fedavg"), "client_local", None) is None  # others keep nothing local
+
+
+def test_fedsa_personalized_accuracy_is_weighted_by_local_test_size():
+    ups = [_client(1, 4), _client(2, 4), _client(3, 0)]
+    ups[0].metrics = {"personalized-accuracy": 1.0, "personalized-examples": 30.0}
+    ups[1].metrics = {"personalized-accuracy": 0.5, "personalized-examples": 10.0}
+    ups[2].metrics = {"personalized-accuracy": 0.0, "personalized-examples": 50.0}  # no training data
+    metrics = FedSaLora(_NoInject(AdapterSpec()), sampler=None).round_metrics([], ups)
+    assert metrics["personalized-accuracy"] == pytest.approx((30 * 1.0 + 10 * 0.5) / 40)
+    assert "personalized-accuracy" not in FedSaLora(_NoInject(AdapterSpec()), None).round_metrics([], ups[:0])
