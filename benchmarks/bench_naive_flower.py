@@ -77,7 +77,7 @@ def _naive_client_app():  # noqa: ANN202 - ClientApp
         part = splits.train.select(rows)
         data = tokenize(part[cfg.text_column], part["label"], tokenizer, cfg.max_length)
         adapter = build_adapter(cfg.adapter, adapter_spec(cfg))
-        model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed))
+        model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling))
         adapter.load_state(model, from_record(msg.content["arrays"]))
         rng = np.random.default_rng([cfg.seed, int(msg.content["config"].get("server-round", 0)), pid])
         torch.manual_seed(int(rng.integers(2**31)))

@@ -44,12 +44,15 @@ class RunConfig:
     alpha: float = 16.0
     min_rank: int = 1
     target_modules: str = "query,value"
+    #: per-client LoRA ranks, e.g. "2,4,8" (client i trains rank ranks[i % len]); "" = --rank
+    client_ranks: str = ""
     # model and data
     model: str = DEFAULT_MODEL
     dataset: str = DEFAULT_DATASET
     text_column: str = "text"
     label_column: str = "label"
     max_length: int = 64
+    pooling: str = "auto"  # auto (what the checkpoint declares) | mean | cls
     test_fraction: float = 0.1
     max_test_examples: int = 2000
     eval_every: int = 1  # evaluate the global model every K rounds (and always after the last)
@@ -103,6 +106,17 @@ class RunConfig:
     def target_module_list(self) -> list[str]:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
+    @property
+    def client_rank_list(self) -> list[int]:
+        """``client_ranks`` parsed ([] when unset); raises ValueError on a non-integer."""
+        return [int(r) for r in self.client_ranks.split(",") if r.strip()]
+
+    def client_rank(self, client_id: int) -> int | None:
+        """The LoRA rank client ``client_id`` trains (None: the run's ``rank``). Server and
+        clients both derive it from the client's identity, so nothing extra is sent."""
+        ranks = self.client_rank_list
+        return ranks[client_id % len(ranks)] if ranks else None
+
 
 def _types(annotation: str) -> tuple[type, ...]:
     for name, types in (("bool", (bool,)), ("float", (float, int)), ("int", (int,))):
@@ -148,9 +162,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.partition in PARTITIONERS, "partition", cfg.partition, ", ".join(PARTITIONERS.names()))
     _check(1 <= cfg.rank <= 1024, "rank", cfg.rank, "an integer in 1..1024")
     _check(1 <= cfg.min_rank <= cfg.rank, "min_rank", cfg.min_rank, f"1..--rank ({cfg.rank})")
+    try:
+        client_ranks = cfg.client_rank_list
+    except ValueError:
+        client_ranks = [0]
+    _check(all(1 <= r <= cfg.rank for r in client_ranks), "client_ranks", cfg.client_ranks,
+           f"comma-separated integers in 1..--rank ({cfg.rank}), e.g. 2,4,8")
+    if client_ranks and not STRATEGIES.get(cfg.strategy).heterogeneous_ranks:
+        allowed = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).heterogeneous_ranks)
+        raise UsageError(f"--client-ranks needs a strategy that aggregates different ranks exactly, not "
+                         f"--strategy {cfg.strategy}; allowed: {allowed}")
     _check(math.isfinite(cfg.alpha) and cfg.alpha > 0, "alpha", cfg.alpha, "a finite number > 0")
     _check(bool(cfg.target_module_list), "target_modules", cfg.target_modules,
            "a comma-separated list of module names, e.g. query,value")
+    from fedpeft.model.loading import POOLINGS
+
+    _check(cfg.pooling in POOLINGS, "pooling", cfg.pooling, ", ".join(POOLINGS))
     _check(8 <= cfg.max_length <= 512, "max_length", cfg.max_length, "an integer in 8..512")
     _check(0 < cfg.test_fraction < 0.5, "test_fraction", cfg.test_fraction, "a number in (0, 0.5)")
     _check(cfg.eval_every >= 1, "eval_every", cfg.eval_every, "an integer >= 1")

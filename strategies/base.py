@@ -53,6 +53,8 @@ class FedPeftStrategy(Strategy):
     #: True when the strategy must see each client's own update (cannot sit behind
     #: secure aggregation or user-level central DP noise), e.g. LoRA-FAIR.
     needs_individual_updates: ClassVar[bool] = False
+    #: True when clients may train different LoRA ranks (``--client-ranks``), e.g. FLoRA.
+    heterogeneous_ranks: ClassVar[bool] = False
 
     def __init__(self, adapter: Adapter, sampler: ClientSampler) -> None:
         self.adapter = adapter
@@ -146,7 +148,6 @@ class FedPeftStrategy(Strategy):
     def accept(self, replies: Sequence[Message]) -> list[ClientUpdate]:
         """Decode the replies that arrived; refuse malformed or late ones (with reasons)."""
         self.rejections, self.late = [], 0
-        expected = self.upload_layout(self._round_rank) if self.upload_layout else None
         accepted = []
         for reply in replies:
             if reply.has_error():
@@ -167,6 +168,7 @@ class FedPeftStrategy(Strategy):
             if update.num_examples < 0 or (update.num_examples > 0 and not update.state):
                 self.rejections.append((client, f"inconsistent example count {update.num_examples}"))
                 continue
+            expected = self.expected_layout(update.client_id)
             if expected is not None and update.num_examples > 0:
                 reason = check_update(update.state, expected)
                 if reason is not None:
@@ -176,6 +178,10 @@ class FedPeftStrategy(Strategy):
         for client, reason in self.rejections:
             log(WARNING, "rejected update of client %d: %s", client, reason)
         return accepted
+
+    def expected_layout(self, client_id: int) -> Layout | None:
+        """Key -> shape of an honest upload of ``client_id`` this round (None: unchecked)."""
+        return self.upload_layout(self._round_rank) if self.upload_layout else None
 
     def round_metrics(self, replies: Sequence[Message], updates: Sequence[ClientUpdate]) -> dict[str, float]:
         """The per-round keys of the results schema that every strategy reports."""

@@ -17,22 +17,28 @@ The reported aggregation error compares the effective weights
 ``W_new + s B_fresh A_fresh`` with ``W_old + Σ p_i s B_i A_i``; it is not exactly 0 only
 because the folded weight is stored in float32.
 
-Limits: every client trains the run's single rank (the math takes heterogeneous ranks, the
-simulator does not assign per-client ranks yet); the fold needs one fixed LoRA scale, so
+Heterogeneous ranks (``--client-ranks 2,4,8``): client ``i`` trains a rank-``r_i`` LoRA (the
+components beyond ``r_i`` are held at 0, :meth:`fedpeft.adapters.base.Adapter.limit_rank`)
+and uploads only ``A[:r_i]`` and ``B[:, :r_i]``; the stack has rank ``Σ r_i`` and the fold is
+still exact. All clients share the model's scale ``alpha / r`` (a rank-``r_i`` client is a
+truncation of the rank-``r`` adapter, not a separately scaled one).
+
+Limits: the fold needs one fixed LoRA scale, so
 DyLoRA adapters (scale ``alpha / b``) are refused; it needs each client's own factors, so
 user-level central DP is refused (``needs_individual_updates``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from fedpeft.adapters.base import State
+from fedpeft.adapters.base import Adapter, State
 from fedpeft.config import RunConfig
+from fedpeft.federation.validation import Layout
 from strategies.aggregation import normalized_weights, weighted_mean
-from strategies.base import ClientUpdate, FedPeftStrategy, stack_uploads
+from strategies.base import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
 from strategies.lora_math import stack_lora_factors
 from strategies.registry import STRATEGIES
 
@@ -58,10 +64,34 @@ def fold_stacked_update(w0: torch.Tensor, a_list: Sequence[torch.Tensor],
     return (w0.to(torch.float64) + b_stack @ a_stack).to(w0.dtype)
 
 
+def _is_factor(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
 @STRATEGIES.register("flora")
 class Flora(FedPeftStrategy):
     name = "flora"
     needs_individual_updates = True
+    heterogeneous_ranks = True
+
+    def __init__(self, adapter: Adapter, sampler: ClientSampler,
+                 client_rank: Callable[[int], int | None] | None = None) -> None:
+        super().__init__(adapter, sampler)
+        #: ``client id -> rank`` it trains (``--client-ranks``); None: every client the run's rank
+        self.client_rank = client_rank
+
+    @classmethod
+    def from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> Flora:
+        return cls(adapter, sampler, cfg.client_rank if cfg.client_ranks else None)
+
+    def expected_layout(self, client_id: int) -> Layout | None:
+        """A client of rank ``r_i`` uploads ``A[:r_i]`` and ``B[:, :r_i]``."""
+        layout = super().expected_layout(client_id)
+        rank = self.client_rank(client_id) if self.client_rank else None
+        if layout is None or rank is None:
+            return layout
+        return {k: ((rank, *shape[1:]) if ".lora_A." in k else (shape[0], rank, *shape[2:]))
+                if _is_factor(k) else shape for k, shape in layout.items()}
 
     @classmethod
     def refusal(cls, cfg: RunConfig) -> str | None:
@@ -94,7 +124,8 @@ class Flora(FedPeftStrategy):
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         states, weights = stack_uploads(updates)
         fresh = self._fresh_state(global_state)
-        new = self.adapter.merge(global_state, weighted_mean(states, weights), None)
+        shared = [{k: v for k, v in st.items() if not _is_factor(k)} for st in states]
+        new = self.adapter.merge(global_state, weighted_mean(shared, weights), None)
         scale = self.adapter.lora_scale
         full_fresh = self.adapter.with_frozen_factors(fresh)
         views = [self.adapter.with_frozen_factors(self.adapter.client_view(global_state, s))

@@ -23,6 +23,7 @@ State = dict[str, torch.Tensor]
 StepHook = Callable[[int], Callable[[], None] | None]
 
 _LORA_A = re.compile(r"^(?P<layer>.+)\.lora_A\.(?P<name>[^.]+)\.weight$")
+_LORA_B = re.compile(r"^(?P<layer>.+)\.lora_B\.(?P<name>[^.]+)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,46 @@ class Adapter(ABC):
         aggregation error, SPEC §1.1) needs both factors; FFA-LoRA adds its seeded ``A``.
         """
         return state
+
+    @staticmethod
+    def rank_prefix(state: State, rank: int) -> State:
+        """``state`` with every LoRA factor cut to its first ``rank`` components (A rows,
+        B columns): what a client of rank ``rank`` uploads. Other tensors are unchanged."""
+        out: State = {}
+        for key, value in state.items():
+            if _LORA_A.match(key):
+                out[key] = value[:rank].clone()
+            elif _LORA_B.match(key):
+                out[key] = value[:, :rank].clone()
+            else:
+                out[key] = value
+        return out
+
+    @staticmethod
+    def limit_rank(model: nn.Module, rank: int) -> Callable[[], None]:
+        """Make the model's trainable LoRA factors rank ``rank``: zero the components beyond
+        it (trainable A rows, B columns) and return the callable that zeroes them again
+        (run after every optimizer step, so noise or weight decay cannot revive them).
+
+        With ``A[rank:] = 0`` and ``B[:, rank:] = 0`` the gradients of those entries are
+        exactly 0 too, so the truncated client is a true rank-``rank`` LoRA (frozen A, as in
+        FFA-LoRA, keeps its rows; zero B columns switch them off)."""
+        targets = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if _LORA_A.match(name):
+                targets.append(param[rank:])
+            elif _LORA_B.match(name):
+                targets.append(param[:, rank:])
+
+        def zero() -> None:
+            with torch.no_grad():
+                for view in targets:
+                    view.zero_()
+
+        zero()
+        return zero
 
     @staticmethod
     def lora_pairs(keys: list[str] | set[str]) -> list[tuple[str, str]]:

