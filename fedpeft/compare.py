@@ -25,8 +25,8 @@ from typing import Any
 from fedpeft.config import RunConfig, normalize_keys, read_toml, validate
 from fedpeft.errors import UsageError
 
-SUMMARY_COLUMNS = ["setting", "runs", "accuracy_mean", "accuracy_std", "bytes_up_total",
-                   "bytes_down_total", "epsilon", "aggregation_error_mean", "wall_s_mean"]
+SUMMARY_COLUMNS = ["setting", "runs", "accuracy_mean", "accuracy_std", "personalized_accuracy_mean",
+                   "bytes_up_total", "bytes_down_total", "epsilon", "aggregation_error_mean", "wall_s_mean"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,11 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _last(rounds: list[dict[str, Any]], key: str) -> float | None:
+    """The last non-null value of a per-round key (None if the run never reported it)."""
+    return next((r[key] for r in reversed(rounds) if r.get(key) is not None), None)
+
+
 def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
     groups = _load_runs(exp, out_dir)
     rows = []
@@ -112,6 +117,8 @@ def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
             "runs": len(runs),
             "accuracy_mean": _mean(accs),
             "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            # FedSA-LoRA: the sampled clients' own models on their local test sets (last round)
+            "personalized_accuracy_mean": _mean([_last(r["rounds"], "personalized_accuracy") for r in runs]),
             "bytes_up_total": _mean([r["final"]["bytes_up_total"] for r in runs]),
             "bytes_down_total": _mean([r["final"]["bytes_down_total"] for r in runs]),
             "epsilon": _mean([r["final"]["epsilon"] for r in runs]),
@@ -136,11 +143,12 @@ def _f(value: float | None, spec: str) -> str:
 def markdown_table(exp: Experiment, rows: list[dict[str, Any]]) -> str:
     lines = [f"# {exp.name}", "",
              f"Base settings: `{json.dumps(exp.base, sort_keys=True)}`; grid: `{json.dumps(exp.grid)}`.", "",
-             "| setting | runs | final accuracy (mean ± std) | bytes up | bytes down | ε | mean aggregation error | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| setting | runs | final accuracy (mean ± std) | personalized accuracy | bytes up | bytes down | ε | mean aggregation error | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['setting']} | {r['runs']} | {_f(r['accuracy_mean'], '.4f')} ± {_f(r['accuracy_std'], '.4f')} | "
+            f"{_f(r['personalized_accuracy_mean'], '.4f')} | "
             f"{_f(r['bytes_up_total'], ',.0f')} | {_f(r['bytes_down_total'], ',.0f')} | {_f(r['epsilon'], '.3f')} | "
             f"{_f(r['aggregation_error_mean'], '.3e')} | {_f(r['wall_s_mean'], '.1f')} |")
     return "\n".join(lines) + "\n"

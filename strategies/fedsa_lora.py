@@ -36,9 +36,8 @@ What differs from the paper, or is not meaningful here:
   shared ``A`` and head with the INITIAL ``B`` — for peft LoRA ``B = 0``, so the LoRA branch
   contributes nothing and only the head counts. It is not FedSA-LoRA's reported metric;
   ``personalized_accuracy`` is.
-* The base class's ``aggregation-error`` rebuilds each client's product from its upload and
-  the global state; without the clients' ``B`` it compares ``Σ p_i B₀ A_i`` with ``B₀ Ā``,
-  which is 0 by linearity (or because ``B₀ = 0``). It is not a meaningful FedSA quantity.
+* ``aggregation_error`` is reported as null: without the clients' ``B`` there is no global
+  product ``B A`` whose error could be measured.
 * The broadcast still carries the (constant) global ``B``, so ``bytes_down`` includes it.
 """
 
@@ -111,6 +110,12 @@ class FedSaLora(FedPeftStrategy):
         states, weights = stack_uploads(updates)
         shared = weighted_mean([shared_part(s) for s in states], weights)
         return self.adapter.merge(global_state, shared, self._round_rank)
+
+    def aggregation_error(self, global_state: State, updates: Sequence[ClientUpdate],
+                          new_global: State) -> float | None:
+        """Not defined: there is no single global product to compare (each client keeps its
+        own ``B``), so results report null rather than a trivially zero number."""
+        return None
 
     def round_metrics(self, replies: Sequence[Message], updates: Sequence[ClientUpdate]) -> dict[str, float]:
         metrics = super().round_metrics(replies, updates)

@@ -56,7 +56,8 @@ def test_summary_statistics_and_outputs(tmp_path):
         for t in (1, 2):
             w.on_round(RoundRecord(round=t, clients_sampled=2, train_loss=0.5, eval_loss=0.5,
                                    eval_accuracy=acc[(cfg.rank, cfg.seed)] - 0.1 * (2 - t), bytes_up=100 * cfg.rank,
-                                   bytes_down=10, aggregation_error=0.01 * t, epsilon=None, rank=cfg.rank, wall_s=1.0))
+                                   bytes_down=10, aggregation_error=0.01 * t, epsilon=None, rank=cfg.rank, wall_s=1.0,
+                                   personalized_accuracy=0.8 + 0.05 * cfg.seed if (cfg.rank == 4 and t == 1) else None))
         w.on_finish(FinalRecord(accuracy=acc[(cfg.rank, cfg.seed)], epsilon=None, delta=None, noise_multiplier=None,
                                 sample_rate=0.2, accountant=None, dp_level=None, bytes_up_total=200 * cfg.rank,
                                 bytes_down_total=20, wall_s=2.0))
@@ -68,6 +69,9 @@ def test_summary_statistics_and_outputs(tmp_path):
     assert by["rank=4"]["accuracy_std"] == 0.0
     assert by["rank=4"]["bytes_up_total"] == 800
     assert by["rank=2"]["aggregation_error_mean"] == pytest.approx(0.015)
+    # the last round that reported it (round 1 here), averaged over seeds; absent -> None
+    assert by["rank=4"]["personalized_accuracy_mean"] == pytest.approx(0.825)
+    assert by["rank=2"]["personalized_accuracy_mean"] is None
     out = tmp_path / "cmp"
     csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [r["setting"] for r in csv_rows] == ["rank=2", "rank=4"]

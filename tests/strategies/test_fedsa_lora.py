@@ -76,3 +76,11 @@ def test_fedsa_personalized_accuracy_is_weighted_by_local_test_size():
     metrics = FedSaLora(_NoInject(AdapterSpec()), sampler=None).round_metrics([], ups)
     assert metrics["personalized-accuracy"] == pytest.approx((30 * 1.0 + 10 * 0.5) / 40)
     assert "personalized-accuracy" not in FedSaLora(_NoInject(AdapterSpec()), None).round_metrics([], ups[:0])
+
+
+def test_fedsa_reports_no_aggregation_error():
+    # each client keeps its own B: there is no global product B A to measure an error of
+    glob = {A: torch.zeros(2, 6), B: torch.zeros(5, 2), HEAD: torch.zeros(3, 6)}
+    strategy = FedSaLora(_NoInject(AdapterSpec()), sampler=None)
+    updates = [_client(1, 1), _client(2, 3)]
+    assert strategy.aggregation_error(glob, updates, strategy.aggregate(glob, updates)) is None
