@@ -1,9 +1,13 @@
 """DyLoRA and DP-DyLoRA (Xu et al. 2024, arXiv 2405.06368; SPEC §1.3).
 
 The adapter is allocated at ``r_max = spec.rank``. Training at rank ``b`` uses exactly
-``ΔW x = (alpha / b) · B[:, :b] A[:b] x``: a forward hook zeroes the outputs of ``lora_A``
-beyond ``b`` (so ``B``'s columns beyond ``b`` see zero input and ``A``'s rows beyond ``b`` get
-zero gradient), and the peft layer's ``scaling`` is set to ``alpha / b`` for the step.
+``ΔW x = (alpha / b) · B[:, :b] A[:b] x``: a forward pre-hook zeroes the components of
+``lora_B``'s input beyond ``b`` (so ``B``'s columns beyond ``b`` see zero input and ``A``'s
+rows beyond ``b`` get zero gradient), and the peft layer's ``scaling`` is set to ``alpha / b``
+for the step. The mask sits on ``B``'s input, not on ``A``'s output: Opacus computes
+``lora_A``'s per-example gradients from the gradient at ``lora_A``'s own output, which a hook
+after ``lora_A`` would leave non-zero beyond ``b`` — inflating the per-example norms that
+DP-SGD clips. With the mask before ``B``, every per-example gradient beyond ``b`` is exactly 0.
 Loading a state (every client's round start, the server's evaluation) restores rank ``r_max``
 and ``alpha / r_max``, so evaluation always uses the full adapter.
 
@@ -27,7 +31,7 @@ from fedpeft.adapters.base import Adapter, State, StepHook
 from fedpeft.adapters.lora import inject_lora
 from fedpeft.adapters.registry import ADAPTERS
 
-_RANK_ATTR = "_fedpeft_dylora_rank"  # set on each lora_A module; None = full rank
+_RANK_ATTR = "_fedpeft_dylora_rank"  # set on each lora_B module; None = full rank
 
 
 # -- pure rank-prefix math --------------------------------------------------------------
@@ -51,13 +55,14 @@ def rank_scale(alpha: float, rank: int) -> float:
 
 
 # -- rank control on a peft model ---------------------------------------------------------
-def _mask_beyond_rank(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on ``lora_A``: keep the first ``b`` outputs (components), zero the rest."""
+def _mask_beyond_rank(module: nn.Module, inputs: tuple) -> tuple | None:
+    """Forward pre-hook on ``lora_B``: keep the first ``b`` input components, zero the rest."""
     b = getattr(module, _RANK_ATTR, None)
-    if b is None or b >= output.shape[-1]:
-        return output
-    keep = torch.arange(output.shape[-1], device=output.device) < b
-    return output * keep.to(output.dtype)
+    x = inputs[0]
+    if b is None or b >= x.shape[-1]:
+        return None
+    keep = torch.arange(x.shape[-1], device=x.device) < b
+    return (x * keep.to(x.dtype), *inputs[1:])
 
 
 def lora_layers(model: nn.Module) -> list[tuple[LoraLayer, str]]:
@@ -67,9 +72,9 @@ def lora_layers(model: nn.Module) -> list[tuple[LoraLayer, str]]:
 
 def install_rank_hooks(model: nn.Module) -> None:
     for layer, name in lora_layers(model):
-        a = layer.lora_A[name]
-        setattr(a, _RANK_ATTR, None)
-        a.register_forward_hook(_mask_beyond_rank)
+        b = layer.lora_B[name]
+        setattr(b, _RANK_ATTR, None)
+        b.register_forward_pre_hook(_mask_beyond_rank)
 
 
 def set_rank(model: nn.Module, rank: int | None) -> None:
@@ -77,7 +82,7 @@ def set_rank(model: nn.Module, rank: int | None) -> None:
     for layer, name in lora_layers(model):
         r_max = layer.r[name]
         b = r_max if rank is None else min(rank, r_max)
-        setattr(layer.lora_A[name], _RANK_ATTR, None if b == r_max else b)
+        setattr(layer.lora_B[name], _RANK_ATTR, None if b == r_max else b)
         layer.scaling[name] = rank_scale(layer.lora_alpha[name], b)
 
 

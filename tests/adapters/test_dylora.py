@@ -106,6 +106,31 @@ def test_gradients_beyond_rank_b_are_exactly_zero():
     assert torch.count_nonzero(ga[:b]) > 0 and torch.count_nonzero(gb[:, :b]) > 0
 
 
+def test_opacus_per_example_gradients_beyond_rank_b_are_exactly_zero():
+    # DP-SGD clips per-example gradients: components the step does not train must not add
+    # to their norms (a mask on lora_A's output would leave Opacus' A rows non-zero here)
+    from opacus import GradSampleModule
+
+    b = 3
+    _, model = build("dylora")
+    set_rank(model, b)
+    model.train()  # Opacus records activations in training mode only
+    gsm = GradSampleModule(model)
+    batch = batches(1)[0]
+    logits = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    p = dict(model.named_parameters())
+    for layer in (LAYER, LAYER.replace("query", "value")):
+        ga = p[f"{layer}.lora_A.default.weight"].grad_sample
+        gb = p[f"{layer}.lora_B.default.weight"].grad_sample
+        assert ga.shape[0] == 4 and gb.shape[0] == 4  # one gradient per example
+        assert torch.count_nonzero(ga[:, b:]) == 0 and torch.count_nonzero(gb[:, :, b:]) == 0
+        assert torch.count_nonzero(ga[:, :b]) > 0 and torch.count_nonzero(gb[:, :, :b]) > 0
+        # per-example gradients of the per-example losses: their mean is the batch-mean gradient
+        torch.testing.assert_close(ga.mean(0), p[f"{layer}.lora_A.default.weight"].grad, atol=1e-6, rtol=1e-4)
+    gsm._close()
+
+
 def test_each_step_changes_only_the_first_b_components_even_with_adam_momentum():
     """Ranks 8 then 2, 2, 5: after the rank-8 step Adam has momentum everywhere, yet the
     rank-2 steps must leave components 2..7 untouched."""
