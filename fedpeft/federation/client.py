@@ -89,8 +89,9 @@ TRAINING_MODES: Registry[TrainingMode] = Registry("training mode")
 
 
 def client_seed(cfg: RunConfig, rnd: ClientRound) -> list[int]:
-    """Independent, reproducible stream per (run seed, round, client)."""
-    return [cfg.seed, rnd.server_round, rnd.client_id]
+    """Independent, reproducible stream per (run seed, round, client identity). The identity,
+    not the partition index: nodes training on their own datasets are all partition 0."""
+    return [cfg.seed, rnd.server_round, rnd.identity]
 
 
 @TRAINING_MODES.register("none")
