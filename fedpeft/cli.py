@@ -56,6 +56,8 @@ class RichReporter:
     def on_round(self, r: RoundRecord) -> None:
         status = (f"acc {_fmt(r.eval_accuracy)}  loss {_fmt(r.eval_loss)}  clients {r.clients_sampled}  "
                   f"up {r.bytes_up / 1e6:.2f} MB  agg-err {_fmt(r.aggregation_error, '.2e')}  ε {_fmt(r.epsilon, '.3f')}")
+        if r.personalized_accuracy is not None:
+            status += f"  personal acc {_fmt(r.personalized_accuracy)}"
         self.progress.update(self.task, advance=1, status=status)
 
     def on_finish(self, final: FinalRecord) -> None:
@@ -64,12 +66,15 @@ class RichReporter:
 
 def summary_table(writer: ResultsWriter) -> Table:
     table = Table(title="fedpeft run summary")
-    for col in ("round", "clients", "train loss", "eval loss", "accuracy", "up (bytes)",
+    personal = any(r.personalized_accuracy is not None for r in writer.rounds)  # fedsa-lora
+    for col in ("round", "clients", "train loss", "eval loss", "accuracy",
+                *(("personal acc.",) if personal else ()), "up (bytes)",
                 "down (bytes)", "agg. error", "rank", "ε", "wall s"):
         table.add_column(col, justify="right")
     for r in writer.rounds:
         table.add_row(str(r.round), str(r.clients_sampled), _fmt(r.train_loss), _fmt(r.eval_loss),
-                      _fmt(r.eval_accuracy), f"{r.bytes_up:,}", f"{r.bytes_down:,}",
+                      _fmt(r.eval_accuracy), *((_fmt(r.personalized_accuracy),) if personal else ()),
+                      f"{r.bytes_up:,}", f"{r.bytes_down:,}",
                       _fmt(r.aggregation_error, ".2e"), _fmt(r.rank, "d"), _fmt(r.epsilon, ".3f"),
                       f"{r.wall_s:.1f}")
     return table
