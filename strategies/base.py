@@ -105,7 +105,7 @@ class FedPeftStrategy(Strategy):
         self._global = from_record(arrays)
         rank = config.get("round-rank", 0)
         self._round_rank = int(rank) if rank else None
-        broadcast = to_record(self.adapter.broadcast(self._global, self._round_rank))
+        broadcast = to_record(self.broadcast_state(self._global, self._round_rank))
         self._broadcast_bytes = payload_bytes(broadcast)
         content = RecordDict({"arrays": broadcast, "config": config})
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
@@ -178,6 +178,10 @@ class FedPeftStrategy(Strategy):
         for client, reason in self.rejections:
             log(WARNING, "rejected update of client %d: %s", client, reason)
         return accepted
+
+    def broadcast_state(self, global_state: State, round_rank: int | None) -> State:
+        """What every sampled client receives (default: the adapter's broadcast)."""
+        return self.adapter.broadcast(global_state, round_rank)
 
     def expected_layout(self, client_id: int) -> Layout | None:
         """Key -> shape of an honest upload of ``client_id`` this round (None: unchecked)."""

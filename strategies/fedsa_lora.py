@@ -38,7 +38,7 @@ What differs from the paper, or is not meaningful here:
   ``personalized_accuracy`` is.
 * ``aggregation_error`` is reported as null: without the clients' ``B`` there is no global
   product ``B A`` whose error could be measured.
-* The broadcast still carries the (constant) global ``B``, so ``bytes_down`` includes it.
+* The broadcast leaves out the (constant) global ``B``: ``bytes_down`` counts ``A`` + head.
 """
 
 from __future__ import annotations
@@ -110,6 +110,11 @@ class FedSaLora(FedPeftStrategy):
         states, weights = stack_uploads(updates)
         shared = weighted_mean([shared_part(s) for s in states], weights)
         return self.adapter.merge(global_state, shared, self._round_rank)
+
+    def broadcast_state(self, global_state: State, round_rank: int | None) -> State:
+        """The shared tensors only: a client trains from its own ``B`` (or the initial one,
+        which it rebuilds from the seed), so the constant global ``B`` is not sent."""
+        return shared_part(super().broadcast_state(global_state, round_rank))
 
     def aggregation_error(self, global_state: State, updates: Sequence[ClientUpdate],
                           new_global: State) -> float | None:

@@ -84,3 +84,9 @@ def test_fedsa_reports_no_aggregation_error():
     strategy = FedSaLora(_NoInject(AdapterSpec()), sampler=None)
     updates = [_client(1, 1), _client(2, 3)]
     assert strategy.aggregation_error(glob, updates, strategy.aggregate(glob, updates)) is None
+
+
+def test_fedsa_broadcast_leaves_out_the_constant_global_b():
+    glob = {A: torch.zeros(2, 6), B: torch.zeros(5, 2), HEAD: torch.zeros(3, 6)}
+    strategy = FedSaLora(_NoInject(AdapterSpec()), sampler=None)
+    assert set(strategy.broadcast_state(glob, None)) == {A, HEAD}
