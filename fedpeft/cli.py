@@ -221,11 +221,12 @@ def compare(
     with progress:
         rows = run_experiment(exp, out, run_one)
     table = Table(title=f"fedpeft compare: {exp.name}")
-    for col in ("setting", "runs", "accuracy", "bytes up", "bytes down", "ε", "agg. error", "wall s"):
+    for col in ("setting", "runs", "accuracy", "personal acc.", "bytes up", "bytes down", "ε", "agg. error",
+                "wall s"):
         table.add_column(col, justify="right" if col != "setting" else "left")
     for r in rows:
         table.add_row(r["setting"], str(r["runs"]), f"{_fmt(r['accuracy_mean'])} ± {_fmt(r['accuracy_std'])}",
-                      _fmt(r["bytes_up_total"], ",.0f"), _fmt(r["bytes_down_total"], ",.0f"),
+                      _fmt(r["personalized_accuracy_mean"]), _fmt(r["bytes_up_total"], ",.0f"), _fmt(r["bytes_down_total"], ",.0f"),
                       _fmt(r["epsilon"], ".3f"), _fmt(r["aggregation_error_mean"], ".2e"),
                       _fmt(r["wall_s_mean"], ".1f"))
     console.print(table)
