@@ -38,6 +38,8 @@ class RoundRecord:
     #: example-weighted mean accuracy of the sampled clients' personalized models on their
     #: local test sets (strategies with client-local parameters, e.g. FedSA-LoRA), else null
     personalized_accuracy: float | None = None
+    #: the same clients' local-majority-label rate on those local test sets (the baseline)
+    personalized_majority: float | None = None
 
 
 @dataclass

@@ -70,10 +70,11 @@ def shared_part(state: State) -> State:
     return {k: v for k, v in state.items() if not is_lora_b(k)}
 
 
-def personalized_accuracy(updates: Sequence[ClientUpdate]) -> float | None:
-    """Mean of the clients' ``personalized-accuracy``, weighted by their local test sizes."""
-    rated = [(u.metrics["personalized-accuracy"], u.metrics.get("personalized-examples", 1.0))
-             for u in updates if "personalized-accuracy" in u.metrics]
+def personalized_accuracy(updates: Sequence[ClientUpdate], key: str = "personalized-accuracy") -> float | None:
+    """Mean of the clients' ``key`` (default ``personalized-accuracy``), weighted by their
+    local test sizes."""
+    rated = [(u.metrics[key], u.metrics.get("personalized-examples", 1.0))
+             for u in updates if key in u.metrics]
     total = sum(n for _, n in rated)
     return sum(acc * n for acc, n in rated) / total if total > 0 else None
 
@@ -124,7 +125,9 @@ class FedSaLora(FedPeftStrategy):
 
     def round_metrics(self, replies: Sequence[Message], updates: Sequence[ClientUpdate]) -> dict[str, float]:
         metrics = super().round_metrics(replies, updates)
-        acc = personalized_accuracy([u for u in updates if u.num_examples > 0])
-        if acc is not None:
-            metrics["personalized-accuracy"] = acc
+        trained = [u for u in updates if u.num_examples > 0]
+        for key in ("personalized-accuracy", "personalized-majority"):
+            value = personalized_accuracy(trained, key)
+            if value is not None:
+                metrics[key] = value
         return metrics

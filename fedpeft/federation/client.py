@@ -180,7 +180,11 @@ def personalized_metrics(ws: Workspace, cfg: RunConfig, rnd: ClientRound, rows: 
     if len(test_rows) == 0:
         return {}
     ev = evaluate_rows(ws.model, ws.test, test_rows, ws.pad_id)
-    return {"personalized-accuracy": ev.accuracy, "personalized-examples": float(ev.examples)}
+    # the baseline that makes the number readable under label skew: always predicting the
+    # client's most frequent local label
+    majority = float(np.bincount(np.asarray(ws.test.labels)[test_rows]).max() / len(test_rows))
+    return {"personalized-accuracy": ev.accuracy, "personalized-examples": float(ev.examples),
+            "personalized-majority": majority}
 
 
 def _after_every_step(hook: StepHook | None, after: Callable[[], None]) -> StepHook:

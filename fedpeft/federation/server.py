@@ -131,6 +131,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             clients_failed=failed, stragglers=int(m.get("late", 0)), rejected=len(inner.rejections),
             rejections=[f"client {c}: {why}" for c, why in inner.rejections],
             personalized_accuracy=m.get("personalized-accuracy"),
+            personalized_majority=m.get("personalized-majority"),
         )
         records.append(record)
         for r in reporters:

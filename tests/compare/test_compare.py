@@ -57,7 +57,8 @@ def test_summary_statistics_and_outputs(tmp_path):
             w.on_round(RoundRecord(round=t, clients_sampled=2, train_loss=0.5, eval_loss=0.5,
                                    eval_accuracy=acc[(cfg.rank, cfg.seed)] - 0.1 * (2 - t), bytes_up=100 * cfg.rank,
                                    bytes_down=10, aggregation_error=0.01 * t, epsilon=None, rank=cfg.rank, wall_s=1.0,
-                                   personalized_accuracy=0.8 + 0.05 * cfg.seed if (cfg.rank == 4 and t == 1) else None))
+                                   personalized_accuracy=0.8 + 0.05 * cfg.seed if (cfg.rank == 4 and t == 1) else None,
+                                   personalized_majority=0.7 if (cfg.rank == 4 and t == 1) else None))
         w.on_finish(FinalRecord(accuracy=acc[(cfg.rank, cfg.seed)], epsilon=None, delta=None, noise_multiplier=None,
                                 sample_rate=0.2, accountant=None, dp_level=None, bytes_up_total=200 * cfg.rank,
                                 bytes_down_total=20, wall_s=2.0))
@@ -72,11 +73,13 @@ def test_summary_statistics_and_outputs(tmp_path):
     # the last round that reported it (round 1 here), averaged over seeds; absent -> None
     assert by["rank=4"]["personalized_accuracy_mean"] == pytest.approx(0.825)
     assert by["rank=2"]["personalized_accuracy_mean"] is None
+    assert by["rank=4"]["personalized_majority_mean"] == pytest.approx(0.7)
     out = tmp_path / "cmp"
     csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [r["setting"] for r in csv_rows] == ["rank=2", "rank=4"]
     md = (out / "comparison.md").read_text()
     assert "0.7200 ± 0.0283" in md
+    assert "0.8250 (maj. 0.7000)" in md
     for png in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "aggregation_error_vs_round.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # re-running skips finished cells

@@ -217,6 +217,8 @@ def _assert_personalized(results: dict) -> None:
         assert r["personalized_accuracy"] is not None, (
             "server.py must pass personalized_accuracy=m.get('personalized-accuracy') to RoundRecord")
         assert 0.0 <= r["personalized_accuracy"] <= 1.0
+        # the local-majority baseline of a two-label task is at least one half
+        assert 0.5 <= r["personalized_majority"] <= 1.0
 
 
 def test_fedsa_run_keeps_b_at_home_and_reports_personalized_accuracy(tmp_path):
