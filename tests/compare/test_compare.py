@@ -1,7 +1,8 @@
 """``fedpeft compare`` orchestration: grid expansion, validation, summary and plots.
 
 The per-cell simulation is replaced by a writer of synthetic results so the summary maths can
-be checked against hand-computed values; the real end-to-end compare is a slow test.
+be checked against hand-computed values; the real end-to-end compare on Ray is a slow test
+(tests/test_slow_e2e.py).
 """
 
 from __future__ import annotations
