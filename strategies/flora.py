@@ -114,7 +114,7 @@ class Flora(FedPeftStrategy):
                   for a, _ in self.adapter.lora_pairs(set(full))}
         return {**initial, **folded}
 
-    def _fresh_state(self, global_state: State) -> State:
+    def _fresh_state(self) -> State:
         """The LoRA every client restarts from (the run's initial factors)."""
         fresh = getattr(self, "_fresh", None)
         if fresh is None:  # the server calls it at start, also when resuming
@@ -123,7 +123,7 @@ class Flora(FedPeftStrategy):
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
         states, weights = stack_uploads(updates)
-        fresh = self._fresh_state(global_state)
+        fresh = self._fresh_state()
         shared = [{k: v for k, v in st.items() if not _is_factor(k)} for st in states]
         new = self.adapter.merge(global_state, weighted_mean(shared, weights), None)
         scale = self.adapter.lora_scale

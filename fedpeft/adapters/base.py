@@ -26,6 +26,21 @@ _LORA_A = re.compile(r"^(?P<layer>.+)\.lora_A\.(?P<name>[^.]+)\.weight$")
 _LORA_B = re.compile(r"^(?P<layer>.+)\.lora_B\.(?P<name>[^.]+)\.weight$")
 
 
+def truncate_factor(key: str, value: torch.Tensor, rank: int) -> torch.Tensor:
+    """The first ``rank`` components of a LoRA factor: ``A[:rank]`` or ``B[:, :rank]``."""
+    if ".lora_A." in key:
+        return value[:rank]
+    if ".lora_B." in key:
+        return value[:, :rank]
+    return value
+
+
+def truncate_state(state: State, rank: int) -> State:
+    """Every LoRA factor cut to its first ``rank`` components; other tensors unchanged (what
+    a rank-``rank`` client uploads: DP-DyLoRA's round rank, FLoRA's ``--client-ranks``)."""
+    return {k: truncate_factor(k, v, rank).clone() for k, v in state.items()}
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """Options shared by the LoRA family (SPEC §1)."""
@@ -119,20 +134,6 @@ class Adapter(ABC):
         aggregation error, SPEC §1.1) needs both factors; FFA-LoRA adds its seeded ``A``.
         """
         return state
-
-    @staticmethod
-    def rank_prefix(state: State, rank: int) -> State:
-        """``state`` with every LoRA factor cut to its first ``rank`` components (A rows,
-        B columns): what a client of rank ``rank`` uploads. Other tensors are unchanged."""
-        out: State = {}
-        for key, value in state.items():
-            if _LORA_A.match(key):
-                out[key] = value[:rank].clone()
-            elif _LORA_B.match(key):
-                out[key] = value[:, :rank].clone()
-            else:
-                out[key] = value
-        return out
 
     @staticmethod
     def limit_rank(model: nn.Module, rank: int) -> Callable[[], None]:

@@ -27,28 +27,14 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fedpeft.adapters.base import Adapter, State, StepHook
+from fedpeft.adapters.base import Adapter, State, StepHook, truncate_state
 from fedpeft.adapters.lora import inject_lora
 from fedpeft.adapters.registry import ADAPTERS
 
 _RANK_ATTR = "_fedpeft_dylora_rank"  # set on each lora_B module; None = full rank
 
 
-# -- pure rank-prefix math --------------------------------------------------------------
-def truncate_factor(key: str, value: torch.Tensor, rank: int) -> torch.Tensor:
-    """The first ``rank`` components of a LoRA factor: ``A[:rank]`` or ``B[:, :rank]``."""
-    if ".lora_A." in key:
-        return value[:rank]
-    if ".lora_B." in key:
-        return value[:, :rank]
-    return value
-
-
-def truncate_state(state: State, rank: int) -> State:
-    """Every LoRA factor cut to its first ``rank`` components; other tensors unchanged."""
-    return {k: truncate_factor(k, v, rank).clone() for k, v in state.items()}
-
-
+# -- pure rank math ------------------------------------------------------------------------
 def rank_scale(alpha: float, rank: int) -> float:
     """DyLoRA's scale at rank ``b``: ``alpha / b`` (SPEC §1.3)."""
     return alpha / rank

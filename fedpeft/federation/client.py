@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fedpeft.adapters import State
-from fedpeft.adapters.base import StepHook
+from fedpeft.adapters.base import StepHook, truncate_state
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import shuffled_batches
 from fedpeft.federation.local_params import (
@@ -231,7 +231,7 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
     result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
     upload = ws.adapter.upload(ws.model, rnd.round_rank)
     if rank_cap is not None:
-        upload = ws.adapter.rank_prefix(upload, rank_cap)
+        upload = truncate_state(upload, rank_cap)
     if store is not None:
         store.save(rnd.key, local_only(ws.adapter.trainable_state(ws.model), is_local), rnd.server_round)
         upload = shared_only(upload, is_local)

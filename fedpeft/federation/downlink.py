@@ -37,8 +37,6 @@ from fedpeft.federation.records import payload_bytes, to_record
 class Downlink:
     """Uncompressed broadcast: clients receive ``x_t`` itself."""
 
-    compresses = False
-
     def prepare(self, global_state: State, server_round: int) -> State:
         """The state to broadcast in ``server_round``."""
         return global_state
@@ -63,8 +61,6 @@ class Downlink:
 
 class CompressedDownlink(Downlink):
     """Broadcast ``x̂_t`` built from codec-compressed deltas (see the module docstring)."""
-
-    compresses = True
 
     def __init__(self, codec: Codec, initial: State) -> None:
         self.codec = codec

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedpeft.adapters import AdapterSpec, build_adapter
+from fedpeft.adapters.base import truncate_state
 from fedpeft.config import resolve
 from fedpeft.errors import UsageError
 from fedpeft.simulation import simulate
@@ -107,7 +108,7 @@ def test_heterogeneous_ranks_fold_exactly_and_expect_prefix_uploads(setup):
     for u in updates:
         r = ranks[u.client_id]
         assert flora.expected_layout(u.client_id) == {A: (r, D_IN), B: (D_OUT, r), HEAD: (2, D_OUT)}
-        state = adapter.rank_prefix(u.state, r)
+        state = truncate_state(u.state, r)
         assert state[A].shape == (r, D_IN) and state[B].shape == (D_OUT, r)
         cut.append(ClientUpdate(u.node_id, u.client_id, u.num_examples, state, 0.0, 0))
     new = flora.aggregate(g, cut)
