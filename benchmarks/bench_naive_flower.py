@@ -105,6 +105,7 @@ def naive_job(args: argparse.Namespace) -> dict:
     from fedpeft.data.tokenized import eval_batches
     from fedpeft.federation.records import from_record, to_record
     from fedpeft.federation.sampling import PoissonSampler
+    from fedpeft.privacy.randomness import SeededStreams
     from fedpeft.federation.workspace import get_workspace
     from fedpeft.simulation import quiet_environment
     from fedpeft.training.evaluate import evaluate
@@ -114,7 +115,7 @@ def naive_job(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     cfg = RunConfig(clients=args.clients, cohort=args.cohort, rounds=args.rounds, seed=args.seed,
                     max_test_examples=args.max_test_examples, max_client_examples=args.max_client_examples)
-    sampler = PoissonSampler(list(range(cfg.clients)), cfg.cohort / cfg.clients, cfg.seed)
+    sampler = PoissonSampler(list(range(cfg.clients)), cfg.cohort / cfg.clients, SeededStreams(cfg.seed))
     counts = [len(sampler.sample(r)) for r in range(1, cfg.rounds + 1)]
 
     class SameCountFedAvg(FedAvg):

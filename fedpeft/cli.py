@@ -41,20 +41,26 @@ class RichReporter:
         self.task = self.progress.add_task("rounds", total=rounds, status="starting clients…")
 
     def on_start(self, config: dict[str, Any], plan: dict[str, Any]) -> None:
+        train = f"{plan['train_examples']:,} train / " if "train_examples" in plan else ""
         console.print(
             f"[bold]fedpeft simulate[/]: {plan['clients']} clients, ~{plan['expected_cohort']} per round "
             f"(q={plan['sample_rate']:.4g}), {plan['rounds']} rounds, adapter {plan['adapter']}, "
             f"strategy {plan['strategy']}, {plan['trainable_parameters']:,} trainable parameters, "
-            f"{plan['train_examples']:,} train / {plan['test_examples']:,} test examples"
+            f"{train}{plan['test_examples']:,} test examples"
         )
         dp = plan.get("privacy", {})
         if dp.get("dp_level"):
             console.print("[bold]privacy plan[/]: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                              for k, v in dp.items() if v is not None))
+                                                              for k, v in dp.items()
+                                                              if v is not None and k != "privacy_warning"))
+            console.print("under DP only what the guarantee covers is shown and saved (client-reported "
+                          "statistics: --diagnostics)")
+            if dp.get("privacy_warning"):
+                err_console.print(f"[bold red]WARNING[/]: {dp['privacy_warning']}")
         self.progress.start()
 
     def on_round(self, r: RoundRecord) -> None:
-        status = (f"acc {_fmt(r.eval_accuracy)}  loss {_fmt(r.eval_loss)}  clients {r.clients_sampled}  "
+        status = (f"acc {_fmt(r.eval_accuracy)}  loss {_fmt(r.eval_loss)}  clients {_fmt(r.clients_sampled, 'd')}  "
                   f"up {r.bytes_up / 1e6:.2f} MB  agg-err {_fmt(r.aggregation_error, '.2e')}  ε {_fmt(r.epsilon, '.3f')}")
         if r.personalized_accuracy is not None:
             status += f"  personal acc {_fmt(r.personalized_accuracy)}"
@@ -72,11 +78,11 @@ def summary_table(writer: ResultsWriter) -> Table:
                 "down (bytes)", "agg. error", "rank", "ε", "wall s"):
         table.add_column(col, justify="right")
     for r in writer.rounds:
-        table.add_row(str(r.round), str(r.clients_sampled), _fmt(r.train_loss), _fmt(r.eval_loss),
+        table.add_row(str(r.round), _fmt(r.clients_sampled, "d"), _fmt(r.train_loss), _fmt(r.eval_loss),
                       _fmt(r.eval_accuracy), *((_fmt(r.personalized_accuracy),) if personal else ()),
                       f"{r.bytes_up:,}", f"{r.bytes_down:,}",
                       _fmt(r.aggregation_error, ".2e"), _fmt(r.rank, "d"), _fmt(r.epsilon, ".3f"),
-                      f"{r.wall_s:.1f}")
+                      _fmt(r.wall_s, ".1f"))
     return table
 
 
@@ -105,7 +111,8 @@ def _load_resume(resume: str, values: dict[str, Any], config: str | None):  # no
         raise UsageError(f"--resume {resume!r} is not a fedpeft run directory (no results.json)")
     try:
         saved = json.loads(results.read_text())["config"]
-        cfg = validate(RunConfig(**saved))
+        # the run directory as it is now (it may have been moved or copied since)
+        cfg = validate(RunConfig(**{**saved, "output": str(run_dir)}))
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--resume {resume!r}: results.json is unreadable ({exc})") from None
     return cfg, load_checkpoint(run_dir)
@@ -145,6 +152,8 @@ def simulate(
     adaptive_clip: Optional[bool] = typer.Option(None, "--adaptive-clip/--no-adaptive-clip", help="Adaptive clipping (Andrew et al. 2021), quantile 0.5."),
     sample_clip: Optional[float] = typer.Option(None, "--sample-clip", help="Sample level: per-example gradient bound C. [default: 1.0]"),
     accountant: Optional[str] = typer.Option(None, "--accountant", help="rdp or prv (Opacus). [default: rdp]"),
+    insecure_reproducible_noise: Optional[bool] = typer.Option(None, "--insecure-reproducible-noise", help="Research only: derive DP noise, cohorts and DP-SGD batches from --seed so runs repeat exactly. The privacy guarantee then does NOT hold against anyone who knows the seed (recorded in results.json). [default: secret randomness]"),
+    diagnostics: Optional[bool] = typer.Option(None, "--diagnostics", help="Also write the statistics a DP run does not publish (client train loss, realised cohort, rejections, compressed sizes, timings) to diagnostics_NOT_COVERED_BY_DP.json."),
     compression: Optional[str] = typer.Option(None, "--compression", help="Upload codec: none, compeft, stc. [default: none]"),
     density: Optional[float] = typer.Option(None, "--density", help="Fraction of update entries kept by compeft/stc. [default: 0.2]"),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="ComPEFT magnitude scale γ (values ±γ·σ). [default: 1]"),
@@ -189,7 +198,10 @@ def simulate(
     f = outcome.final
     if f.dp_level:
         console.print(f"privacy ({f.dp_level} level): ε = {_fmt(f.epsilon, '.4f')} at δ = {f.delta:.3g}, "
-                      f"z = {_fmt(f.noise_multiplier, '.4f')}, q = {f.sample_rate:.4g}, accountant {f.accountant}")
+                      f"z = {_fmt(f.noise_multiplier, '.4f')}, q = {f.sample_rate:.4g}, accountant {f.accountant}, "
+                      f"randomness {f.randomness}")
+        if f.privacy_warning:
+            err_console.print(f"[bold red]WARNING[/]: {f.privacy_warning}")
     console.print(f"final accuracy [bold]{_fmt(f.accuracy)}[/], bytes up {f.bytes_up_total:,}, "
                   f"bytes down {f.bytes_down_total:,}, wall {f.wall_s:.1f} s -> {out / 'results.json'}")
 

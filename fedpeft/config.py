@@ -69,6 +69,12 @@ class RunConfig:
     clip_lr: float = 0.2
     sample_clip: float = 1.0  # sample level: per-example gradient bound C
     accountant: str = "rdp"
+    #: research opt-in: derive DP noise, cohorts and DP-SGD batches from --seed. The run then
+    #: has NO privacy guarantee against anyone who knows the seed (recorded in results.json).
+    insecure_reproducible_noise: bool = False
+    #: also write the client-reported statistics a DP run does not publish to a separate file
+    #: marked as not covered by the guarantee (fedpeft.privacy.publication)
+    diagnostics: bool = False
     # compression (SPEC §2.3)
     compression: str = "none"
     density: float = 0.2
@@ -212,6 +218,9 @@ def _check_privacy(cfg: RunConfig) -> None:
     budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
     if cfg.adaptive_clip and cfg.dp != "user":
         raise UsageError("--adaptive-clip applies to --dp user only")
+    if cfg.insecure_reproducible_noise and cfg.dp == "none":
+        raise UsageError("--insecure-reproducible-noise applies to DP runs only (--dp user|sample); "
+                         "runs without DP are reproducible from --seed already")
     if cfg.dp == "none":
         if budget or cfg.delta is not None:
             raise UsageError("--epsilon/--noise-multiplier/--delta contradict --dp none; "
@@ -242,10 +251,6 @@ def _check_privacy(cfg: RunConfig) -> None:
 
         delta = cfg.delta if cfg.delta is not None else default_delta(cfg.clients)
         _check(delta < 1 / cfg.clients, "delta", delta, f"a number in (0, 1/N) = (0, {1 / cfg.clients:.3g}) for N = {cfg.clients} clients")
-    if cfg.dp == "sample":
-        pass  # δ < 1/n needs a client's n: each client raises UsageError before training (client_noise_plan)
-    if cfg.adaptive_clip and cfg.dp != "user":
-        raise UsageError("--adaptive-clip applies to --dp user only")
 
 
 def _check_compression(cfg: RunConfig) -> None:

@@ -31,7 +31,7 @@ class LogReporter:
     def on_round(self, record: RoundRecord) -> None:
         from flwr.common import log
 
-        log(INFO, "fedpeft round %d: acc=%s loss=%s clients=%d up=%dB agg_err=%s",
+        log(INFO, "fedpeft round %d: acc=%s loss=%s clients=%s up=%dB agg_err=%s",
             record.round, record.eval_accuracy, record.eval_loss, record.clients_sampled,
             record.bytes_up, record.aggregation_error)
 

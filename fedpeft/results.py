@@ -20,8 +20,11 @@ from fedpeft.atomic import atomic_write_text
 
 @dataclass
 class RoundRecord:
+    """One round. Under DP only the covered fields are published; the others are null
+    (see :mod:`fedpeft.privacy.publication`)."""
+
     round: int
-    clients_sampled: int
+    clients_sampled: int | None
     train_loss: float | None
     eval_loss: float | None
     eval_accuracy: float | None
@@ -30,11 +33,11 @@ class RoundRecord:
     aggregation_error: float | None
     epsilon: float | None
     rank: int | None
-    wall_s: float
-    clients_failed: int = 0  # sampled but no reply (dropout, crash, timeout)
-    stragglers: int = 0  # replied after the round deadline, not aggregated
-    rejected: int = 0  # malformed updates refused by the server (see rejections)
-    rejections: list[str] = field(default_factory=list)
+    wall_s: float | None
+    clients_failed: int | None = 0  # sampled but no reply (dropout, crash, timeout)
+    stragglers: int | None = 0  # replied after the round deadline, not aggregated
+    rejected: int | None = 0  # malformed updates refused by the server (see rejections)
+    rejections: list[str] | None = field(default_factory=list)
     #: example-weighted mean accuracy of the sampled clients' personalized models on their
     #: local test sets (strategies with client-local parameters, e.g. FedSA-LoRA), else null
     personalized_accuracy: float | None = None
@@ -54,6 +57,11 @@ class FinalRecord:
     bytes_up_total: int
     bytes_down_total: int
     wall_s: float
+    #: under DP, where the noise came from: "secret" (OS CSPRNG key) or "seeded-insecure"
+    #: (--insecure-reproducible-noise); null without DP
+    randomness: str | None = None
+    #: set when the run's privacy guarantee is weaker than its ε says (seeded noise)
+    privacy_warning: str | None = None
 
 
 ROUND_KEYS = [f.name for f in fields(RoundRecord)]

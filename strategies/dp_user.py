@@ -18,19 +18,20 @@ the individual uploads, which is why strategies with ``needs_individual_updates`
 Clients are weighted uniformly (weight 1, not their example count): example counts are
 unbounded, data-dependent weights that would change the sensitivity.
 
-Diagnostics that are NOT covered by the guarantee are still reported for the simulation
-("train-loss", "num-examples", "fraction-clipped", "clients-replied"): they are computed
-from the raw replies, as in the non-private base. A real deployment must not publish them.
+Metrics that are NOT covered by the guarantee ("train-loss", "num-examples",
+"fraction-clipped", "clients-replied", upload sizes) are computed from the raw replies, as in
+the non-private base, and returned beside the covered ones; the server's publication policy
+(:mod:`fedpeft.privacy.publication`) keeps them out of results.json, rounds.csv and the logs
+unless the user asks for the separate diagnostics file.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
@@ -50,6 +51,7 @@ from fedpeft.privacy.adaptive_clipping import (
 )
 from fedpeft.privacy.calibration import would_exceed_budget
 from fedpeft.privacy.mechanisms import clip_by_l2, dp_fedavg_aggregate
+from fedpeft.privacy.randomness import SERVER_NOISE, RandomStreams, SecretStreams
 from fedpeft.updates import apply_update, client_delta, prefix_slice
 from strategies.base import ClientUpdate, FedPeftStrategy
 
@@ -76,8 +78,10 @@ class UserLevelDP(Strategy):
         sample_rate: q, the Poisson client-sampling rate.
         accountant: where rounds are composed (may carry history from a checkpoint).
         delta: δ at which ε is reported.
-        seed: noise seed; round t's noise depends only on (seed, t), so a resumed run
-            draws the same noise.
+        streams: where the round's noise comes from (:mod:`fedpeft.privacy.randomness`):
+            round t's noise is the ``server-noise`` stream of round t, so a resumed run with
+            the same streams draws the same noise. Default: a fresh secret key from the OS
+            CSPRNG — never a public seed, or anyone holding it could subtract the noise.
         adaptive: adaptive clipping options, or None for fixed clipping.
         upload_layout: ``round_rank -> {key: shape}`` of what clients upload (without the
             tensors a strategy keeps on the clients, e.g. FedSA-LoRA's ``B``), used to noise
@@ -87,7 +91,8 @@ class UserLevelDP(Strategy):
 
     def __init__(self, inner: FedPeftStrategy, noise_multiplier: float, clip: float,
                  expected_cohort: float, sample_rate: float, accountant: Accountant,
-                 delta: float, seed: int = 0, adaptive: AdaptiveClipConfig | None = None,
+                 delta: float, streams: RandomStreams | None = None,
+                 adaptive: AdaptiveClipConfig | None = None,
                  upload_layout: Callable[[int | None], Layout] | None = None) -> None:
         super().__init__()
         if getattr(inner, "needs_individual_updates", False):
@@ -112,7 +117,7 @@ class UserLevelDP(Strategy):
         self.sample_rate = float(sample_rate)
         self.accountant = accountant
         self.delta = float(delta)
-        self.seed = int(seed)
+        self.streams = streams if streams is not None else SecretStreams.fresh()
         self.adaptive = adaptive
         self.count_std = adaptive.count_std(self.expected_cohort) if adaptive else 0.0
         #: z_Δ, the multiplier of the noise actually added to the update sum.
@@ -218,8 +223,7 @@ class UserLevelDP(Strategy):
 
     # -- helpers -----------------------------------------------------------------------
     def _round_generator(self, server_round: int) -> torch.Generator:
-        seed = np.random.SeedSequence([self.seed, 0xD9, server_round]).generate_state(1)[0]
-        return torch.Generator().manual_seed(int(seed))
+        return self.streams.torch(SERVER_NOISE, server_round)
 
     def _layout(self, round_rank: int | None, global_state: State, deltas: list[State]) -> Layout:
         """The coordinates that are clipped and noised this round; every reply must match."""
@@ -231,9 +235,8 @@ class UserLevelDP(Strategy):
             expected = self._layouts[round_rank]
         else:
             sent = self.inner.adapter.broadcast(global_state, round_rank)
+            # not logged: that nobody replied is itself not covered by the guarantee
             expected = layout_of(shared_only(sent, client_local_of(self.inner)))
-            log(WARNING, "user-level DP: no client replied and the upload layout is unknown; "
-                "noising the broadcast's coordinates instead")
         for d in deltas:
             if layout_of(d) != expected:
                 raise ValueError("a client's upload does not match this round's upload layout "

@@ -89,8 +89,10 @@ TRAINING_MODES: Registry[TrainingMode] = Registry("training mode")
 
 
 def client_seed(cfg: RunConfig, rnd: ClientRound) -> list[int]:
-    """Independent, reproducible stream per (run seed, round, client identity). The identity,
-    not the partition index: nodes training on their own datasets are all partition 0."""
+    """Independent, reproducible stream per (run seed, round, client identity) for what the
+    privacy guarantee does not rely on (data order, dropout, DyLoRA ranks). DP-SGD's noise and
+    Poisson batches come from the client's own secret instead (``train_dp_sample``). The
+    identity, not the partition index: nodes training on their own datasets are all partition 0."""
     return [cfg.seed, rnd.server_round, rnd.identity]
 
 
@@ -115,6 +117,7 @@ def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
     from fedpeft.errors import UsageError
     from fedpeft.privacy.calibration import default_delta
     from fedpeft.privacy.client_accounting import ClientAccountantStore, client_noise_plan
+    from fedpeft.privacy.randomness import client_secret_seeds
     from fedpeft.training.dp_sgd import PoissonSchedule, poisson_batches, train_local_dp
 
     ws, cfg, rnd, rows = task.ws, task.cfg, task.rnd, task.rows
@@ -137,9 +140,10 @@ def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
                 f"client {rnd.key}: this round would take its ε to {trial.epsilon(delta):.4f}, past "
                 f"--epsilon {cfg.epsilon} (its accountant at {store.path(rnd.key)} already holds "
                 f"{accountant.steps} steps; stale client state from an earlier run?)")
-    seed = task.rng.integers(2**63, size=2)
-    sampling = torch.Generator().manual_seed(int(seed[0]))
-    noise = torch.Generator().manual_seed(int(seed[1]))
+    # the client's own secret (never sent anywhere), unless the run opted into seeded noise
+    seeds = client_secret_seeds(2, task.rng if cfg.insecure_reproducible_noise else None)
+    sampling = torch.Generator().manual_seed(seeds[0])
+    noise = torch.Generator().manual_seed(seeds[1])
     epochs = (poisson_batches(ws.train, rows, plan.sample_rate, schedule.steps_per_epoch, sampling,
                               ws.pad_id)
               for _ in range(cfg.local_epochs))
@@ -215,8 +219,16 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
         rows = rows[: cfg.max_client_examples]
     is_local = strategy_client_local(cfg.strategy)
     ws.adapter.load_state(ws.model, broadcast)
+    rank_cap = cfg.client_rank(rnd.identity)
     if len(rows) == 0:
-        return ClientOutcome({}, LocalResult(mean_loss=float("nan"), steps=0, examples=0))
+        # no data: a valid zero update (the broadcast's own coordinates), so the server checks
+        # and sums this reply like any other; nothing was trained, so nothing is accounted
+        upload = ws.adapter.upload(ws.model, rnd.round_rank)
+        if rank_cap is not None:
+            upload = truncate_state(upload, rank_cap)
+        if is_local is not None:
+            upload = shared_only(upload, is_local)
+        return ClientOutcome(upload, LocalResult(mean_loss=float("nan"), steps=0, examples=0))
     store = LocalParamStore(Path(state_dir) / LOCAL_PARAMS_DIR) if is_local else None
     if store is not None:
         own = store.load(rnd.key, rnd.server_round)
@@ -225,7 +237,6 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
     rng = np.random.default_rng(client_seed(cfg, rnd))
     torch.manual_seed(int(rng.integers(2**31)))
     hook = ws.adapter.step_hook(ws.model, rng, rnd.round_rank)
-    rank_cap = cfg.client_rank(rnd.identity)
     if rank_cap is not None:  # --client-ranks: this client is a rank-r_i LoRA
         hook = _after_every_step(hook, ws.adapter.limit_rank(ws.model, rank_cap))
     result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))

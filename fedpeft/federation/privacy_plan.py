@@ -1,9 +1,11 @@
 """How a run's privacy level (``--dp none|user|sample``) plugs into the server loop.
 
-One class per level, selected by name through :data:`PRIVACY_LEVELS`: it wraps the strategy
-(user level: :class:`strategies.dp_user.UserLevelDP`), adds keys to every round's config
-(sample level: the run's δ), decides whether the next round would pass the budget, turns
-round metrics into the ε spent so far, and fills the privacy fields of ``results.json``.
+One class per level, selected by name through :data:`PRIVACY_LEVELS`: it chooses where the
+run's privacy randomness comes from (a secret key under DP, :mod:`fedpeft.privacy.randomness`),
+wraps the strategy (user level: :class:`strategies.dp_user.UserLevelDP`), adds keys to every
+round's config (sample level: the run's δ), decides whether the next round would pass the
+budget, turns round metrics into the ε spent so far, and fills the privacy fields of
+``results.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
 from fedpeft.federation.workspace import Workspace
 from fedpeft.privacy import AdaptiveClipConfig, default_delta, make_accountant, noise_multiplier_for
+from fedpeft.privacy.randomness import SEEDED_WARNING, RandomStreams, SecretStreams, SeededStreams
 from fedpeft.registry import Registry
 from strategies.base import FedPeftStrategy
 
@@ -25,6 +28,9 @@ class PrivacyLevel:
     """No privacy: every hook is a no-op."""
 
     level: str | None = None
+    #: True for levels with a guarantee: their randomness is secret and their outputs are
+    #: filtered (fedpeft.privacy.publication)
+    private = False
 
     def __init__(self, cfg: RunConfig, ws: Workspace, sample_rate: float) -> None:
         self.cfg = cfg
@@ -33,12 +39,35 @@ class PrivacyLevel:
         self.delta: float | None = None
         self.noise_multiplier: float | None = None
         self.epsilon: float | None = None
+        self.streams: RandomStreams = SeededStreams(cfg.seed)
+
+    def choose_streams(self, saved: RandomStreams | None = None) -> RandomStreams:
+        """The run's cohort/noise streams: the public seed without DP or under the explicit
+        ``--insecure-reproducible-noise``; else the checkpoint's secret key on resume, or a
+        fresh one from the OS CSPRNG."""
+        if not self.private or self.cfg.insecure_reproducible_noise:
+            self.streams = SeededStreams(self.cfg.seed)
+        elif isinstance(saved, SecretStreams):
+            self.streams = saved
+        else:
+            self.streams = SecretStreams.fresh()
+        return self.streams
+
+    @property
+    def warning(self) -> str | None:
+        """Why this run's guarantee is weaker than its ε says, or None."""
+        return SEEDED_WARNING if self.private and self.cfg.insecure_reproducible_noise else None
 
     def wrap(self, strategy: FedPeftStrategy) -> Any:
         return strategy
 
     def plan(self) -> dict[str, Any]:
         return {"dp_level": self.level}
+
+    def randomness_fields(self) -> dict[str, Any]:
+        if not self.private:
+            return {}
+        return {"randomness": self.streams.kind, "privacy_warning": self.warning}
 
     def round_config(self) -> dict[str, float]:
         return {}
@@ -73,6 +102,7 @@ class UserLevel(PrivacyLevel):
     per round, fixed denominator q·N, one Poisson-sampled Gaussian mechanism per round."""
 
     level = "user"
+    private = True
 
     def __init__(self, cfg: RunConfig, ws: Workspace, sample_rate: float) -> None:
         super().__init__(cfg, ws, sample_rate)
@@ -97,7 +127,7 @@ class UserLevel(PrivacyLevel):
                     if self.cfg.adaptive_clip else None)
         self.strategy = UserLevelDP(strategy, self.noise_multiplier, self.cfg.clip, self.cfg.cohort,
                                     self.sample_rate, make_accountant(self.cfg.accountant), self.delta,
-                                    seed=self.cfg.seed, adaptive=adaptive, upload_layout=upload_layout)
+                                    streams=self.streams, adaptive=adaptive, upload_layout=upload_layout)
         return self.strategy
 
     def plan(self) -> dict[str, Any]:
@@ -106,7 +136,8 @@ class UserLevel(PrivacyLevel):
                 "noise_multiplier": self.noise_multiplier,
                 "update_noise_multiplier": getattr(self.strategy, "update_noise_multiplier", None),
                 "clip": self.cfg.clip, "adaptive_clip": self.cfg.adaptive_clip,
-                "accountant": self.cfg.accountant, "expected_cohort": self.cfg.cohort}
+                "accountant": self.cfg.accountant, "expected_cohort": self.cfg.cohort,
+                **self.randomness_fields()}
 
     def stop_reason(self, strategy: Any) -> str | None:
         if self.cfg.epsilon is not None and strategy.exceeds_budget_next_round(self.cfg.epsilon):
@@ -121,7 +152,7 @@ class UserLevel(PrivacyLevel):
     def final_fields(self) -> dict[str, Any]:
         eps = self.strategy.epsilon() if self.strategy is not None else None
         return {"epsilon": eps, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
-                "accountant": self.cfg.accountant, "dp_level": "user"}
+                "accountant": self.cfg.accountant, "dp_level": "user", **self.randomness_fields()}
 
 
 @PRIVACY_LEVELS.register("sample")
@@ -130,6 +161,7 @@ class SampleLevel(PrivacyLevel):
     run's guarantee is the maximum ε over clients (reported in each reply)."""
 
     level = "sample"
+    private = True
 
     def __init__(self, cfg: RunConfig, ws: Workspace, sample_rate: float) -> None:
         super().__init__(cfg, ws, sample_rate)
@@ -149,7 +181,8 @@ class SampleLevel(PrivacyLevel):
         return {"dp_level": "sample", "epsilon_target": self.cfg.epsilon, "delta": self.delta,
                 "noise_multiplier": self.noise_multiplier or "calibrated per client",
                 "sample_clip": self.cfg.sample_clip, "accountant": self.cfg.accountant,
-                "rounds": self.cfg.rounds, "client_sample_rate": self.sample_rate}
+                "rounds": self.cfg.rounds, "client_sample_rate": self.sample_rate,
+                **self.randomness_fields()}
 
     def round_config(self) -> dict[str, float]:
         return {"dp-delta": float(self.delta)}
@@ -173,7 +206,7 @@ class SampleLevel(PrivacyLevel):
     def final_fields(self) -> dict[str, Any]:
         z = self.noise_multiplier if self.noise_multiplier is not None else (min(self.z_seen) if self.z_seen else None)
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": z,
-                "accountant": self.cfg.accountant, "dp_level": "sample"}
+                "accountant": self.cfg.accountant, "dp_level": "sample", **self.randomness_fields()}
 
 
 def build_privacy(cfg: RunConfig, ws: Workspace, sample_rate: float) -> PrivacyLevel:

@@ -2,7 +2,9 @@
 
 Poisson sampling (each client independently with rate ``q = cohort / clients``) is what the
 user-level DP accountant assumes (SPEC §3.1), so it is used for every run. The draw for round
-``t`` depends only on ``(seed, t)``: a resumed run samples the same clients.
+``t`` comes from the run's cohort stream (:mod:`fedpeft.privacy.randomness`): under DP a secret
+key, so nobody can tell who was sampled from the public seed (which would void amplification by
+sampling); without DP the seed. Either way a resumed run samples the same clients.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft.errors import UsageError
+from fedpeft.privacy.randomness import COHORT, RandomStreams
 
 
 def registration_order(grid: Grid, node_ids: list[int]) -> list[int] | None:
@@ -64,14 +67,14 @@ def discover_clients(grid: Grid, expected: int, timeout: float = 600.0) -> list[
 class PoissonSampler:
     """Each client joins round ``t`` independently with probability ``rate``."""
 
-    def __init__(self, node_ids: list[int], rate: float, seed: int) -> None:
+    def __init__(self, node_ids: list[int], rate: float, streams: RandomStreams) -> None:
         if not 0 < rate <= 1:
             raise ValueError(f"sampling rate {rate} outside (0, 1]")
         self.node_ids = np.asarray(node_ids, dtype=np.uint64)
         self.rate = rate
-        self.seed = seed
+        self.streams = streams
 
     def sample(self, server_round: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, 0x5A3B1E, server_round])
+        rng = self.streams.numpy(COHORT, server_round)
         mask = rng.random(len(self.node_ids)) < self.rate
         return [int(n) for n in self.node_ids[mask]]

@@ -2,6 +2,9 @@
 
 Drives a :class:`strategies.FedPeftStrategy` through Flower's Strategy API on any
 :class:`flwr.serverapp.Grid` — the in-memory grid of the simulation engine or a SuperLink's.
+Under DP the reporters see only what the guarantee covers
+(:mod:`fedpeft.privacy.publication`); the full records go to the diagnostics file when the
+user asks for it (``--diagnostics``) and into the server-private checkpoint.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from flwr.serverapp import Grid
 
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import eval_batches
-from fedpeft.federation.records import from_record, to_record
+from fedpeft.errors import UsageError
+from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.federation.checkpoint import Checkpoint, restore_client_state, save_checkpoint
 from fedpeft.federation.downlink import build_downlink
 from fedpeft.federation.privacy_plan import build_privacy
 from fedpeft.federation.upload import client_state_dir, codec_for
+from fedpeft.federation.local_params import client_local_of
 from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import PoissonSampler, discover_clients
 from fedpeft.federation.workspace import get_workspace
+from fedpeft.privacy.publication import DiagnosticsWriter, Publication
 from fedpeft.reporting import Reporter
 from fedpeft.results import FinalRecord, RoundRecord
 from fedpeft.training.evaluate import evaluate
@@ -48,7 +54,15 @@ def round_timeout(cfg: RunConfig) -> float:
 @dataclass(frozen=True)
 class RunOutcome:
     final: FinalRecord
+    #: the published records (under DP: only what the guarantee covers)
     rounds: list[RoundRecord]
+    #: the full records, including what a DP run does not publish (in-process callers only)
+    unpublished: list[RoundRecord]
+
+
+def _dense_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Serialized size of ``state`` sent uncompressed (what Flower ships)."""
+    return payload_bytes(to_record(state))
 
 
 def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
@@ -59,12 +73,22 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     ws = get_workspace(cfg)
     node_ids = discover_clients(grid, cfg.clients)
     rate = cfg.cohort / cfg.clients
-    sampler = PoissonSampler(node_ids, rate, cfg.seed)
     privacy = build_privacy(cfg, ws, rate)
+    if (resume is not None and privacy.private and not cfg.insecure_reproducible_noise
+            and resume.streams is None):
+        raise UsageError("--resume: the checkpoint of this DP run has no privacy key (written by an "
+                         "older fedpeft?); its noise stream cannot be continued")
+    streams = privacy.choose_streams(resume.streams if resume is not None else None)
+    if privacy.warning:
+        log(WARNING, "%s", privacy.warning)
+    publication = Publication(privacy.private, cfg.cohort)
+    if cfg.diagnostics and cfg.output:
+        reporters = [*reporters, _Unfiltered(DiagnosticsWriter(cfg.output, privacy.private))]
+    sampler = PoissonSampler(node_ids, rate, streams)
     inner = STRATEGIES.get(cfg.strategy).from_config(ws.adapter, sampler, cfg)
     inner.upload_layout = honest_upload_layout(ws.adapter, ws.model)
-    dense = sum(4 * v.numel() + 256 for v in ws.adapter.upload(ws.model, None).values())
-    inner.max_upload_bytes = cfg.max_upload_bytes or 2 * dense
+    dense_layout = honest_upload_layout(ws.adapter, ws.model, client_local_of(inner))
+    inner.max_upload_bytes = cfg.max_upload_bytes or 2 * _dense_bytes(ws.adapter.upload(ws.model, None))
     inner.deadline_s = cfg.deadline
     strategy = privacy.wrap(inner)
     plan = {"clients": cfg.clients, "expected_cohort": cfg.cohort, "sample_rate": rate,
@@ -73,27 +97,29 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             "train_examples": len(ws.train), "test_examples": len(ws.test),
             "num_labels": ws.splits.num_labels, "privacy": privacy.plan()}
     for r in reporters:
-        r.on_start(cfg.to_dict(), plan)
+        r.on_start(cfg.to_dict(), plan if isinstance(r, _Unfiltered) else publication.plan(plan))
 
     # a FLoRA run in this process may have folded updates into the cached model's base
     ws.adapter.load_state(ws.model, ws.frozen_base)
     global_state = inner.initial_global(ws.initial_state, ws.frozen_base)
     downlink = build_downlink(cfg.compress_down, codec_for(cfg) if cfg.compress_down else None,
                               global_state)
-    records: list[RoundRecord] = []
+    records: list[RoundRecord] = []  # full records: server-private (checkpoint, diagnostics)
+    published: list[RoundRecord] = []  # what the reporters saw
     client_state = client_state_dir(cfg, {})
     if resume is None:
         shutil.rmtree(client_state, ignore_errors=True)  # never inherit residuals/accountants
     else:
         global_state = {k: v.clone() for k, v in resume.global_state.items()}
         records = list(resume.records)
+        published = list(resume.published) if resume.published is not None else list(records)
         strategy.load_state_dict(resume.strategy_state)
         privacy.load_state_dict(resume.privacy_state)
         downlink.load_state_dict(resume.downlink_state, resume.downlink_tensors)
         restore_client_state(Path(cfg.output or "."), client_state)
-        for record in records:
+        for full, public in zip(records, published):
             for r in reporters:
-                r.on_round(record)
+                r.on_round(full if isinstance(r, _Unfiltered) else public)
     for server_round in range(len(records) + 1, cfg.rounds + 1):
         stop = privacy.stop_reason(strategy)
         if stop is not None:
@@ -110,10 +136,13 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         arrays, metrics = strategy.aggregate_train(server_round, replies)
         m = dict(metrics) if metrics is not None else {}
         failed = sum(1 for rep in replies if rep.has_error()) + len(messages) - len(replies)
-        if failed:
-            log(WARNING, "round %d: %d of %d sampled clients failed or timed out; "
-                "aggregating the %d replies", server_round, failed, len(messages),
-                len(messages) - failed)
+        if publication.names_clients:  # under DP, who failed or was refused is not published
+            if failed:
+                log(WARNING, "round %d: %d of %d sampled clients failed or timed out; "
+                    "aggregating the %d replies", server_round, failed, len(messages),
+                    len(messages) - failed)
+            for client, why in inner.rejections:
+                log(WARNING, "rejected update of client %d: %s", client, why)
         if arrays is not None:
             global_state = downlink.absorb(global_state, sent, from_record(arrays))
         bytes_down = downlink.bytes_down([msg.metadata.dst_node_id for msg in messages], server_round)
@@ -133,22 +162,46 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             personalized_accuracy=m.get("personalized-accuracy"),
             personalized_majority=m.get("personalized-majority"),
         )
+        public = publication.round(
+            record, dense_up=_dense_bytes({k: torch.zeros(s) for k, s in dense_layout(rank).items()}),
+            dense_down=_dense_bytes(inner.broadcast_state(sent, rank)))
         records.append(record)
+        published.append(public)
         for r in reporters:
-            r.on_round(record)
+            r.on_round(record if isinstance(r, _Unfiltered) else public)
         if cfg.checkpoint_every and cfg.output and server_round % cfg.checkpoint_every == 0:
             save_checkpoint(Path(cfg.output), Checkpoint(
                 round=server_round, global_state=global_state, records=records,
                 strategy_state=strategy.state_dict(), privacy_state=privacy.state_dict(),
-                downlink_state=downlink.state_dict(), downlink_tensors=downlink.tensors()), client_state)
+                downlink_state=downlink.state_dict(), downlink_tensors=downlink.tensors(),
+                streams=streams, published=published), client_state)
 
-    final = FinalRecord(
-        accuracy=next((r.eval_accuracy for r in reversed(records) if r.eval_accuracy is not None), None),
-        sample_rate=rate,
-        **privacy.final_fields(),
-        bytes_up_total=sum(r.bytes_up for r in records),
-        bytes_down_total=sum(r.bytes_down for r in records), wall_s=time.perf_counter() - t0,
-    )
+    wall = time.perf_counter() - t0
+
+    def final_of(rs: list[RoundRecord]) -> FinalRecord:
+        return FinalRecord(
+            accuracy=next((r.eval_accuracy for r in reversed(rs) if r.eval_accuracy is not None), None),
+            sample_rate=rate, **privacy.final_fields(),
+            bytes_up_total=sum(r.bytes_up for r in rs), bytes_down_total=sum(r.bytes_down for r in rs),
+            wall_s=wall)
+
+    final = final_of(published)
     for r in reporters:
-        r.on_finish(final)
-    return RunOutcome(final=final, rounds=records)
+        r.on_finish(final_of(records) if isinstance(r, _Unfiltered) else final)
+    return RunOutcome(final=final, rounds=published, unpublished=records)
+
+
+class _Unfiltered:
+    """Marks a reporter that receives the full, unpublished records (the diagnostics file)."""
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner = inner
+
+    def on_start(self, config: dict, plan: dict) -> None:
+        self.inner.on_start(config, plan)
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.inner.on_round(record)
+
+    def on_finish(self, final: FinalRecord) -> None:
+        self.inner.on_finish(final)

@@ -19,8 +19,13 @@ def layout_of(state: Mapping[str, torch.Tensor]) -> Layout:
     return {k: tuple(int(s) for s in v.shape) for k, v in state.items()}
 
 
-def check_update(state: Mapping[str, torch.Tensor], expected: Layout) -> str | None:
-    """Why ``state`` is not an acceptable upload for ``expected``, or None."""
+def check_update(state: Mapping[str, torch.Tensor], expected: Layout | None) -> str | None:
+    """Why ``state`` is not an acceptable upload for ``expected``, or None. Without an
+    expected layout only emptiness, dtypes and finiteness are checked."""
+    if not state:
+        return "empty upload"
+    if expected is None:
+        expected = layout_of(state)
     missing = sorted(set(expected) - set(state))
     if missing:
         return f"missing keys ({len(missing)}, e.g. {missing[0]})"

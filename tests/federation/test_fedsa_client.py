@@ -22,6 +22,7 @@ from fedpeft.federation.records import payload_bytes, to_record
 from fedpeft.federation.validation import check_update, honest_upload_layout
 from fedpeft.federation.workspace import get_workspace
 from fedpeft.errors import UsageError
+from fedpeft.privacy.publication import DIAGNOSTICS_FILE
 from fedpeft.results import ResultsWriter
 from fedpeft.simulation import simulate
 from fedpeft.training.personal_eval import label_quota, local_test_rows
@@ -232,9 +233,18 @@ def test_fedsa_run_keeps_b_at_home_and_reports_personalized_accuracy(tmp_path):
     _assert_personalized(results)
 
 
+def _diagnostics(tmp_path, name: str) -> dict:
+    """Under DP the personalised numbers are client-reported: results.json has them null, the
+    diagnostics file (asked for with diagnostics=True) has them."""
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    assert all(r["personalized_accuracy"] is None and r["rejections"] is None for r in results["rounds"])
+    return json.loads((tmp_path / name / DIAGNOSTICS_FILE).read_text())
+
+
 def test_fedsa_run_with_user_dp_and_compeft(tmp_path):
-    _, out, results = _run(tmp_path, "user", clients=8, cohort=4, epsilon=5.0, compression="compeft",
-                           density=0.2)
+    _, out, _ = _run(tmp_path, "user", clients=8, cohort=4, epsilon=5.0, compression="compeft",
+                     density=0.2, diagnostics=True)
+    results = _diagnostics(tmp_path, "user")
     assert out.final.dp_level == "user" and 0 < out.final.epsilon <= 5.0
     residuals = tmp_path / "user" / "client_state" / "residuals"
     for f in residuals.glob("*.safetensors"):  # error feedback never saw B
@@ -244,6 +254,7 @@ def test_fedsa_run_with_user_dp_and_compeft(tmp_path):
 
 
 def test_fedsa_run_with_sample_dp(tmp_path):
-    _, out, results = _run(tmp_path, "sample", dp="sample", noise_multiplier=1.0)
+    _, out, _ = _run(tmp_path, "sample", dp="sample", noise_multiplier=1.0, diagnostics=True)
+    results = _diagnostics(tmp_path, "sample")
     assert out.final.dp_level == "sample" and out.final.epsilon > 0
     _assert_personalized(results)

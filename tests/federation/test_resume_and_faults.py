@@ -45,7 +45,8 @@ def _strip(rounds):
     return [dataclasses.replace(r, wall_s=0.0) for r in rounds]
 
 
-@pytest.mark.parametrize("extra", [{}, {"epsilon": 8.0, "compression": "compeft"},
+@pytest.mark.parametrize("extra", [{}, {"epsilon": 8.0, "compression": "compeft",
+                                        "insecure_reproducible_noise": True},
                                    {"strategy": "flora", "compression": "stc", "compress_down": True}])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, extra):
     base = {**TINY, "clients": 8, "cohort": 3, "rounds": 4, "checkpoint_every": 2, **extra}
@@ -63,6 +64,37 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, extra):
     assert resumed.final.epsilon == full.final.epsilon
     saved = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert [r["round"] for r in saved["rounds"]] == [1, 2, 3, 4]
+
+
+def test_resumed_copies_of_a_dp_run_continue_the_same_secret_noise_stream(tmp_path):
+    """A DP run checkpointed after round 2 (secret key in checkpoint/privacy.key, mode 0600),
+    copied, and both copies resumed to round 4: identical rounds, and ε equal to a straight
+    4-round run's. A straight run with the same seed draws other noise (its own key)."""
+    import shutil
+    import stat
+
+    base = {**TINY, "clients": 8, "cohort": 3, "rounds": 4, "checkpoint_every": 2, "epsilon": 8.0}
+    straight = simulate(resolve({**base, "output": str(tmp_path / "straight")}), [])
+    cut_cfg = resolve({**base, "output": str(tmp_path / "cut")})
+    with pytest.raises(_Crash):
+        simulate(cut_cfg, [ResultsWriter(tmp_path / "cut"), _CrashAfter(3)])
+    key = tmp_path / "cut" / "checkpoint" / "privacy.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+    assert stat.S_IMODE((tmp_path / "cut" / "checkpoint").stat().st_mode) == 0o700
+    shutil.copytree(tmp_path / "cut", tmp_path / "copy")
+    resumed = {}
+    for name in ("cut", "copy"):
+        cfg = dataclasses.replace(cut_cfg, output=str(tmp_path / name))
+        resumed[name] = simulate(cfg, [ResultsWriter(tmp_path / name)], resume=load_checkpoint(tmp_path / name))
+    assert _strip(resumed["cut"].unpublished) == _strip(resumed["copy"].unpublished)
+    assert resumed["cut"].final.epsilon == resumed["copy"].final.epsilon == straight.final.epsilon
+    assert [r.epsilon for r in resumed["cut"].rounds] == [r.epsilon for r in straight.rounds]
+    # rounds 3-4 of the resumed run are not the straight run's: that one had its own key
+    assert [r.eval_loss for r in resumed["cut"].rounds] != [r.eval_loss for r in straight.rounds]
+    # the key is in no published file
+    for f in ("results.json", "rounds.csv"):
+        text = (tmp_path / "cut" / f).read_bytes()
+        assert key.read_bytes() not in text and key.read_bytes().hex().encode() not in text
 
 
 def test_dropout_aggregates_what_arrived(tmp_path):

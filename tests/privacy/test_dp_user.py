@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedpeft.adapters.base import Adapter, AdapterSpec
 from fedpeft.errors import UsageError
 from fedpeft.federation.records import from_record, payload_bytes, to_record
+from fedpeft.privacy.randomness import SecretStreams, SeededStreams
 from fedpeft.privacy.accounting import RDP_ORDERS, make_accountant
 from fedpeft.privacy.adaptive_clipping import AdaptiveClipConfig, update_noise_multiplier
 from strategies.dp_user import UserLevelDP
@@ -62,10 +63,12 @@ def global_state(rank: int = 8, d: int = 64, seed: int = 0) -> dict[str, torch.T
 
 
 def make_dp(nodes: list[int], z: float = 1.0, clip: float = 1.0, cohort: float = 4.0,
-            q: float = 0.1, seed: int = 0, **kw) -> UserLevelDP:
+            q: float = 0.1, seed: int | None = 0, **kw) -> UserLevelDP:
+    """``seed=None``: the production default (a fresh secret key)."""
     inner = FedAvg(FakeAdapter(AdapterSpec()), FixedSampler(nodes))
+    streams = SeededStreams(seed) if seed is not None else None
     return UserLevelDP(inner, noise_multiplier=z, clip=clip, expected_cohort=cohort, sample_rate=q,
-                       accountant=make_accountant("rdp"), delta=1e-5, seed=seed, **kw)
+                       accountant=make_accountant("rdp"), delta=1e-5, streams=streams, **kw)
 
 
 def run_round(dp: UserLevelDP, server_round: int, glob: dict[str, torch.Tensor],
@@ -188,7 +191,7 @@ def test_round_without_clients_reuses_the_last_upload_layout():
     assert not torch.equal(new[B], glob[B])
 
 
-def test_same_seed_and_round_reproduce_the_noise_other_seeds_do_not():
+def test_seeded_streams_reproduce_the_noise_other_seeds_do_not():
     glob = global_state()
     ups = [shifted(glob, 0.5, 1)]
     a, _, _, _ = run_round(make_dp([1], seed=3), 4, glob, ups)
@@ -196,6 +199,52 @@ def test_same_seed_and_round_reproduce_the_noise_other_seeds_do_not():
     c, _, _, _ = run_round(make_dp([1], seed=4), 4, glob, ups)
     assert all(torch.equal(a[k], b[k]) for k in glob)
     assert not torch.equal(a[B], c[B])
+
+
+def test_default_noise_is_secret_and_the_seed_does_not_regenerate_it():
+    """Two wrappers built the production way draw independent noise; the seeded derivation
+    (what anyone holding --seed could compute) does not match either (SPEC §3.4)."""
+    glob = global_state()
+    ups = [shifted(glob, 0.5, 1)]
+    a, _, _, _ = run_round(make_dp([1], seed=None), 4, glob, ups)
+    b, _, _, _ = run_round(make_dp([1], seed=None), 4, glob, ups)
+    public, _, _, _ = run_round(make_dp([1], seed=0), 4, glob, ups)
+    assert not torch.equal(a[B], b[B])
+    assert not torch.equal(a[B], public[B]) and not torch.equal(b[B], public[B])
+
+
+def test_same_secret_key_draws_the_same_noise():
+    """A resumed run holds the checkpoint's key: same key, same round, same noise."""
+    glob = global_state()
+    ups = [shifted(glob, 0.5, 1)]
+    key = SecretStreams.fresh()
+    dps = [make_dp([1], seed=None) for _ in range(2)]
+    for dp in dps:
+        dp.streams = key
+    a, _, _, _ = run_round(dps[0], 4, glob, ups)
+    b, _, _, _ = run_round(dps[1], 4, glob, ups)
+    assert all(torch.equal(a[k], b[k]) for k in glob)
+
+
+def test_zero_update_of_an_empty_client_is_summed_like_any_other():
+    """A client with no data replies with the broadcast itself (num-examples 0): the DP sum
+    counts it as a zero vector, so the result equals the round without it."""
+    glob = global_state()
+    ups = [shifted(glob, 0.3, 1), {k: v.clone() for k, v in glob.items()}]
+    with_empty, m1, _, _ = run_round(make_dp([1, 2], seed=5), 1, glob, ups, examples=[10, 0])
+    alone, _, _, _ = run_round(make_dp([1], seed=5), 1, glob, ups[:1])
+    assert all(torch.equal(with_empty[k], alone[k]) for k in glob)
+    assert m1["clients-replied"] == 2 and m1["rejected"] == 0
+
+
+def test_nan_update_with_zero_examples_is_rejected_and_counted():
+    glob = global_state()
+    bad = {k: v.clone() for k, v in glob.items()}
+    bad[B][0, 0] = float("nan")
+    new, metrics, _, _ = run_round(make_dp([1, 2], seed=5), 1, glob, [shifted(glob, 0.3, 1), bad],
+                                   examples=[10, 0])
+    assert metrics["rejected"] == 1 and metrics["clients-replied"] == 1
+    assert all(bool(torch.isfinite(new[k]).all()) for k in glob)
 
 
 def test_adaptive_clipping_noises_the_update_with_z_delta_and_accounts_z():

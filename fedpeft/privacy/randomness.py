@@ -1,0 +1,155 @@
+"""Where a run's privacy randomness comes from (SPEC §3.4).
+
+A DP guarantee holds only against someone who cannot regenerate the mechanism's random draws.
+Everything the guarantee relies on — the server's Gaussian noise, the adaptive-clip count noise,
+the Poisson cohort — is therefore expanded from a 256-bit key drawn from the OS CSPRNG
+(:func:`secrets.token_bytes`), never from the public ``--seed``: the seed is written to
+results.json and sent to every client. The key lives only in this object and in the server's
+checkpoint (``checkpoint/privacy.key``, mode 0600), so a resumed run continues the same stream.
+That is not only convenience: a round interrupted after its release and re-run after a resume
+draws the same cohort and noise, so it releases the same value again instead of a second,
+unaccounted sample of the mechanism.
+
+Each stream is ``HMAC-SHA256(key, purpose ‖ index)``, used as the seed of the PRNG that draws
+the round's values. Knowing some streams' outputs reveals nothing about the key or any other
+stream (HMAC is a PRF).
+
+:class:`SeededStreams` is the non-private path and the explicit research opt-in
+``--insecure-reproducible-noise``: the same streams derived from ``--seed`` exactly as earlier
+fedpeft versions did (non-private runs keep their results). Such a run carries NO privacy
+guarantee against anyone who knows the seed, and says so in its results.
+
+Clients draw their own secrets for DP-SGD noise and Poisson batches
+(:func:`client_secret_seeds`); in a real federation the server never learns them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedpeft.errors import UsageError
+
+KEY_BYTES = 32
+KEY_FILE = "privacy.key"
+
+#: Stream purposes. The numbers are the domain-separation constants of the seeded derivation
+#: (kept from earlier versions so that non-private runs reproduce their old results).
+COHORT = "cohort"
+SERVER_NOISE = "server-noise"
+_SEEDED_TAGS = {COHORT: 0x5A3B1E, SERVER_NOISE: 0xD9}
+
+SECRET = "secret"
+SEEDED_INSECURE = "seeded-insecure"
+SEEDED_WARNING = ("privacy noise, cohorts and DP-SGD batches are derived from the public --seed "
+                  "(--insecure-reproducible-noise): the privacy guarantee does NOT hold against "
+                  "anyone who knows the seed")
+
+
+class RandomStreams(ABC):
+    """Named, per-round random streams of one run."""
+
+    #: ``"secret"`` or ``"seeded-insecure"`` (recorded in results.json under DP).
+    kind: str
+
+    @abstractmethod
+    def numpy(self, purpose: str, index: int) -> np.random.Generator:
+        """The generator of ``purpose`` for round ``index`` (same arguments, same draws)."""
+
+    @abstractmethod
+    def torch(self, purpose: str, index: int) -> torch.Generator:
+        """A torch CPU generator for ``purpose`` in round ``index``."""
+
+
+class SecretStreams(RandomStreams):
+    """Streams expanded from a secret key with HMAC-SHA256 (the key is never published)."""
+
+    kind = SECRET
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"privacy key must be {KEY_BYTES} bytes, got {len(key)}")
+        self._key = bytes(key)
+
+    @classmethod
+    def fresh(cls) -> SecretStreams:
+        """A new key from the OS CSPRNG."""
+        return cls(secrets.token_bytes(KEY_BYTES))
+
+    def _digest(self, purpose: str, index: int) -> bytes:
+        msg = purpose.encode() + b"\x00" + struct.pack(">q", int(index))
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
+    def numpy(self, purpose: str, index: int) -> np.random.Generator:
+        return np.random.default_rng(int.from_bytes(self._digest(purpose, index), "big"))
+
+    def torch(self, purpose: str, index: int) -> torch.Generator:
+        # torch's CPU generator takes a 64-bit seed; 2^64 candidate seeds per round are out of
+        # brute-force reach, and no raw draw is ever published (only sums with the noise)
+        seed = int.from_bytes(self._digest(purpose, index)[:8], "big") & (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
+    # -- persistence: only into the server's own checkpoint -----------------------------
+    def save(self, directory: Path) -> Path:
+        """Write the key to ``directory/privacy.key`` with mode 0600 (created that way, never
+        world-readable even for an instant)."""
+        path = Path(directory) / KEY_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, self._key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(path, 0o600)
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> SecretStreams:
+        path = Path(directory) / KEY_FILE
+        if not path.is_file():
+            raise UsageError(f"checkpoint {str(directory)!r} has no {KEY_FILE}: a DP run cannot be resumed "
+                             "without its secret noise key (checkpoint written by an older fedpeft?)")
+        return cls(path.read_bytes())
+
+    def __repr__(self) -> str:  # never print the key
+        return "SecretStreams(<secret>)"
+
+
+class SeededStreams(RandomStreams):
+    """Streams derived from the public run seed (non-private runs, or the insecure opt-in)."""
+
+    kind = SEEDED_INSECURE
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def numpy(self, purpose: str, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _SEEDED_TAGS[purpose], index])
+
+    def torch(self, purpose: str, index: int) -> torch.Generator:
+        seed = np.random.SeedSequence([self.seed, _SEEDED_TAGS[purpose], index]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+
+def client_secret_seeds(count: int, fallback: np.random.Generator | None = None) -> list[int]:
+    """``count`` 63-bit seeds for a client's DP-SGD noise and Poisson batches.
+
+    From the OS CSPRNG — a fresh secret per client round that never leaves the client — unless
+    ``fallback`` (the client's public seeded stream, only under --insecure-reproducible-noise)
+    is given.
+    """
+    if fallback is not None:
+        return [int(s) for s in fallback.integers(2**63, size=count)]
+    return [secrets.randbits(63) for _ in range(count)]
+
+
+__all__ = ["COHORT", "KEY_FILE", "RandomStreams", "SECRET", "SEEDED_INSECURE", "SEEDED_WARNING",
+           "SERVER_NOISE", "SecretStreams", "SeededStreams", "client_secret_seeds"]
