@@ -120,6 +120,11 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         for full, public in zip(records, published):
             for r in reporters:
                 r.on_round(full if isinstance(r, _Unfiltered) else public)
+    if cfg.output:
+        # per-client files are named by client id: who was ever sampled is private state, not
+        # a result (owner-only, like the checkpoint)
+        client_state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(client_state, 0o700)
     for server_round in range(len(records) + 1, cfg.rounds + 1):
         stop = privacy.stop_reason(strategy)
         if stop is not None:
