@@ -33,6 +33,12 @@ class RunConfig:
     strategy: str = "fedavg"
     fair_solver: str = "sgd"  # LoRA-FAIR residual solver: sgd (paper) | ridge (closed form)
     fair_lambda: float = 0.01  # LoRA-FAIR regulariser λ
+    # server optimiser on the (noised) aggregate, SPEC §3.6: none | fedavgm | fedadam | fedyogi
+    server_opt: str = "none"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9  # β (fedavgm) / β₁ (fedadam, fedyogi)
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     # local training
     local_epochs: int = 1
     batch_size: int = 8
@@ -164,6 +170,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     if refusal is not None:
         raise UsageError(refusal)
     _check(cfg.fair_solver in ("sgd", "ridge"), "fair_solver", cfg.fair_solver, "sgd, ridge")
+    from strategies.server_optim import build_server_optimizer
+
+    build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.server_beta2,
+                           cfg.server_tau)  # one-line UsageError naming a bad name or value
+    if cfg.server_opt != "none" and not STRATEGIES.get(cfg.strategy).supports_server_optimizer:
+        raise UsageError(f"--server-opt {cfg.server_opt} cannot drive --strategy {cfg.strategy} (its global "
+                         "state is rebuilt every round); allowed: --server-opt none")
     _check(math.isfinite(cfg.fair_lambda) and cfg.fair_lambda >= 0, "fair_lambda", cfg.fair_lambda, "a finite number >= 0")
     _check(cfg.partition in PARTITIONERS, "partition", cfg.partition, ", ".join(PARTITIONERS.names()))
     _check(1 <= cfg.rank <= 1024, "rank", cfg.rank, "an integer in 1..1024")

@@ -26,6 +26,7 @@ from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.federation.upload import decode_upload
 from fedpeft.federation.validation import Layout, check_update
 from strategies.aggregation import lora_aggregation_error
+from strategies.server_optim import NoServerOptimizer, ServerOptimizer, build_server_optimizer
 
 
 class ClientSampler(Protocol):
@@ -55,6 +56,9 @@ class FedPeftStrategy(Strategy):
     needs_individual_updates: ClassVar[bool] = False
     #: True when clients may train different LoRA ranks (``--client-ranks``), e.g. FLoRA.
     heterogeneous_ranks: ClassVar[bool] = False
+    #: False when the global state is rebuilt every round (FLoRA), so a server optimiser's
+    #: pseudo-gradient would mix unrelated states.
+    supports_server_optimizer: ClassVar[bool] = True
 
     def __init__(self, adapter: Adapter, sampler: ClientSampler) -> None:
         self.adapter = adapter
@@ -71,11 +75,25 @@ class FedPeftStrategy(Strategy):
         #: ``(client id, reason)`` of the replies refused in the last round
         self.rejections: list[tuple[int, str]] = []
         self.late = 0
+        #: applied to every aggregate (SPEC §3.6); "none" at lr 1 returns it unchanged
+        self.server_opt: ServerOptimizer = NoServerOptimizer()
 
     @classmethod
     def from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> FedPeftStrategy:
-        """Build from the run config; strategies with options override this."""
+        """Build from the run config (with its server optimiser). Strategies with options of
+        their own override :meth:`_from_config`."""
+        strategy = cls._from_config(adapter, sampler, cfg)
+        strategy.server_opt = build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum,
+                                                     cfg.server_beta2, cfg.server_tau)
+        return strategy
+
+    @classmethod
+    def _from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> FedPeftStrategy:
         return cls(adapter, sampler)
+
+    def server_step(self, global_state: State, aggregate: State) -> State:
+        """The next global state: the server optimiser's step on ``aggregate − global``."""
+        return self.server_opt.step(global_state, aggregate)
 
     @classmethod
     def refusal(cls, cfg: RunConfig) -> str | None:
@@ -121,9 +139,9 @@ class FedPeftStrategy(Strategy):
             return None, MetricRecord(metrics)
         new_global = self.aggregate(self._global, usable)
         err = self.aggregation_error(self._global, usable, new_global)
-        if err is not None:
+        if err is not None:  # of the aggregate itself, before the server optimiser moves it
             metrics["aggregation-error"] = err
-        return to_record(new_global), MetricRecord(metrics)
+        return to_record(self.server_step(self._global, new_global)), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

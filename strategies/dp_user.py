@@ -187,7 +187,8 @@ class UserLevelDP(Strategy):
         pseudo = ClientUpdate(node_id=-1, client_id=-1, num_examples=1,
                               state=apply_update(global_state, mean_update),
                               train_loss=float("nan"), bytes_up=0)
-        new_global = self.inner.aggregate(global_state, [pseudo])
+        # post-processing of the release: aggregation and the server optimiser cost no ε
+        new_global = self.inner.server_step(global_state, self.inner.aggregate(global_state, [pseudo]))
         self.accountant.step(self.noise_multiplier, self.sample_rate)
 
         if self.adaptive is not None:

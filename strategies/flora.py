@@ -73,6 +73,7 @@ class Flora(FedPeftStrategy):
     name = "flora"
     needs_individual_updates = True
     heterogeneous_ranks = True
+    supports_server_optimizer = False  # clients restart from a fresh LoRA every round
 
     def __init__(self, adapter: Adapter, sampler: ClientSampler,
                  client_rank: Callable[[int], int | None] | None = None) -> None:
@@ -81,7 +82,7 @@ class Flora(FedPeftStrategy):
         self.client_rank = client_rank
 
     @classmethod
-    def from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> Flora:
+    def _from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> Flora:
         return cls(adapter, sampler, cfg.client_rank if cfg.client_ranks else None)
 
     def expected_layout(self, client_id: int) -> Layout | None:

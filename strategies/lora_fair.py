@@ -56,7 +56,7 @@ class LoraFair(FedPeftStrategy):
     needs_individual_updates = True
 
     @classmethod
-    def from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> LoraFair:
+    def _from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> LoraFair:
         return cls(adapter, sampler, solver=cfg.fair_solver, lam=cfg.fair_lambda)
 
     def __init__(self, adapter: Adapter, sampler: ClientSampler, *, solver: Solver = "sgd",

@@ -59,6 +59,9 @@ class Adapter(ABC):
     #: False when the LoRA scale depends on a rank chosen per step or round (DyLoRA's
     #: ``alpha / b``): then ``scale · B A`` is not one fixed product per client.
     fixed_scale: ClassVar[bool] = True
+    #: True when nothing below the classification head is trained, so the encoder's output can
+    #: be computed once per example and cached (fedpeft.data.features)
+    frozen_encoder: ClassVar[bool] = False
 
     def __init__(self, spec: AdapterSpec) -> None:
         self.spec = spec

@@ -33,8 +33,11 @@ def tokenize(texts: Sequence[str], labels: Sequence[int], tokenizer, max_length:
     return TokenizedSplit(input_ids=ids, labels=np.asarray(labels, dtype=np.int64))
 
 
-def collate(split: TokenizedSplit, rows: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad ``rows`` of ``split`` to the longest among them."""
+def collate(split, rows: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """A batch of ``rows``: token ids padded to the longest among them, or, for a
+    :class:`fedpeft.data.features.FeatureSplit`, its cached head features."""
+    if not isinstance(split, TokenizedSplit):
+        return split.collate(rows, pad_id)
     seqs = [split.input_ids[i] for i in rows]
     width = max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
@@ -49,14 +52,14 @@ def collate(split: TokenizedSplit, rows: np.ndarray, pad_id: int) -> dict[str, t
     }
 
 
-def shuffled_batches(split: TokenizedSplit, rows: np.ndarray, batch_size: int,
+def shuffled_batches(split, rows: np.ndarray, batch_size: int,
                      rng: np.random.Generator, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     order = rng.permutation(rows)
     for start in range(0, len(order), batch_size):
         yield collate(split, order[start : start + batch_size], pad_id)
 
 
-def eval_batches(split: TokenizedSplit, batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(split, batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     """Length-sorted batches: evaluation order does not matter, padding does."""
     order = np.argsort(split.lengths, kind="stable")
     for start in range(0, len(order), batch_size):

@@ -53,6 +53,9 @@ class Checkpoint:
     streams: RandomStreams | None = None
     #: the records as published (under DP: covered fields only); None = same as ``records``
     published: list[RoundRecord] | None = None
+    #: the server optimiser (SPEC §3.6): scalars as JSON, moment buffers as tensors
+    server_opt_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    server_opt_tensors: State = dataclasses.field(default_factory=dict)
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint, client_state: Path) -> Path:
@@ -65,12 +68,15 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, client_state: Path) -> Path
     if isinstance(ckpt.streams, SecretStreams):
         ckpt.streams.save(tmp)
     save_file({k: v.contiguous() for k, v in ckpt.global_state.items()}, str(tmp / "global.safetensors"))
+    if ckpt.server_opt_tensors:
+        save_file({k: v.contiguous() for k, v in ckpt.server_opt_tensors.items()},
+                  str(tmp / "server_opt.safetensors"))
     if ckpt.downlink_tensors:
         save_file({k: v.contiguous() for k, v in ckpt.downlink_tensors.items()},
                   str(tmp / "downlink.safetensors"))
     meta = {"round": ckpt.round, "records": [dataclasses.asdict(r) for r in ckpt.records],
             "strategy_state": ckpt.strategy_state, "privacy_state": ckpt.privacy_state,
-            "downlink_state": ckpt.downlink_state,
+            "downlink_state": ckpt.downlink_state, "server_opt_state": ckpt.server_opt_state,
             "published": ([dataclasses.asdict(r) for r in ckpt.published]
                           if ckpt.published is not None else None)}
     (tmp / "server.json").write_text(json.dumps(meta))
@@ -94,11 +100,14 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise UsageError(f"--resume {str(run_dir)!r} has no checkpoint; it needs a run started with --checkpoint-every")
     meta = json.loads((path / "server.json").read_text())
     downlink = path / "downlink.safetensors"
+    server_opt = path / "server_opt.safetensors"
     return Checkpoint(round=int(meta["round"]), global_state=load_file(str(path / "global.safetensors")),
                       records=[RoundRecord(**r) for r in meta["records"]],
                       strategy_state=meta["strategy_state"], privacy_state=meta["privacy_state"],
                       downlink_state=meta.get("downlink_state", {}),
                       downlink_tensors=load_file(str(downlink)) if downlink.is_file() else {},
+                      server_opt_state=meta.get("server_opt_state", {}),
+                      server_opt_tensors=load_file(str(server_opt)) if server_opt.is_file() else {},
                       streams=SecretStreams.load(path) if (path / KEY_FILE).is_file() else None,
                       published=([RoundRecord(**r) for r in meta["published"]]
                                  if meta.get("published") is not None else None))

@@ -116,6 +116,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         strategy.load_state_dict(resume.strategy_state)
         privacy.load_state_dict(resume.privacy_state)
         downlink.load_state_dict(resume.downlink_state, resume.downlink_tensors)
+        if resume.server_opt_state:
+            inner.server_opt.load_state_dict(resume.server_opt_state, resume.server_opt_tensors)
         restore_client_state(Path(cfg.output or "."), client_state)
         for full, public in zip(records, published):
             for r in reporters:
@@ -179,7 +181,9 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                 round=server_round, global_state=global_state, records=records,
                 strategy_state=strategy.state_dict(), privacy_state=privacy.state_dict(),
                 downlink_state=downlink.state_dict(), downlink_tensors=downlink.tensors(),
-                streams=streams, published=published), client_state)
+                streams=streams, published=published,
+                server_opt_state=inner.server_opt.state_dict()[0],
+                server_opt_tensors=inner.server_opt.state_dict()[1]), client_state)
 
     wall = time.perf_counter() - t0
 

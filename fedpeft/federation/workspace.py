@@ -10,15 +10,18 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedpeft.adapters import Adapter, AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
+from fedpeft.data.features import FeatureSplit, cache_key, cached_features, head_inputs
 from fedpeft.data.partition import Partitions
 from fedpeft.data.sources import LabeledSplits, load_splits
-from fedpeft.data.tokenized import TokenizedSplit, tokenize
-from fedpeft.model.loading import load_classifier, load_tokenizer
+from fedpeft.data.tokenized import TokenizedSplit, eval_batches, tokenize
+from fedpeft.model.feature_head import FeatureClassifier, head_dropout
+from fedpeft.model.loading import load_classifier, load_tokenizer, resolve_model_path
 
 # RunConfig fields that change what the workspace holds
 _KEY_FIELDS = ("model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
@@ -31,8 +34,9 @@ class Workspace:
     model: nn.Module
     pad_id: int
     splits: LabeledSplits
-    train: TokenizedSplit
-    test: TokenizedSplit
+    #: token ids, or the cached head features when the adapter trains nothing below the head
+    train: TokenizedSplit | FeatureSplit
+    test: TokenizedSplit | FeatureSplit
     initial_state: State
     #: pristine copies of the adapted layers' frozen weights (``...base_layer.weight``):
     #: FLoRA folds updates into them, and every run starts from these
@@ -86,9 +90,38 @@ def _build(cfg: RunConfig) -> Workspace:
     model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling))
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if adapter.frozen_encoder:
+        model, train, test = _frozen_features(cfg, model, train, test, int(pad_id))
     return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,
                      test=test, initial_state=adapter.trainable_state(model),
                      frozen_base=adapted_base_weights(model), _partitions={})
+
+
+FEATURE_BATCH = 64
+
+
+def _frozen_features(cfg: RunConfig, model: nn.Module, train: TokenizedSplit,
+                     test: TokenizedSplit, pad_id: int) -> tuple[nn.Module, FeatureSplit, FeatureSplit]:
+    """Replace encoder + token splits by the head on cached features (computed once per
+    machine, :mod:`fedpeft.data.features`); the encoder is dropped from this process."""
+    key = cache_key({"model": cfg.model, "model_path": resolve_model_path(cfg.model), "pooling": cfg.pooling,
+                     "dataset": cfg.dataset, "text_column": cfg.text_column, "label_column": cfg.label_column,
+                     "max_length": cfg.max_length, "test_fraction": cfg.test_fraction,
+                     "max_test_examples": cfg.max_test_examples, "train_n": len(train), "test_n": len(test)})
+
+    def compute() -> dict:
+        def features(split: TokenizedSplit):
+            order = np.argsort(split.lengths, kind="stable")
+            feats = head_inputs(model, eval_batches(split, FEATURE_BATCH, pad_id))
+            out = np.empty_like(feats)
+            out[order] = feats  # eval_batches yields length-sorted rows
+            return out
+        return {"train": features(train), "test": features(test)}
+
+    arrays = cached_features(key, compute)
+    head = FeatureClassifier(model.classifier, head_dropout(model))
+    head.eval()
+    return (head, FeatureSplit(arrays["train"], train.labels), FeatureSplit(arrays["test"], test.labels))
 
 
 def adapted_base_weights(model: nn.Module) -> State:

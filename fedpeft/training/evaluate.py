@@ -22,7 +22,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Ev
     loss_sum, correct, n = 0.0, 0, 0
     for batch in batches:
         labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
         n += int(labels.shape[0])

@@ -1,0 +1,126 @@
+"""The frozen part computed once: the features the classification head reads.
+
+When nothing below the head is trained (``--adapter head``), every forward pass through the
+frozen encoder gives the same vector for the same example. Computing it once per example —
+instead of once per example per round per client visit — is what makes the large cohorts DP
+needs affordable (SPEC §3.5). The features are the exact input of the model's ``classifier``
+module in eval mode (captured with a forward hook, so any pooling the checkpoint uses is
+respected), cached on disk under ``$FEDPEFT_CACHE_DIR`` (default ``~/.cache/fedpeft``) keyed by
+everything that determines them, and shared by the server and all workers through a file lock:
+the first process computes, the others load.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft.atomic import atomic_write_bytes
+
+#: bump when the way features are computed changes (invalidates old cache files)
+FEATURE_VERSION = 1
+
+
+@dataclass
+class FeatureSplit:
+    """A split as the head sees it: one frozen feature vector per example."""
+
+    features: np.ndarray  # (n, hidden) float32
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.ones(len(self.labels), dtype=np.int64)
+
+    def collate(self, rows: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+        rows = np.asarray(rows, dtype=np.int64)
+        return {"features": torch.from_numpy(self.features[rows]),
+                "labels": torch.from_numpy(self.labels[rows])}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDPEFT_CACHE_DIR") or Path.home() / ".cache" / "fedpeft") / "features"
+
+
+def cache_key(parts: dict[str, object]) -> str:
+    """Hash of everything that determines the features (local paths add size and mtime)."""
+    described = dict(parts)
+    for name in ("model_path", "dataset"):
+        p = Path(str(parts.get(name, "")))
+        if p.exists():
+            stat = p.stat()
+            described[f"{name}_stat"] = [stat.st_size, int(stat.st_mtime)]
+    described["version"] = FEATURE_VERSION
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@torch.inference_mode()
+def head_inputs(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> np.ndarray:
+    """What ``model.classifier`` receives for each batch, in eval mode, stacked (float32).
+
+    Raises ValueError when the head reads more than one vector per example (e.g. a RoBERTa
+    head over all token states): then there is no per-example feature to cache.
+    """
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError("the model has no 'classifier' module whose input could be cached")
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+        x = args[0]
+        if x.dim() != 2:
+            raise ValueError(f"the classifier reads a {x.dim()}-d input {tuple(x.shape)}, not one vector "
+                             "per example; --adapter head needs a pooled-feature head")
+        captured.append(x.detach().to(torch.float32).clone())
+
+    was_training = model.training
+    model.eval()
+    handle = head.register_forward_hook(grab)
+    try:
+        for batch in batches:
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(captured).numpy() if captured else np.zeros((0, 0), dtype=np.float32)
+
+
+def cached_features(key: str, compute: callable) -> dict[str, np.ndarray]:  # type: ignore[valid-type]
+    """``compute()`` (a dict of arrays) once per key on this machine; later calls load it.
+
+    A lock file serialises concurrent builders (server and Ray workers start together); the
+    result is written atomically, so a crash never leaves a truncated cache file.
+    """
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{key}.npz"
+    with open(directory / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.is_file():
+                with np.load(path) as data:
+                    return {k: data[k] for k in data.files}
+            arrays = compute()
+            import io
+
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            atomic_write_bytes(path, buf.getvalue())
+            return arrays
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+__all__ = ["FEATURE_VERSION", "FeatureSplit", "cache_dir", "cache_key", "cached_features", "head_inputs"]
