@@ -48,6 +48,12 @@ class RichReporter:
             f"strategy {plan['strategy']}, {plan['trainable_parameters']:,} trainable parameters, "
             f"{train}{plan['test_examples']:,} test examples"
         )
+        utility = plan.get("utility") or {}
+        if utility.get("noise_to_signal") is not None or utility.get("chosen"):
+            from fedpeft.planning import Plan
+
+            for line in Plan(**utility).lines():
+                (err_console if line.startswith("warning") else console).print(line, markup=False, highlight=False)
         dp = plan.get("privacy", {})
         if dp.get("dp_level"):
             console.print("[bold]privacy plan[/]: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -209,6 +215,30 @@ def simulate(
             err_console.print(f"[bold red]WARNING[/]: {f.privacy_warning}")
     console.print(f"final accuracy [bold]{_fmt(f.accuracy)}[/], bytes up {f.bytes_up_total:,}, "
                   f"bytes down {f.bytes_down_total:,}, wall {f.wall_s:.1f} s -> {out / 'results.json'}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(ctx: typer.Context,
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    """Print the privacy-utility plan of the `simulate` flags (z, q, δ, d, noise-to-signal), without training."""
+    import json
+
+    from fedpeft.config import resolve
+    from fedpeft.planning import plan_for_config
+
+    command = typer.main.get_command(app).commands["simulate"]  # type: ignore[attr-defined]
+    sub = command.make_context("fedpeft plan", list(ctx.args), resilient_parsing=False)
+    values = {k: v for k, v in sub.params.items() if k not in ("config", "verbose", "resume")}
+    if sub.params.get("resume"):
+        raise UsageError("--resume has no plan; plan the settings of a new run")
+    cfg = resolve(values, sub.params.get("config"))
+    report = plan_for_config(cfg)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    console.print("[bold]fedpeft plan[/]")
+    for line in report.lines():
+        console.print(line, markup=False, highlight=False)
 
 
 @app.command()

@@ -99,6 +99,9 @@ class RunConfig:
     backend: str = "ray"  # ray (Flower simulation engine) | inprocess (no Ray, sequential)
     cpus_per_client: float = 1.0
     output: str | None = None
+    #: why the planner chose settings the user did not give (fedpeft.planning.auto_plan); ""
+    #: when the user set them
+    planned: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -316,7 +319,9 @@ def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunCo
     if config_path is not None:
         values.update(load_toml(config_path))
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    return validate(RunConfig(**values))
+    from fedpeft.planning import auto_plan
+
+    return validate(RunConfig(**auto_plan(values)))
 
 
 __all__ = ["RunConfig", "resolve", "validate", "load_toml", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]

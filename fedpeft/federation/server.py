@@ -9,6 +9,7 @@ user asks for it (``--diagnostics``) and into the server-private checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -34,6 +35,7 @@ from fedpeft.federation.local_params import client_local_of
 from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import PoissonSampler, discover_clients
 from fedpeft.federation.workspace import get_workspace
+from fedpeft.planning import Plan, make_plan, parse_planned
 from fedpeft.privacy.publication import DiagnosticsWriter, Publication
 from fedpeft.reporting import Reporter
 from fedpeft.results import FinalRecord, RoundRecord
@@ -95,7 +97,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             "rounds": cfg.rounds, "adapter": cfg.adapter, "strategy": cfg.strategy,
             "trainable_parameters": sum(v.numel() for v in ws.initial_state.values()),
             "train_examples": len(ws.train), "test_examples": len(ws.test),
-            "num_labels": ws.splits.num_labels, "privacy": privacy.plan()}
+            "num_labels": ws.splits.num_labels, "privacy": privacy.plan(),
+            "utility": utility_plan(cfg, ws, privacy).as_dict()}
     for r in reporters:
         r.on_start(cfg.to_dict(), plan if isinstance(r, _Unfiltered) else publication.plan(plan))
 
@@ -198,6 +201,17 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     for r in reporters:
         r.on_finish(final_of(records) if isinstance(r, _Unfiltered) else final)
     return RunOutcome(final=final, rounds=published, unpublished=records)
+
+
+def utility_plan(cfg: RunConfig, ws, privacy) -> Plan:  # noqa: ANN001
+    """The planner's view of this run (SPEC §3.5): d is what a client uploads (noised)."""
+    layout = honest_upload_layout(ws.adapter, ws.model, client_local_of(STRATEGIES.get(cfg.strategy)))(None)
+    dim = sum(math.prod(s) for s in layout.values())
+    chosen = parse_planned(cfg.planned)
+    return make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter, dim=dim,
+                     train_examples=len(ws.train), dp=cfg.dp or "none", epsilon=cfg.epsilon,
+                     delta=privacy.delta, noise_multiplier=privacy.noise_multiplier,
+                     accountant=cfg.accountant, clip=cfg.clip, local_epochs=cfg.local_epochs, chosen=chosen)
 
 
 class _Unfiltered:

@@ -57,7 +57,11 @@ class Publication:
     def plan(self, plan: dict[str, Any]) -> dict[str, Any]:
         if not self.private:
             return plan
-        return {k: v for k, v in plan.items() if k not in UNCOVERED_PLAN_KEYS}
+        out = {k: v for k, v in plan.items() if k not in UNCOVERED_PLAN_KEYS}
+        if isinstance(out.get("utility"), dict):  # the planner's view, minus the data's size
+            out["utility"] = {k: v for k, v in out["utility"].items() if k != "examples_per_round"}
+            out["utility"]["warnings"] = [w for w in out["utility"].get("warnings", []) if "examples for" not in w]
+        return out
 
     def round(self, record: RoundRecord, dense_up: int, dense_down: int) -> RoundRecord:
         """The published form of ``record``. ``dense_up``/``dense_down``: bytes of one
