@@ -1,0 +1,75 @@
+"""The privacy-utility planner (SPEC §3.5): z and R against Opacus and the formula, when it
+chooses settings, and that its choice is the best feasible one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedpeft.cli import main
+from fedpeft.config import resolve
+from fedpeft.planning import (ROUNDS, SAMPLE_RATES, CostModel, choose_settings, make_plan, noise_to_signal,
+                              plan_for_config)
+from fedpeft.privacy import RDP_ORDERS
+
+
+def test_issue_flags_give_z_0764_and_ratio_209():
+    cfg = resolve({"clients": 1000, "epsilon": 2.0, "cohort": 10, "rounds": 10, "adapter": "lora", "rank": 8})
+    plan = plan_for_config(cfg)
+    z = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01, steps=10,
+                             accountant="rdp", alphas=RDP_ORDERS)
+    assert plan.trainable_dim == 74_498  # 6 layers × (q, v) × (8·384 + 384·8) + 384·2 + 2
+    assert plan.noise_multiplier == pytest.approx(z) and plan.noise_multiplier == pytest.approx(0.764, abs=0.002)
+    assert plan.noise_to_signal == pytest.approx(z * math.sqrt(74_498) / 10)
+    assert plan.noise_to_signal == pytest.approx(20.9, abs=0.05)
+    assert any("swamp" in w for w in plan.warnings) and not plan.chosen
+
+
+def test_plan_command_prints_json(capsys):
+    code = main(["plan", "--clients", "1000", "--epsilon", "2", "--cohort", "100", "--rounds", "10",
+                 "--adapter", "head", "--json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["trainable_dim"] == 770 and doc["sample_rate"] == pytest.approx(0.1)
+    assert doc["noise_to_signal"] == pytest.approx(doc["noise_multiplier"] * math.sqrt(770) / 100)
+    assert doc["noise_to_signal"] < math.sqrt(10) and not doc["warnings"]
+
+
+def test_planner_chooses_only_when_given_nothing_but_clients_and_epsilon():
+    auto = resolve({"clients": 1000, "epsilon": 2.0})
+    assert auto.adapter == "head" and auto.server_opt == "fedadam" and auto.planned
+    assert set(json.loads(auto.planned)) >= {"adapter", "cohort", "rounds", "clip"}
+    told = resolve({"clients": 1000, "epsilon": 2.0, "cohort": 100})
+    assert told.adapter == "lora" and told.cohort == 100 and told.planned == ""
+    assert resolve({"clients": 1000}).planned == ""  # no DP: nothing to plan
+
+
+def test_choice_maximises_sqrt_t_over_r_within_the_budget():
+    costs, budget, n, examples = CostModel(), 60.0, 1000, 11_527
+    dims = {"head": 770, "lora r8": 74_498}
+    chosen, why = choose_settings(n, 2.0, 1e-5, "rdp", examples, dims, budget_s=budget, costs=costs)
+    assert chosen["adapter"] == "head"
+
+    def score(cohort: int, rounds: int) -> float:  # independent: Opacus' own calibration
+        z = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=cohort / n, steps=rounds,
+                                 accountant="rdp", alphas=RDP_ORDERS)
+        return math.sqrt(rounds) / (z * math.sqrt(770) / cohort)
+
+    feasible = [(round(q * n), t) for q in SAMPLE_RATES for t in ROUNDS
+                if costs.seconds("head", round(q * n), t, q * examples, 5) <= budget]
+    assert (chosen["cohort"], chosen["rounds"]) in feasible
+    best = max(score(c, t) for c, t in feasible)
+    assert score(chosen["cohort"], chosen["rounds"]) >= best / 1.03  # 2% tie band + coarser search z
+
+
+def test_noise_to_signal_formula_and_warning_threshold():
+    assert noise_to_signal(2.0, 100, 4) == 5.0
+    ok = make_plan(clients=100, cohort=10, rounds=9, adapter="head", dim=100, train_examples=1000, dp="user",
+                   epsilon=1.0, delta=1e-5, noise_multiplier=2.9, accountant="rdp", clip=1.0, local_epochs=1)
+    bad = make_plan(clients=100, cohort=10, rounds=9, adapter="head", dim=100, train_examples=50, dp="user",
+                    epsilon=1.0, delta=1e-5, noise_multiplier=3.0, accountant="rdp", clip=1.0, local_epochs=1)
+    assert ok.noise_to_signal == pytest.approx(2.9) and not ok.warnings
+    assert bad.noise_to_signal == pytest.approx(3.0) and len(bad.warnings) == 2  # R ≥ √9, and 50 clients empty
