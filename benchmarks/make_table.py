@@ -62,6 +62,12 @@ def rows(d: Path) -> list[tuple[str, str, str, str, str]]:
                     f"{f['fraction_of_matmul_cpu']:.2f} ({f['achieved_flops_per_cpu_s'] / 1e9:.0f} vs "
                     f"{f['matmul_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-s; wall-based {f['fraction_of_matmul_wall']:.2f})",
                     "—", _load_avg(f)))
+    if (c := _load(d, "feature_cache")):
+        out.append(("7. head-only client visit: encoder every step / cached features (1 thread)", "(report)",
+                    f"{c['speedup_cpu']:.0f}x ({c['visit_cpu_s']['uncached']:.3f} vs {c['visit_cpu_s']['cached']:.4f} "
+                    f"CPU-s per visit of {c['config']['examples_per_visit']} rows x {c['config']['epochs']} epochs; "
+                    f"features once: {c['feature_cpu_s_per_row'] * 1e3:.1f} ms/row)", "—",
+                    f"{c['load_average_before']:.1f}"))
     return out
 
 

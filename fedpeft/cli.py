@@ -138,6 +138,7 @@ def simulate(
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (scale alpha/r). [default: 16]"),
     min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest rank, drawn uniformly in [min-rank, rank] per step (dylora) or per round by the server (dp-dylora). [default: 1]"),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt. [default: query,value]"),
+    lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="Encoder layers that get LoRA, e.g. 5 or 4,5 (the top k of the default's 6); fewer coordinates, less DP noise. [default: all]"),
     client_ranks: Optional[str] = typer.Option(None, "--client-ranks", help="Per-client LoRA ranks, e.g. 2,4,8 (client i trains ranks[i mod len]; flora only). [default: --rank for all]"),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Server strategy: fedavg, lora-fair, flora, fedsa-lora. [default: fedavg]"),
     fair_solver: Optional[str] = typer.Option(None, "--fair-solver", help="LoRA-FAIR residual solver: sgd (paper) or ridge (closed form). [default: sgd]"),

@@ -50,6 +50,8 @@ class RunConfig:
     alpha: float = 16.0
     min_rank: int = 1
     target_modules: str = "query,value"
+    #: encoder layers that get LoRA, e.g. "5" or "4,5" (the top k of a 6-layer model); "" = all
+    lora_layers: str = ""
     #: per-client LoRA ranks, e.g. "2,4,8" (client i trains rank ranks[i % len]); "" = --rank
     client_ranks: str = ""
     # model and data
@@ -120,6 +122,11 @@ class RunConfig:
     @property
     def target_module_list(self) -> list[str]:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    @property
+    def lora_layer_list(self) -> list[int]:
+        """``lora_layers`` parsed ([] = every layer); raises ValueError on a non-integer."""
+        return [int(x) for x in self.lora_layers.split(",") if x.strip()]
 
     @property
     def client_rank_list(self) -> list[int]:
@@ -195,6 +202,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError(f"--client-ranks needs a strategy that aggregates different ranks exactly, not "
                          f"--strategy {cfg.strategy}; allowed: {allowed}")
     _check(math.isfinite(cfg.alpha) and cfg.alpha > 0, "alpha", cfg.alpha, "a finite number > 0")
+    try:
+        layers = cfg.lora_layer_list
+    except ValueError:
+        layers = [-1]
+    _check(all(0 <= x <= 1023 for x in layers), "lora_layers", cfg.lora_layers,
+           "comma-separated encoder layer indices >= 0, e.g. 4,5 (the top two of six)")
     _check(bool(cfg.target_module_list), "target_modules", cfg.target_modules,
            "a comma-separated list of module names, e.g. query,value")
     from fedpeft.model.loading import POOLINGS

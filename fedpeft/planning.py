@@ -22,7 +22,8 @@ from typing import Any
 
 #: Settings the planner may choose; giving any of them means "I decide" (no auto-plan).
 PLANNED_SETTINGS = ("adapter", "cohort", "rounds", "clip", "lr", "local_epochs", "server_opt", "server_lr",
-                    "server_momentum", "rank", "alpha", "target_modules", "batch_size", "noise_multiplier",
+                    "server_momentum", "rank", "alpha", "target_modules", "lora_layers", "batch_size",
+                    "noise_multiplier",
                     "adaptive_clip", "strategy", "compression")
 
 #: Per trainable set, the client/server recipe the planner uses with it. head: measured on

@@ -50,6 +50,8 @@ class AdapterSpec:
     min_rank: int = 1
     target_modules: tuple[str, ...] = ("query", "value")
     seed: int = 0
+    #: encoder layer indices to adapt (() = every layer), e.g. the top k
+    layers: tuple[int, ...] = ()
 
 
 class Adapter(ABC):

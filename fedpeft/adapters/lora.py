@@ -8,16 +8,27 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from fedpeft.adapters.base import Adapter
+from fedpeft.errors import UsageError
 from fedpeft.adapters.registry import ADAPTERS
 
 
-def inject_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> nn.Module:
-    """peft LoRA on ``targets`` with a seeded init; the head goes to ``modules_to_save``."""
+def inject_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], seed: int,
+                layers: tuple[int, ...] = ()) -> nn.Module:
+    """peft LoRA on ``targets`` with a seeded init; the head goes to ``modules_to_save``.
+    ``layers``: only these encoder layers (peft's ``layers_to_transform``; () = all) — fewer
+    trainable coordinates, hence less DP noise (SPEC §3.5)."""
     config = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                        target_modules=list(targets), bias="none")
+                        target_modules=list(targets), bias="none",
+                        layers_to_transform=list(layers) or None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+            layers_note = f" in layers {','.join(map(str, layers))}" if layers else ""
+            raise UsageError(f"--target-modules {','.join(targets)!r}{layers_note} matches no module of the "
+                             f"model; allowed: names of its linear layers (e.g. query,value) and layer indices "
+                             f"below its layer count") from None
 
 
 @ADAPTERS.register("lora")
@@ -26,4 +37,4 @@ class LoRA(Adapter):
 
     def inject(self, model: nn.Module) -> nn.Module:
         s = self.spec
-        return inject_lora(model, s.rank, s.alpha, s.target_modules, s.seed)
+        return inject_lora(model, s.rank, s.alpha, s.target_modules, s.seed, s.layers)

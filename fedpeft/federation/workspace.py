@@ -25,7 +25,7 @@ from fedpeft.model.loading import load_classifier, load_tokenizer, resolve_model
 
 # RunConfig fields that change what the workspace holds
 _KEY_FIELDS = ("model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
-               "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "seed")
+               "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "lora_layers", "seed")
 
 
 @dataclass
@@ -61,7 +61,8 @@ def workspace_key(cfg: RunConfig) -> tuple:
 
 def adapter_spec(cfg: RunConfig) -> AdapterSpec:
     return AdapterSpec(rank=cfg.rank, alpha=cfg.alpha, min_rank=cfg.min_rank,
-                       target_modules=tuple(cfg.target_module_list), seed=cfg.seed)
+                       target_modules=tuple(cfg.target_module_list), seed=cfg.seed,
+                       layers=tuple(cfg.lora_layer_list))
 
 
 def get_workspace(cfg: RunConfig) -> Workspace:

@@ -56,3 +56,17 @@ def test_base_unchanged_and_adapter_changed_after_training(ws):
     changed = [k for k in start if not torch.equal(start[k], end[k])]
     assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
     ws.adapter.load_state(ws.model, start)  # restore the shared workspace
+
+
+@pytest.mark.parametrize("adapter", ["lora", "ffa-lora"])
+def test_lora_layers_restricts_injection_to_the_chosen_layers(adapter):
+    """--lora-layers 5 --rank 1: LoRA only in encoder layer 5; d = 2·(1·384 + 384·1) + 770 for
+    LoRA (A and B of query and value, plus the head); FFA-LoRA trains B only."""
+    from fedpeft.model.loading import load_classifier
+
+    spec = AdapterSpec(rank=1, layers=(5,))
+    model = build_adapter(adapter, spec).inject(load_classifier("embedded:all-MiniLM-L6-v2", 2, seed=0))
+    lora = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(".layer.5." in n for n in lora)
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert d == (2 * (384 + 384) if adapter == "lora" else 2 * 384) + 770

@@ -46,3 +46,12 @@ def test_tree_sampler_sees_a_child_process():
                               env=env, tag=tag, interval=0.1)
     assert res["returncode"] == 0
     assert res["peak_rss_bytes"] > 50 * 2**20 and res["peak_pss_bytes"] > 0 and res["samples"] >= 2
+
+
+def test_feature_cache_quick_writes_a_speedup(tmp_path):
+    common = _load("common")
+    out = _load("bench_feature_cache").main(["--quick", "--out", str(tmp_path / "fc.json")])
+    doc = json.loads(Path(out).read_text())
+    common.assert_positive(doc, ["visit_cpu_s.uncached", "visit_cpu_s.cached", "speedup_cpu",
+                                 "feature_cpu_s_per_row"])
+    assert doc["speedup_cpu"] > 1  # skipping the encoder must be cheaper
