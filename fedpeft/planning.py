@@ -166,7 +166,10 @@ def choose_settings(clients: int, epsilon: float, delta: float, accountant: str,
             seconds = costs.seconds(adapter, cohort, t, cohort / clients * train_examples, recipe["local_epochs"])
             if seconds > budget_s:
                 continue
-            z = _search_z(epsilon, delta, cohort / clients, t, accountant)
+            try:
+                z = _search_z(epsilon, delta, cohort / clients, t, accountant)
+            except ValueError:  # Opacus: the budget is too low for this (q, T)
+                continue
             r = noise_to_signal(z, dim, cohort)
             candidates.append((math.sqrt(t) / r, seconds, cohort, t, r))
     if not candidates:
@@ -230,19 +233,23 @@ def auto_plan(values: dict[str, Any]) -> dict[str, Any]:
         return values
     from transformers import AutoConfig
 
-    from fedpeft.config import DEFAULT_DATASET, DEFAULT_MODEL, RunConfig
+    from fedpeft.config import DEFAULT_DATASET, DEFAULT_MODEL, RunConfig, validate
     from fedpeft.data.sources import load_splits
     from fedpeft.model.loading import resolve_model_path
     from fedpeft.privacy.calibration import default_delta
 
-    base = RunConfig(**{k: v for k, v in values.items() if k != "planned"})
+    # the user's own values first: a bad one gets its one-line error, not a planner failure
+    base = validate(RunConfig(**{k: v for k, v in values.items() if k != "planned"}))
     splits = load_splits(values.get("dataset", DEFAULT_DATASET), base.text_column, base.label_column,
                          base.test_fraction, base.max_test_examples)
     mc = AutoConfig.from_pretrained(resolve_model_path(values.get("model", DEFAULT_MODEL)))
     dims = analytic_dims(mc.hidden_size, mc.num_hidden_layers, splits.num_labels)
     delta = base.delta if base.delta is not None else default_delta(base.clients)
-    chosen, why = choose_settings(base.clients, float(values["epsilon"]), delta, base.accountant,
-                                  len(splits.train), dims)
+    try:
+        chosen, why = choose_settings(base.clients, float(values["epsilon"]), delta, base.accountant,
+                                      len(splits.train), dims)
+    except ValueError:  # nothing feasible (e.g. ε too small for any (q, T)): the run's own
+        return values   # calibration then says why in one line
     return {**values, **chosen, "planned": json.dumps(why)}
 
 
