@@ -1,7 +1,9 @@
 """Benchmark 3: headline ``fedpeft simulate --clients 1000 --epsilon 2`` on the defaults.
 
-Runs the CLI exactly as a user would (a fresh subprocess; user-level DP, cohort 10, 8 rounds,
-LoRA r=8 on all-MiniLM-L6-v2, full Rotten Tomatoes test split evaluated every round) and
+Runs the CLI exactly as a user would (a fresh subprocess; user-level DP with the settings the
+planner picks for these two flags — since issue 14 head-only on cached encoder features, every
+client every round, 5 rounds, FedAdam — full Rotten Tomatoes test split evaluated every round;
+the feature cache is whatever ``$FEDPEFT_CACHE_DIR`` holds: empty = a fresh machine) and
 measures its wall time (target <= 300 s) and the peak memory of its whole process tree
 (target <= 4 GiB): the CLI, Ray's gcs_server/raylet/helper processes and the
 ``ray::ClientAppActor`` workers, found as descendants of the CLI plus any process carrying
