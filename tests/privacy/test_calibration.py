@@ -84,8 +84,11 @@ def test_check_budget_refuses_delta_outside_0_and_1_over_n(delta):
         check_budget(2.0, delta, 1000)
 
 
-def test_check_budget_accepts_a_sane_plan():
-    check_budget(2.0, default_delta(1000), 1000)
+def test_check_budget_accepts_delta_just_below_1_over_n_and_refuses_it_at_1_over_n():
+    assert check_budget(2.0, default_delta(1000), 1000) is None
+    assert check_budget(2.0, 0.999e-3, 1000) is None
+    with pytest.raises(UsageError, match="--delta"):
+        check_budget(2.0, 1e-3, 1000)
 
 
 def test_impossible_budget_is_a_usage_error():

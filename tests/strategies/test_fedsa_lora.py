@@ -30,10 +30,6 @@ def _client(seed: int, n: int) -> ClientUpdate:
     return ClientUpdate(node_id=seed, client_id=seed, num_examples=n, state=state, train_loss=0.0, bytes_up=0)
 
 
-def test_fedsa_is_registered():
-    assert STRATEGIES.get("fedsa-lora") is FedSaLora
-
-
 def test_fedsa_averages_a_and_head_and_leaves_global_b_untouched():
     glob = {A: torch.zeros(2, 6), B: torch.full((5, 2), 7.0), HEAD: torch.zeros(3, 6)}
     c1, c2 = _client(1, 1), _client(2, 3)
