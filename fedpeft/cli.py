@@ -221,7 +221,10 @@ def simulate(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def plan(ctx: typer.Context,
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
-    """Print the privacy-utility plan of the `simulate` flags (z, q, δ, d, noise-to-signal), without training."""
+    """Print the privacy-utility plan (z, q, δ, d, noise-to-signal R) of a run, without training.
+
+    Takes every `fedpeft simulate` flag (see `fedpeft simulate --help`); given only --clients and
+    --epsilon it shows the settings the planner would choose."""
     import json
 
     from fedpeft.config import resolve

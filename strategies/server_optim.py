@@ -245,27 +245,29 @@ def build_server_optimizer(name: str, lr: float = 1.0, momentum: float = 0.9,
     when ``name`` ignores it, so a bad config value never goes unnoticed. Raises
     :class:`~fedpeft.errors.UsageError` (a ``ValueError``) naming the bad value.
     """
+    if name not in SERVER_OPTIMIZERS:
+        raise UsageError(f"--server-opt {name!r} is invalid; allowed: {', '.join(SERVER_OPTIMIZERS.names())}")
     cls = SERVER_OPTIMIZERS.get(name)
     _check_lr(lr)
-    _check_unit_interval("server momentum", momentum)
-    _check_unit_interval("server beta2", beta2)
+    _check_unit_interval("--server-momentum", momentum)
+    _check_unit_interval("--server-beta2", beta2)
     _check_tau(tau)
     return cls.from_options(lr=lr, momentum=momentum, beta2=beta2, tau=tau)
 
 
 def _check_lr(lr: float) -> float:
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise UsageError(f"server learning rate {lr!r} must be a finite number > 0")
+        raise UsageError(f"--server-lr {lr!r} is invalid; allowed: a finite number > 0")
     return float(lr)
 
 
 def _check_unit_interval(what: str, value: float) -> float:
     if not (isinstance(value, (int, float)) and 0 <= value < 1):
-        raise UsageError(f"{what} {value!r} must be in [0, 1)")
+        raise UsageError(f"{what} {value!r} is invalid; allowed: a number in [0, 1)")
     return float(value)
 
 
 def _check_tau(tau: float) -> float:
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise UsageError(f"server adaptivity tau {tau!r} must be a finite number > 0")
+        raise UsageError(f"--server-tau {tau!r} is invalid; allowed: a finite number > 0")
     return float(tau)
