@@ -57,6 +57,13 @@ FLAGS = [
     (["--cpus-per-client", "0"], "--cpus-per-client 0.0"),
     (["--config", "/no/such.toml"], "/no/such.toml"),
     (["--bogus-flag", "1"], "bogus-flag"),
+    (["--server-opt", "adam"], "--server-opt 'adam'"),
+    (["--server-lr", "-1"], "--server-lr -1.0"),
+    (["--server-opt", "fedadam", "--server-beta2", "1"], "--server-beta2 1.0"),
+    (["--server-opt", "fedadam", "--strategy", "flora"], "--server-opt fedadam cannot drive"),
+    (["--lora-layers", "x"], "--lora-layers 'x'"),
+    (["--lora-layers", "9"], "layers 9 matches no module"),
+    (["--insecure-reproducible-noise"], "applies to DP runs only"),
 ]
 
 CONFIG_FILES = [
