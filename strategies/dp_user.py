@@ -28,7 +28,7 @@ unless the user asks for the separate diagnostics file.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 from typing import Any
 

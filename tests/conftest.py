@@ -39,3 +39,37 @@ def small_csv(tmp_path_factory):
         writer.writerow(["text", "label"])
         writer.writerows(zip(ds["text"], ds["label"]))
     return path
+
+
+def make_poisoning_app(poison, metrics=None):
+    """The honest ClientApp, except that client 0 replaces its upload by ``poison(state)`` and,
+    with ``metrics``, its reply metrics by ``metrics(dict)``."""
+    import torch
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fedpeft.federation.client_app import app as honest_app
+
+    app = ClientApp()
+
+    @app.query()
+    def query(msg, context):
+        return honest_app(msg, context)
+
+    @app.train()
+    def train(msg, context):
+        reply = honest_app(msg, context)
+        if int(context.node_config["partition-id"]) != 0:
+            return reply
+        state = {k: torch.from_numpy(a.numpy().copy()) for k, a in reply.content["arrays"].items()}
+        bad = poison(state)
+        m = dict(reply.content["metrics"])
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in bad.items()}),
+                                   "metrics": MetricRecord(metrics(m) if metrics else m)}), reply_to=msg)
+
+    return app
+
+
+@pytest.fixture
+def poisoning_app():
+    return make_poisoning_app

@@ -24,7 +24,7 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, .
         torch.manual_seed(seed)
         try:
             return get_peft_model(model, config)
-        except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+        except ValueError:  # peft's NoMatchingPeftModuleError is a ValueError
             layers_note = f" in layers {','.join(map(str, layers))}" if layers else ""
             raise UsageError(f"--target-modules {','.join(targets)!r}{layers_note} matches no module of the "
                              f"model; allowed: names of its linear layers (e.g. query,value) and layer indices "

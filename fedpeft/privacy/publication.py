@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.atomic import atomic_write_text
-from fedpeft.results import FinalRecord, RoundRecord, _clean
+from fedpeft.results import ResultsWriter, RoundRecord
 
 DIAGNOSTICS_FILE = "diagnostics_NOT_COVERED_BY_DP.json"
 DIAGNOSTICS_WARNING = ("NOT covered by the run's differential-privacy guarantee: client-reported "
@@ -76,35 +76,22 @@ class Publication:
             bytes_down=round(self.expected_cohort * dense_down))
 
 
-class DiagnosticsWriter:
-    """The full per-round records of a run (``--diagnostics``), marked as not covered by DP."""
+class DiagnosticsWriter(ResultsWriter):
+    """The full per-round records of a run (``--diagnostics``), in one file whose name and
+    header say that it is not covered by DP (no results.json/rounds.csv of its own)."""
 
     def __init__(self, output: str | Path, private: bool) -> None:
+        super().__init__(output)
         self.path = Path(output) / DIAGNOSTICS_FILE
         self.private = private
-        self.plan: dict[str, Any] = {}
-        self.rounds: list[RoundRecord] = []
-        self.final: FinalRecord | None = None
 
-    def on_start(self, config: dict[str, Any], plan: dict[str, Any]) -> None:
-        self.plan = plan
-        self._flush()
-
-    def on_round(self, record: RoundRecord) -> None:
-        self.rounds.append(record)
-        self._flush()
-
-    def on_finish(self, final: FinalRecord) -> None:
-        self.final = final
-        self._flush()
+    def as_dict(self) -> dict[str, Any]:
+        return {"warning": DIAGNOSTICS_WARNING if self.private else "run without DP: nothing to protect",
+                "covered_by_dp": False, **super().as_dict()}
 
     def _flush(self) -> None:
-        doc = {"warning": DIAGNOSTICS_WARNING if self.private else "run without DP: nothing to protect",
-               "covered_by_dp": False, "plan": self.plan,
-               "rounds": [dataclasses.asdict(r) for r in self.rounds],
-               "final": dataclasses.asdict(self.final) if self.final else None}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(_clean(doc), indent=2) + "\n", fsync=False)
+        atomic_write_text(self.path, json.dumps(self.as_dict(), indent=2) + "\n", fsync=False)
 
 
 __all__ = ["COVERED_ROUND_FIELDS", "DIAGNOSTICS_FILE", "DIAGNOSTICS_WARNING", "DiagnosticsWriter",

@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Array, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from fedpeft.config import resolve
 from fedpeft.federation.checkpoint import load_checkpoint
@@ -117,28 +115,6 @@ def test_stragglers_past_the_deadline_are_not_aggregated(tmp_path):
     assert r.stragglers == 6 and r.train_loss is None  # nothing aggregated
 
 
-def _poisoning_app(poison):
-    """The honest ClientApp, except that client 0 replaces its upload."""
-    app = ClientApp()
-
-    @app.query()
-    def query(msg, context):
-        return honest_app(msg, context)
-
-    @app.train()
-    def train(msg, context):
-        reply = honest_app(msg, context)
-        if int(context.node_config["partition-id"]) == 0:
-            arrays = reply.content["arrays"]
-            state = {k: torch.from_numpy(a.numpy().copy()) for k, a in arrays.items()}
-            bad = poison(state)
-            reply = Message(RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in bad.items()}),
-                                        "metrics": reply.content["metrics"]}), reply_to=msg)
-        return reply
-
-    return app
-
-
 def _nan(state):
     k = next(iter(state))
     state[k][..., 0] = float("nan")
@@ -164,16 +140,16 @@ def _int_dtype(state):
 
 @pytest.mark.parametrize("poison,reason", [(_nan, "NaN"), (_wrong_shape, "shape"), (_missing, "missing keys"),
                                            (_int_dtype, "dtype")])
-def test_malformed_update_is_rejected_and_does_not_poison(tmp_path, poison, reason):
+def test_malformed_update_is_rejected_and_does_not_poison(tmp_path, poison, reason, poisoning_app):
     cfg = resolve({**TINY, "clients": 4, "cohort": 4, "rounds": 1, "output": str(tmp_path / "p")})
-    out = run_federation(LocalGrid(_poisoning_app(poison), 4), cfg, [])
+    out = run_federation(LocalGrid(poisoning_app(poison), 4), cfg, [])
     r = out.rounds[0]
     assert r.rejected == 1 and reason in r.rejections[0] and r.rejections[0].startswith("client 0")
     assert r.eval_loss is not None and np.isfinite(r.eval_loss)
     assert r.bytes_up > 0
 
 
-def test_huge_update_under_user_dp_moves_the_model_at_most_its_clipped_share(tmp_path):
+def test_huge_update_under_user_dp_moves_the_model_at_most_its_clipped_share(tmp_path, poisoning_app):
     """A client scaling its update by 1e6 shifts the DP aggregate by at most S / (qN)."""
     from fedpeft.federation.workspace import get_workspace
 
@@ -185,7 +161,7 @@ def test_huge_update_under_user_dp_moves_the_model_at_most_its_clipped_share(tmp
         return {k: g[k] + 1e6 * (v - g[k]) for k, v in state.items()}
 
     outs = {}
-    for name, app in (("honest", honest_app), ("poisoned", _poisoning_app(boost))):
+    for name, app in (("honest", honest_app), ("poisoned", poisoning_app(boost))):
         cfg = resolve({**base, "output": str(tmp_path / name)})
         grid = LocalGrid(app, 4)
         states = []

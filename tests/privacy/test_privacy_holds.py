@@ -11,8 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
 from fedpeft.config import resolve
@@ -169,34 +167,20 @@ def test_empty_partitions_under_user_dp_complete(tmp_path):
     assert full.rejected == 0 and full.clients_failed == 0 and full.clients_sampled > 0
 
 
-def _zero_example_poisoner():
-    """Honest ClientApp, except client 0 sends a NaN in its upload and claims 0 examples."""
-    app = ClientApp()
+def _nan_first(state):
+    first = next(iter(state))
+    state[first].reshape(-1)[0] = float("nan")
+    return state
 
-    @app.query()
-    def query(msg, context):
-        return honest_app(msg, context)
 
-    @app.train()
-    def train(msg, context):
-        reply = honest_app(msg, context)
-        if int(context.node_config["partition-id"]) != 0:
-            return reply
-        arrays = {k: a.numpy().copy() for k, a in reply.content["arrays"].items()}
-        first = next(iter(arrays))
-        arrays[first].reshape(-1)[0] = np.nan
-        metrics = dict(reply.content["metrics"])
-        metrics["num-examples"] = 0
-        return Message(RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
-                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
-
-    return app
+def _zero_examples(metrics):
+    return {**metrics, "num-examples": 0}
 
 
 @pytest.mark.parametrize("extra", [{}, {"epsilon": 4.0, "diagnostics": True}])
-def test_nan_update_claiming_zero_examples_is_rejected_and_counted(tmp_path, extra):
+def test_nan_update_claiming_zero_examples_is_rejected_and_counted(tmp_path, extra, poisoning_app):
     cfg = resolve({**TINY, "clients": 4, "cohort": 4, "rounds": 1, **extra, "output": str(tmp_path / "p")})
-    out = run_federation(LocalGrid(_zero_example_poisoner(), 4), cfg, [])
+    out = run_federation(LocalGrid(poisoning_app(_nan_first, _zero_examples), 4), cfg, [])
     full = out.unpublished[0]
     assert full.rejected == 1 and "NaN" in full.rejections[0]
     assert np.isfinite(out.rounds[0].eval_loss)
