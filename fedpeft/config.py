@@ -97,7 +97,9 @@ class RunConfig:
     deadline: float = 0.0  # round deadline in seconds of (simulated) client time; 0 = none
     max_upload_bytes: int = 0  # larger replies are rejected; 0 = 2x an honest dense upload
     checkpoint_every: int = 0  # write an atomic checkpoint every K rounds (0 = never)
-    round_timeout: float = 1800.0  # seconds a round waits for replies (stragglers are dropped)
+    #: seconds a round waits for replies. A crashed SuperNode is reported by the SuperLink after
+    #: 2 missed heartbeats (about a minute); this bounds a node that is alive but stuck.
+    round_timeout: float = 1800.0
     backend: str = "ray"  # ray (Flower simulation engine) | inprocess (no Ray, sequential)
     cpus_per_client: float = 1.0
     output: str | None = None

@@ -8,6 +8,3 @@ prints its message on one line and exits with code 2 — never a traceback.
 class UsageError(ValueError):
     """Bad user input: the message names the value and what is allowed."""
 
-
-class NotImplementedYet(UsageError):
-    """A documented option whose implementation has not landed yet."""

@@ -251,15 +251,3 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
                          LocalResult(mean_loss=result.mean_loss, steps=result.steps,
                                      examples=len(rows)),
                          metrics)
-
-
-def run_client_round(ws: Workspace, cfg: RunConfig, rnd: ClientRound,
-                     broadcast: State, state_dir: Path | None = None) -> tuple[State, LocalResult]:
-    """:func:`train_client` without the mode metrics (per-client state under ``state_dir``,
-    default: the run's ``client_state`` folder)."""
-    if state_dir is None:
-        from fedpeft.federation.upload import client_state_dir
-
-        state_dir = client_state_dir(cfg, {})
-    out = train_client(ws, cfg, rnd, broadcast, state_dir)
-    return out.upload, out.result

@@ -43,14 +43,6 @@ from fedpeft.training.evaluate import evaluate
 from strategies import STRATEGIES
 
 EVAL_BATCH = 64
-# Seconds a round waits for replies. A crashed SuperNode is reported by the SuperLink after
-# 2 missed heartbeats (about a minute); this bounds a node that is alive but stuck.
-DEFAULT_ROUND_TIMEOUT = 1800.0
-
-
-def round_timeout(cfg: RunConfig) -> float:
-    """``cfg.round_timeout`` once RunConfig has it, else :data:`DEFAULT_ROUND_TIMEOUT`."""
-    return float(getattr(cfg, "round_timeout", DEFAULT_ROUND_TIMEOUT))
 
 
 @dataclass(frozen=True)
@@ -141,7 +133,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                                "server-round": server_round, "round-rank": rank or 0})
         sent = downlink.prepare(global_state, server_round)
         messages = list(strategy.configure_train(server_round, to_record(sent), config, grid))
-        replies = (list(grid.send_and_receive(messages, timeout=round_timeout(cfg)))
+        replies = (list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
                    if messages else [])
         arrays, metrics = strategy.aggregate_train(server_round, replies)
         m = dict(metrics) if metrics is not None else {}

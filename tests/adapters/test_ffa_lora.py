@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters import AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
-from fedpeft.federation.client import ClientRound, run_client_round
+from fedpeft.federation.client import ClientRound, train_client
 from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.federation.workspace import Workspace, frozen_fingerprint, get_workspace
 from fedpeft.model.loading import load_classifier
@@ -27,6 +29,9 @@ NUM_PARTITIONS = 20
 # LoRA is still exact: A gets no gradient while B = 0, so every A_i equals the global A.)
 CLIENT_CFG = RunConfig(max_test_examples=64, seed=0, partition="dirichlet", dirichlet_alpha=0.1,
                        max_client_examples=32, batch_size=16, lr=1e-2)
+#: per-client state of these plain (non-private, uncompressed) rounds: nothing is kept, but the
+#: client code path takes a directory; never the working directory
+STATE_DIR = Path(tempfile.mkdtemp(prefix="fedpeft-ffa-test-"))
 
 _A_HASH_SCRIPT = """
 import hashlib, torch
@@ -98,7 +103,8 @@ def federated_round(ws: Workspace, global_state: State, client_ids: list[int],
     for msg, cid in zip(messages, client_ids):
         rnd = ClientRound(client_id=cid, num_partitions=NUM_PARTITIONS, server_round=server_round,
                           round_rank=None)
-        upload, result = run_client_round(ws, CLIENT_CFG, rnd, from_record(msg.content["arrays"]))
+        out = train_client(ws, CLIENT_CFG, rnd, from_record(msg.content["arrays"]), STATE_DIR)
+        upload, result = out.upload, out.result
         uploads.append(upload)
         examples.append(result.examples)
         metrics = MetricRecord({"client-id": cid, "num-examples": result.examples, "train-loss": result.mean_loss})
