@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     from fedpeft.adapters import AdapterSpec, build_adapter
     from fedpeft.config import RunConfig
-    from fedpeft.data.features import FeatureSplit, head_inputs
+    from fedpeft.data.features import FeatureSplit, split_features
     from fedpeft.data.sources import load_splits
-    from fedpeft.data.tokenized import eval_batches, shuffled_batches, tokenize
+    from fedpeft.data.tokenized import shuffled_batches, tokenize
     from fedpeft.model.feature_head import FeatureClassifier, head_dropout
     from fedpeft.model.loading import load_classifier, load_tokenizer
     from fedpeft.training.local import train_local
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
                      cfg.max_length)
     model = build_adapter("head", AdapterSpec()).inject(load_classifier(cfg.model, splits.num_labels, 0))
     with timer() as t_feat:
-        order = np.argsort(split.lengths, kind="stable")
-        feats = np.empty((n, model.config.hidden_size), dtype=np.float32)
-        feats[order] = head_inputs(model, eval_batches(split, 64, 0))
+        feats = split_features(model, split, 0, 64)
     cached = FeatureSplit(feats, split.labels)
     head = FeatureClassifier(model.classifier, head_dropout(model))
     rows = np.arange(args.examples)

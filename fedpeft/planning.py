@@ -84,6 +84,8 @@ class Plan:
     predicted_seconds: float | None = None
     chosen: dict[str, str] = field(default_factory=dict)  # setting -> why the planner chose it
     warnings: list[str] = field(default_factory=list)
+    #: warnings that state the data's size (not published under DP, like examples_per_round)
+    data_warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +100,7 @@ class Plan:
                        f"({self.accountant}); noise-to-signal per round R = z·√d/(qN) = "
                        f"{self.noise_to_signal:.3g} (learning needs R < √T = {math.sqrt(self.rounds):.2f})")
         out += [f"planner chose {k}: {why}" for k, why in self.chosen.items()]
-        out += [f"warning: {w}" for w in self.warnings]
+        out += [f"warning: {w}" for w in (*self.warnings, *self.data_warnings)]
         return out
 
 
@@ -132,7 +134,7 @@ def make_plan(*, clients: int, cohort: float, rounds: int, adapter: str, dim: in
                 trainable_dim=dim, examples_per_round=q * train_examples, dp_level=dp, chosen=dict(chosen or {}),
                 predicted_seconds=costs.seconds(adapter, cohort, rounds, q * train_examples, local_epochs))
     if train_examples < clients:
-        plan.warnings.append(f"{train_examples:,} examples for {clients:,} clients: at least "
+        plan.data_warnings.append(f"{train_examples:,} examples for {clients:,} clients: at least "
                              f"{clients - train_examples:,} clients have no data and send empty (zero) updates")
     if dp == "user" and noise_multiplier is not None:
         plan.epsilon, plan.delta, plan.noise_multiplier = epsilon, delta, noise_multiplier
@@ -188,6 +190,16 @@ def choose_settings(clients: int, epsilon: float, delta: float, accountant: str,
     return {"adapter": adapter, "cohort": cohort, "rounds": rounds, **recipe}, why
 
 
+def config_plan(cfg: Any, layout: dict[str, tuple[int, ...]], train_examples: int,
+                delta: float | None, noise_multiplier: float | None) -> Plan:
+    """The plan of a resolved RunConfig whose clients upload ``layout`` (d = its size)."""
+    return make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter,
+                     dim=sum(math.prod(s) for s in layout.values()), train_examples=train_examples,
+                     dp=cfg.dp or "none", epsilon=cfg.epsilon, delta=delta, noise_multiplier=noise_multiplier,
+                     accountant=cfg.accountant, clip=cfg.clip, local_epochs=cfg.local_epochs,
+                     chosen=parse_planned(cfg.planned))
+
+
 def plan_for_config(cfg: Any) -> Plan:  # RunConfig
     """The plan of a resolved config without training: the model is built and the adapter
     injected to count the uploaded coordinates; the data is read but not tokenised."""
@@ -204,17 +216,12 @@ def plan_for_config(cfg: Any) -> Plan:  # RunConfig
     adapter = build_adapter(cfg.adapter, adapter_spec(cfg))
     model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling))
     layout = honest_upload_layout(adapter, model, client_local_of(STRATEGIES.get(cfg.strategy)))(None)
-    dim = sum(math.prod(s) for s in layout.values())
     delta = z = None
     if cfg.dp == "user":
         delta = cfg.delta if cfg.delta is not None else default_delta(cfg.clients)
         z = cfg.noise_multiplier or noise_multiplier_for(cfg.epsilon, delta, cfg.cohort / cfg.clients, cfg.rounds,
                                                          cfg.accountant)
-    chosen = parse_planned(cfg.planned)
-    return make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter, dim=dim,
-                     train_examples=len(splits.train), dp=cfg.dp or "none", epsilon=cfg.epsilon, delta=delta,
-                     noise_multiplier=z, accountant=cfg.accountant, clip=cfg.clip,
-                     local_epochs=cfg.local_epochs, chosen=chosen)
+    return config_plan(cfg, layout, len(splits.train), delta, z)
 
 
 def analytic_dims(hidden: int, layers: int, num_labels: int, rank: int = 8, targets: int = 2) -> dict[str, int]:
@@ -253,5 +260,5 @@ def auto_plan(values: dict[str, Any]) -> dict[str, Any]:
     return {**values, **chosen, "planned": json.dumps(why)}
 
 
-__all__ = ["analytic_dims", "auto_plan", "plan_for_config", "CostModel", "PLANNED_SETTINGS", "Plan", "RECIPES", "TIME_BUDGET_S", "choose_settings", "make_plan",
+__all__ = ["analytic_dims", "auto_plan", "config_plan", "plan_for_config", "CostModel", "PLANNED_SETTINGS", "Plan", "RECIPES", "TIME_BUDGET_S", "choose_settings", "make_plan",
            "noise_to_signal"]

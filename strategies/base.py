@@ -163,6 +163,11 @@ class FedPeftStrategy(Strategy):
     def round_rank(self) -> int | None:
         return self._round_rank
 
+    @property
+    def broadcast_bytes(self) -> int:
+        """Serialized size of this round's (dense) broadcast to one client."""
+        return self._broadcast_bytes
+
     def accept(self, replies: Sequence[Message]) -> list[ClientUpdate]:
         """Decode the replies that arrived; refuse malformed or late ones (with reasons)."""
         self.rejections, self.late = [], 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from fedpeft.atomic import atomic_write_bytes
+from fedpeft.data.tokenized import TokenizedSplit, eval_batches
 
 #: bump when the way features are computed changes (invalidates old cache files)
 FEATURE_VERSION = 1
@@ -97,6 +99,16 @@ def head_inputs(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) ->
     return torch.cat(captured).numpy() if captured else np.zeros((0, 0), dtype=np.float32)
 
 
+def split_features(model: nn.Module, split: TokenizedSplit, pad_id: int, batch_size: int = 64) -> np.ndarray:
+    """:func:`head_inputs` of every row of ``split``, in row order (computed in length-sorted
+    batches, which pad least)."""
+    order = np.argsort(split.lengths, kind="stable")  # the order eval_batches yields rows in
+    feats = head_inputs(model, eval_batches(split, batch_size, pad_id))
+    out = np.empty_like(feats)
+    out[order] = feats
+    return out
+
+
 def cached_features(key: str, compute: callable) -> dict[str, np.ndarray]:  # type: ignore[valid-type]
     """``compute()`` (a dict of arrays) once per key on this machine; later calls load it.
 
@@ -113,8 +125,6 @@ def cached_features(key: str, compute: callable) -> dict[str, np.ndarray]:  # ty
                 with np.load(path) as data:
                     return {k: data[k] for k in data.files}
             arrays = compute()
-            import io
-
             buf = io.BytesIO()
             np.savez(buf, **arrays)
             atomic_write_bytes(path, buf.getvalue())
@@ -123,4 +133,5 @@ def cached_features(key: str, compute: callable) -> dict[str, np.ndarray]:  # ty
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-__all__ = ["FEATURE_VERSION", "FeatureSplit", "cache_dir", "cache_key", "cached_features", "head_inputs"]
+__all__ = ["FEATURE_VERSION", "FeatureSplit", "cache_dir", "cache_key", "cached_features", "head_inputs",
+           "split_features"]

@@ -204,6 +204,15 @@ def _after_every_step(hook: StepHook | None, after: Callable[[], None]) -> StepH
     return wrapped
 
 
+def _upload(ws: Workspace, rnd: ClientRound, rank_cap: int | None, is_local: ClientLocal | None) -> State:
+    """What the model in ``ws`` sends: the adapter's upload, cut to the client's rank cap,
+    without the tensors the strategy keeps on the clients."""
+    upload = ws.adapter.upload(ws.model, rnd.round_rank)
+    if rank_cap is not None:
+        upload = truncate_state(upload, rank_cap)
+    return shared_only(upload, is_local)
+
+
 def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: State,
                  state_dir: Path) -> ClientOutcome:
     """Load the broadcast into the cached model, train this client's rows in the run's
@@ -223,12 +232,8 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
     if len(rows) == 0:
         # no data: a valid zero update (the broadcast's own coordinates), so the server checks
         # and sums this reply like any other; nothing was trained, so nothing is accounted
-        upload = ws.adapter.upload(ws.model, rnd.round_rank)
-        if rank_cap is not None:
-            upload = truncate_state(upload, rank_cap)
-        if is_local is not None:
-            upload = shared_only(upload, is_local)
-        return ClientOutcome(upload, LocalResult(mean_loss=float("nan"), steps=0, examples=0))
+        return ClientOutcome(_upload(ws, rnd, rank_cap, is_local),
+                             LocalResult(mean_loss=float("nan"), steps=0, examples=0))
     store = LocalParamStore(Path(state_dir) / LOCAL_PARAMS_DIR) if is_local else None
     if store is not None:
         own = store.load(rnd.key, rnd.server_round)
@@ -240,12 +245,9 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
     if rank_cap is not None:  # --client-ranks: this client is a rank-r_i LoRA
         hook = _after_every_step(hook, ws.adapter.limit_rank(ws.model, rank_cap))
     result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
-    upload = ws.adapter.upload(ws.model, rnd.round_rank)
-    if rank_cap is not None:
-        upload = truncate_state(upload, rank_cap)
+    upload = _upload(ws, rnd, rank_cap, is_local)
     if store is not None:
         store.save(rnd.key, local_only(ws.adapter.trainable_state(ws.model), is_local), rnd.server_round)
-        upload = shared_only(upload, is_local)
         metrics = {**metrics, **personalized_metrics(ws, cfg, rnd, rows, broadcast, is_local)}
     return ClientOutcome(upload,
                          LocalResult(mean_loss=result.mean_loss, steps=result.steps,

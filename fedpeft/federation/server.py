@@ -9,7 +9,6 @@ user asks for it (``--diagnostics``) and into the server-private checkpoint.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -35,7 +34,7 @@ from fedpeft.federation.local_params import client_local_of
 from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import PoissonSampler, discover_clients
 from fedpeft.federation.workspace import get_workspace
-from fedpeft.planning import Plan, make_plan, parse_planned
+from fedpeft.planning import config_plan
 from fedpeft.privacy.publication import DiagnosticsWriter, Publication
 from fedpeft.reporting import Reporter
 from fedpeft.results import FinalRecord, RoundRecord
@@ -76,12 +75,15 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     if privacy.warning:
         log(WARNING, "%s", privacy.warning)
     publication = Publication(privacy.private, cfg.cohort)
-    if cfg.diagnostics and cfg.output:
-        reporters = [*reporters, _Unfiltered(DiagnosticsWriter(cfg.output, privacy.private))]
+    # reporters see the published records; `unfiltered` (the --diagnostics file) the full ones
+    unfiltered: list[Reporter] = ([DiagnosticsWriter(cfg.output, privacy.private)]
+                                  if cfg.diagnostics and cfg.output else [])
     sampler = PoissonSampler(node_ids, rate, streams)
     inner = STRATEGIES.get(cfg.strategy).from_config(ws.adapter, sampler, cfg)
     inner.upload_layout = honest_upload_layout(ws.adapter, ws.model)
-    dense_layout = honest_upload_layout(ws.adapter, ws.model, client_local_of(inner))
+    # what an honest client uploads, without the tensors the strategy keeps on the clients
+    shared_layout = honest_upload_layout(ws.adapter, ws.model, client_local_of(inner))
+    dense_up: dict[int | None, int] = {}  # round rank -> bytes of one dense upload
     inner.max_upload_bytes = cfg.max_upload_bytes or 2 * _dense_bytes(ws.adapter.upload(ws.model, None))
     inner.deadline_s = cfg.deadline
     strategy = privacy.wrap(inner)
@@ -90,9 +92,12 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             "trainable_parameters": sum(v.numel() for v in ws.initial_state.values()),
             "train_examples": len(ws.train), "test_examples": len(ws.test),
             "num_labels": ws.splits.num_labels, "privacy": privacy.plan(),
-            "utility": utility_plan(cfg, ws, privacy).as_dict()}
+            "utility": config_plan(cfg, shared_layout(None), len(ws.train), privacy.delta,
+                                   privacy.noise_multiplier).as_dict()}
     for r in reporters:
-        r.on_start(cfg.to_dict(), plan if isinstance(r, _Unfiltered) else publication.plan(plan))
+        r.on_start(cfg.to_dict(), publication.plan(plan))
+    for r in unfiltered:
+        r.on_start(cfg.to_dict(), plan)
 
     # a FLoRA run in this process may have folded updates into the cached model's base
     ws.adapter.load_state(ws.model, ws.frozen_base)
@@ -116,7 +121,9 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         restore_client_state(Path(cfg.output or "."), client_state)
         for full, public in zip(records, published):
             for r in reporters:
-                r.on_round(full if isinstance(r, _Unfiltered) else public)
+                r.on_round(public)
+            for r in unfiltered:
+                r.on_round(full)
     if cfg.output:
         # per-client files are named by client id: who was ever sampled is private state, not
         # a result (owner-only, like the checkpoint)
@@ -164,21 +171,23 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             personalized_accuracy=m.get("personalized-accuracy"),
             personalized_majority=m.get("personalized-majority"),
         )
-        public = publication.round(
-            record, dense_up=_dense_bytes({k: torch.zeros(s) for k, s in dense_layout(rank).items()}),
-            dense_down=_dense_bytes(inner.broadcast_state(sent, rank)))
+        if rank not in dense_up:
+            dense_up[rank] = _dense_bytes({k: torch.zeros(s) for k, s in shared_layout(rank).items()})
+        public = publication.round(record, dense_up=dense_up[rank], dense_down=inner.broadcast_bytes)
         records.append(record)
         published.append(public)
         for r in reporters:
-            r.on_round(record if isinstance(r, _Unfiltered) else public)
+            r.on_round(public)
+        for r in unfiltered:
+            r.on_round(record)
         if cfg.checkpoint_every and cfg.output and server_round % cfg.checkpoint_every == 0:
+            opt_state, opt_tensors = inner.server_opt.state_dict()
             save_checkpoint(Path(cfg.output), Checkpoint(
                 round=server_round, global_state=global_state, records=records,
                 strategy_state=strategy.state_dict(), privacy_state=privacy.state_dict(),
                 downlink_state=downlink.state_dict(), downlink_tensors=downlink.tensors(),
                 streams=streams, published=published,
-                server_opt_state=inner.server_opt.state_dict()[0],
-                server_opt_tensors=inner.server_opt.state_dict()[1]), client_state)
+                server_opt_state=opt_state, server_opt_tensors=opt_tensors), client_state)
 
     wall = time.perf_counter() - t0
 
@@ -191,32 +200,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
 
     final = final_of(published)
     for r in reporters:
-        r.on_finish(final_of(records) if isinstance(r, _Unfiltered) else final)
+        r.on_finish(final)
+    for r in unfiltered:
+        r.on_finish(final_of(records))
     return RunOutcome(final=final, rounds=published, unpublished=records)
-
-
-def utility_plan(cfg: RunConfig, ws, privacy) -> Plan:  # noqa: ANN001
-    """The planner's view of this run (SPEC §3.5): d is what a client uploads (noised)."""
-    layout = honest_upload_layout(ws.adapter, ws.model, client_local_of(STRATEGIES.get(cfg.strategy)))(None)
-    dim = sum(math.prod(s) for s in layout.values())
-    chosen = parse_planned(cfg.planned)
-    return make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter, dim=dim,
-                     train_examples=len(ws.train), dp=cfg.dp or "none", epsilon=cfg.epsilon,
-                     delta=privacy.delta, noise_multiplier=privacy.noise_multiplier,
-                     accountant=cfg.accountant, clip=cfg.clip, local_epochs=cfg.local_epochs, chosen=chosen)
-
-
-class _Unfiltered:
-    """Marks a reporter that receives the full, unpublished records (the diagnostics file)."""
-
-    def __init__(self, inner: Reporter) -> None:
-        self.inner = inner
-
-    def on_start(self, config: dict, plan: dict) -> None:
-        self.inner.on_start(config, plan)
-
-    def on_round(self, record: RoundRecord) -> None:
-        self.inner.on_round(record)
-
-    def on_finish(self, final: FinalRecord) -> None:
-        self.inner.on_finish(final)

@@ -10,16 +10,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedpeft.adapters import Adapter, AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
-from fedpeft.data.features import FeatureSplit, cache_key, cached_features, head_inputs
+from fedpeft.data.features import FeatureSplit, cache_key, cached_features, split_features
 from fedpeft.data.partition import Partitions
 from fedpeft.data.sources import LabeledSplits, load_splits
-from fedpeft.data.tokenized import TokenizedSplit, eval_batches, tokenize
+from fedpeft.data.tokenized import TokenizedSplit, tokenize
 from fedpeft.model.feature_head import FeatureClassifier, head_dropout
 from fedpeft.model.loading import load_classifier, load_tokenizer, resolve_model_path
 
@@ -110,16 +109,8 @@ def _frozen_features(cfg: RunConfig, model: nn.Module, train: TokenizedSplit,
                      "max_length": cfg.max_length, "test_fraction": cfg.test_fraction,
                      "max_test_examples": cfg.max_test_examples, "train_n": len(train), "test_n": len(test)})
 
-    def compute() -> dict:
-        def features(split: TokenizedSplit):
-            order = np.argsort(split.lengths, kind="stable")
-            feats = head_inputs(model, eval_batches(split, FEATURE_BATCH, pad_id))
-            out = np.empty_like(feats)
-            out[order] = feats  # eval_batches yields length-sorted rows
-            return out
-        return {"train": features(train), "test": features(test)}
-
-    arrays = cached_features(key, compute)
+    arrays = cached_features(key, lambda: {"train": split_features(model, train, pad_id, FEATURE_BATCH),
+                                           "test": split_features(model, test, pad_id, FEATURE_BATCH)})
     head = FeatureClassifier(model.classifier, head_dropout(model))
     head.eval()
     return (head, FeatureSplit(arrays["train"], train.labels), FeatureSplit(arrays["test"], test.labels))

@@ -40,6 +40,8 @@ DIAGNOSTICS_WARNING = ("NOT covered by the run's differential-privacy guarantee:
 COVERED_ROUND_FIELDS = frozenset({"round", "eval_loss", "eval_accuracy", "epsilon", "rank"})
 #: Plan keys that describe the data rather than the settings (kept out of a DP run's plan).
 UNCOVERED_PLAN_KEYS = frozenset({"train_examples"})
+#: Planner keys computed from the data's size (the time estimate scales with the examples).
+UNCOVERED_UTILITY_KEYS = frozenset({"examples_per_round", "data_warnings", "predicted_seconds"})
 
 
 class Publication:
@@ -59,8 +61,7 @@ class Publication:
             return plan
         out = {k: v for k, v in plan.items() if k not in UNCOVERED_PLAN_KEYS}
         if isinstance(out.get("utility"), dict):  # the planner's view, minus the data's size
-            out["utility"] = {k: v for k, v in out["utility"].items() if k != "examples_per_round"}
-            out["utility"]["warnings"] = [w for w in out["utility"].get("warnings", []) if "examples for" not in w]
+            out["utility"] = {k: v for k, v in out["utility"].items() if k not in UNCOVERED_UTILITY_KEYS}
         return out
 
     def round(self, record: RoundRecord, dense_up: int, dense_down: int) -> RoundRecord:

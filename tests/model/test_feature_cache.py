@@ -66,8 +66,7 @@ def test_head_workspace_computes_features_once_per_machine(small_csv, tmp_path, 
     def boom(*a, **k):
         raise AssertionError("features recomputed instead of loaded from the cache")
 
-    monkeypatch.setattr(feats, "head_inputs", boom)
-    monkeypatch.setattr("fedpeft.federation.workspace.head_inputs", boom)
+    monkeypatch.setattr(feats, "head_inputs", boom)  # what split_features calls
     _cache.clear()
     again = get_workspace(cfg)
     np.testing.assert_array_equal(again.train.features, first)

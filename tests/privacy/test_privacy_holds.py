@@ -124,6 +124,7 @@ def test_dp_results_carry_no_client_reported_statistics(tmp_path):
     for row in _csv_rows(tmp_path / "dp" / "rounds.csv"):
         assert row["train_loss"] == "" and row["clients_sampled"] == ""
     assert "train_examples" not in results["plan"]
+    assert not {"examples_per_round", "data_warnings", "predicted_seconds"} & set(results["plan"]["utility"])
     # bytes are the planned figures: expected cohort × one client's dense upload (not the
     # data-dependent compressed sizes)
     ws = get_workspace(cfg)
