@@ -115,7 +115,7 @@ def naive_job(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     cfg = RunConfig(clients=args.clients, cohort=args.cohort, rounds=args.rounds, seed=args.seed,
                     max_test_examples=args.max_test_examples, max_client_examples=args.max_client_examples)
-    sampler = PoissonSampler(list(range(cfg.clients)), cfg.cohort / cfg.clients, SeededStreams(cfg.seed))
+    sampler = PoissonSampler(cfg.clients, cfg.cohort / cfg.clients, SeededStreams(cfg.seed))
     counts = [len(sampler.sample(r)) for r in range(1, cfg.rounds + 1)]
 
     class SameCountFedAvg(FedAvg):

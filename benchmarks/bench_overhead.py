@@ -92,7 +92,7 @@ def plain_job(args: argparse.Namespace) -> dict:
     pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(cfg,))
     torch.set_num_threads(args.workers)
     ws = get_workspace(cfg)
-    sampler = PoissonSampler(list(range(cfg.clients)), cfg.cohort / cfg.clients, SeededStreams(cfg.seed))
+    sampler = PoissonSampler(cfg.clients, cfg.cohort / cfg.clients, SeededStreams(cfg.seed))
     state = ws.initial_state
     rounds = []
     t_loop = time.perf_counter()

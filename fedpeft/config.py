@@ -102,6 +102,8 @@ class RunConfig:
     round_timeout: float = 1800.0
     backend: str = "ray"  # ray (Flower simulation engine) | inprocess (no Ray, sequential)
     cpus_per_client: float = 1.0
+    #: Ray cluster to join ("host:port", "auto"); empty: $RAY_ADDRESS, else a local Ray on 127.0.0.1
+    ray_address: str = ""
     output: str | None = None
     #: why the planner chose settings the user did not give (fedpeft.planning.auto_plan); ""
     #: when the user set them

@@ -43,6 +43,8 @@ class RoundRecord:
     personalized_accuracy: float | None = None
     #: the same clients' local-majority-label rate on those local test sets (the baseline)
     personalized_majority: float | None = None
+    #: distinct Ray nodes that ran this round's clients (null outside Ray)
+    worker_nodes: int | None = None
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Run the fedpeft apps on Flower's simulation engine (Ray backend), sized for small hosts.
+"""Run the fedpeft apps in simulation: Flower's Ray backend, or in process.
 
-``client_resources.num_cpus = cpus_per_client`` (default 1) gives one Ray actor per core;
-each actor holds one backbone (see ``federation/workspace.py``) and serves many clients.
+``client_resources.num_cpus = cpus_per_client`` (default 1) gives one Ray actor per core of
+the Ray cluster (a local one, or ``--ray-address``); each actor holds one backbone (see
+``federation/workspace.py``) and serves any number of virtual clients
+(``federation/virtual_grid.py``): nothing is registered per client.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray starts workers at nice 15 by default: on a shared host client training then yields
+    # to everything else while the server waits for it (2x wall-time spread, issue #15)
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 Backend = Callable[[RunConfig, list[Reporter], bool, "Checkpoint | None"], RunOutcome]
@@ -43,38 +48,47 @@ def _inprocess(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
                resume: Checkpoint | None) -> RunOutcome:
     """Every client in this process, one after another: no Ray, same apps and loop."""
     from fedpeft.federation.client_app import app as client_app
-    from fedpeft.federation.local_grid import LocalGrid
+    from fedpeft.federation.virtual_grid import InProcessGrid
 
-    return run_federation(LocalGrid(client_app, cfg.clients), cfg, reporters, resume)
+    grid = InProcessGrid(client_app, cfg.clients)
+    return run_federation(grid, cfg, reporters, resume, roster=grid.roster())
+
+
+def ray_address(cfg: RunConfig) -> str | None:
+    """The Ray cluster to join (``--ray-address``, else ``$RAY_ADDRESS``), or None: start one."""
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def ray_backend_config(cfg: RunConfig, verbose: bool) -> dict:
+    """Flower Ray-backend settings: one actor per ``cpus_per_client`` CPUs of the cluster."""
+    address = ray_address(cfg)
+    init_args: dict = {"include_dashboard": False, "log_to_driver": verbose,
+                       "logging_level": logging.INFO if verbose else logging.ERROR}
+    if address:
+        init_args["address"] = address  # the cluster's resources size the actor pool
+    else:
+        init_args.update(num_cpus=os.cpu_count() or 1, num_gpus=0)
+    return {"client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
 
 
 @BACKENDS.register("ray")
 def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool, resume: Checkpoint | None) -> RunOutcome:
-    """Flower's simulation engine on Ray: one actor per ``cpus_per_client`` CPUs."""
+    """Flower's Ray backend (actor pool) serving virtual clients; the round loop stays here."""
+    import ray
     from flwr.common.logger import FLOWER_LOGGER as flwr_logger
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.app import Context
-    from flwr.simulation import run_simulation
 
     from fedpeft.federation.client_app import app as client_app
+    from fedpeft.federation.virtual_grid import RayGrid, loopback_ray
 
     if not verbose:
-        flwr_logger.setLevel(logging.ERROR)  # hides run_simulation's deprecation notice
-    outcome: list[RunOutcome] = []
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        outcome.append(run_federation(grid, cfg, reporters, resume))
-
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                      "log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR},
-    }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
-                   backend_config=backend_config, verbose_logging=verbose)
-    if not outcome:
-        raise RuntimeError("the simulation ended without a result (see the log above)")
-    return outcome[0]
+        flwr_logger.setLevel(logging.ERROR)
+    if not ray_address(cfg):
+        loopback_ray()
+    started_here = not ray.is_initialized()
+    grid = RayGrid(client_app, cfg.clients, ray_backend_config(cfg, verbose))
+    try:
+        return run_federation(grid, cfg, reporters, resume, roster=grid.roster())
+    finally:
+        grid.close()
+        if started_here:
+            ray.shutdown()

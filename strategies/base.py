@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters.base import Adapter, State
 from fedpeft.config import RunConfig
 from fedpeft.federation.records import from_record, payload_bytes, to_record
+from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.upload import decode_upload
 from fedpeft.federation.validation import Layout, check_update
 from strategies.aggregation import lora_aggregation_error
@@ -30,8 +31,8 @@ from strategies.server_optim import NoServerOptimizer, ServerOptimizer, build_se
 
 
 class ClientSampler(Protocol):
-    def sample(self, server_round: int) -> list[int]:
-        """Node ids to train this round."""
+    def sample(self, server_round: int) -> list[tuple[int, int]]:
+        """``(logical client id, node id)`` of every client that trains this round."""
 
 
 @dataclass
@@ -125,9 +126,12 @@ class FedPeftStrategy(Strategy):
         self._round_rank = int(rank) if rank else None
         broadcast = to_record(self.broadcast_state(self._global, self._round_rank))
         self._broadcast_bytes = payload_bytes(broadcast)
-        content = RecordDict({"arrays": broadcast, "config": config})
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
-                for node in self.sampler.sample(server_round)]
+        # one shared broadcast record; each message names its logical client, so a node can
+        # serve any number of clients (simulation) or check that it is the one (deployment)
+        return [Message(content=RecordDict({"arrays": broadcast,
+                                            "config": ConfigRecord({**config, CLIENT_ID_KEY: client})}),
+                        message_type=MessageType.TRAIN, dst_node_id=node)
+                for client, node in self.sampler.sample(server_round)]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -221,6 +225,9 @@ class FedPeftStrategy(Strategy):
             "bytes-down": float(self._broadcast_bytes * len(replies)),
         }
         # sample-level DP: each client reports its own ε; the run's guarantee is the maximum
+        nodes = {u.metrics["worker-node"] for u in updates if u.metrics.get("worker-node")}
+        if nodes:  # a systems figure: how many Ray nodes the cohort ran on
+            metrics["worker-nodes"] = float(len(nodes))
         eps = [u.metrics["epsilon"] for u in updates if "epsilon" in u.metrics]
         if eps:
             metrics["epsilon-max"] = max(eps)

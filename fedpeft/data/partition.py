@@ -40,6 +40,13 @@ def _dirichlet(num_partitions: int, label_column: str, dirichlet_alpha: float, s
                                 self_balancing=False, shuffle=True, seed=seed)
 
 
+def iid_size(num_rows: int, num_partitions: int, partition_id: int) -> int:
+    """Rows of IID partition ``partition_id``: flwr-datasets' IidPartitioner takes contiguous
+    shards of ``num_rows // n`` rows, the first ``num_rows % n`` shards one row more."""
+    div, mod = divmod(num_rows, num_partitions)
+    return div + (1 if partition_id < mod else 0)
+
+
 class Partitions:
     """Lazy ``client id -> train row indices`` for one partition scheme."""
 
@@ -47,6 +54,7 @@ class Partitions:
                  dirichlet_alpha: float, seed: int) -> None:
         factory = PARTITIONERS.get(scheme)
         self.num_partitions = num_partitions
+        self._num_rows = len(train)
         self._partitioner = factory(num_partitions, label_column, dirichlet_alpha, seed, len(train))
         # only the index and label columns: partitioners never need the text
         keep = [label_column]
@@ -57,6 +65,10 @@ class Partitions:
     def _indices(self, partition_id: int) -> np.ndarray:
         if not 0 <= partition_id < self.num_partitions:
             raise IndexError(f"partition {partition_id} outside 0..{self.num_partitions - 1}")
+        if isinstance(self._partitioner, IidPartitioner) and iid_size(
+                self._num_rows, self.num_partitions, partition_id) == 0:
+            # more clients than rows: datasets' contiguous shard fails on an empty tail shard
+            return np.zeros(0, dtype=np.int64)
         part = self._partitioner.load_partition(partition_id)
         return np.asarray(part[INDEX_COLUMN], dtype=np.int64)
 

@@ -1,7 +1,11 @@
 """The fedpeft ClientApp (Flower Message API), identical in simulation and deployment.
 
 Run settings arrive in every message's ConfigRecord, so a SuperNode needs no local config
-beyond its identity: ``partition-id`` / ``num-partitions`` in its node config. A node with
+beyond its identity: ``partition-id`` / ``num-partitions`` in its node config. Every train
+message also names the logical client it is for (``client-id``): in simulation a pool of
+workers serves any number of clients and the grid binds each message to its client's
+identity (:mod:`fedpeft.federation.virtual_grid`); a SuperNode refuses a message meant for
+another client. A node with
 its own data adds ``dataset-path`` (a csv/json/jsonl/parquet file or a ``save_to_disk``
 directory with the run's text and label columns): it then trains on that dataset — all of
 it — instead of partition ``partition-id`` of the run's dataset; ``partition-id`` stays its
@@ -23,12 +27,17 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import RunConfig
+from fedpeft.federation.messages import CLIENT_ID_KEY
 
 app = ClientApp()
 
 
-def _identity(context: Context) -> tuple[int, int]:
-    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+def _identity(context: Context, config: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    client_id = int(context.node_config["partition-id"])
+    named = None if config is None else config.get(CLIENT_ID_KEY)
+    if named is not None and int(named) != client_id:
+        raise ValueError(f"message for client {int(named)} reached the node of client {client_id}")
+    return client_id, int(context.node_config["num-partitions"])
 
 
 def node_data(cfg: RunConfig, node_config: Mapping[str, Any], client_id: int,
@@ -42,6 +51,18 @@ def node_data(cfg: RunConfig, node_config: Mapping[str, Any], client_id: int,
     if not path:
         return cfg, client_id, num_partitions
     return dataclasses.replace(cfg, dataset=path, partition="iid"), 0, 1
+
+
+def _worker_node() -> int:
+    """Which Ray node ran this client (CRC-32 of its node id; 0 outside Ray): shows the work
+    spreading over a cluster. Never imports Ray itself."""
+    import sys
+    import zlib
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 0
+    return zlib.crc32(ray.get_runtime_context().get_node_id().encode())
 
 
 @app.query()
@@ -65,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = RunConfig.from_flat(dict(config))
     torch.set_num_threads(max(1, int(cfg.cpus_per_client)))
-    client_id, num_partitions = _identity(context)
+    client_id, num_partitions = _identity(context, config)
     cfg, part_index, part_count = node_data(cfg, context.node_config, client_id, num_partitions)
     check_dropout(cfg, int(config["server-round"]), client_id)
     rank = int(config.get("round-rank", 0)) or None
@@ -87,7 +108,8 @@ def train(msg: Message, context: Context) -> Message:
     # add "personalized-accuracy" and "personalized-examples" (its own model, local test set)
     metrics = MetricRecord({"client-id": client_id, "num-examples": result.examples,
                             "train-loss": result.mean_loss if result.examples else 0.0,
-                            "steps": result.steps, "simulated-latency": latency, **out.metrics})
+                            "steps": result.steps, "simulated-latency": latency,
+                            "worker-node": _worker_node(), **out.metrics})
     arrays = (encode_upload(cfg, client_id, broadcast, upload, state_dir)
               if upload else ArrayRecord())
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

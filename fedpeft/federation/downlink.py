@@ -45,8 +45,8 @@ class Downlink:
         """The new true global, given the strategy's output computed from ``sent``."""
         return aggregated
 
-    def bytes_down(self, node_ids: list[int], server_round: int) -> int | None:
-        """Bytes sent to ``node_ids`` this round (None: the strategy's own count)."""
+    def bytes_down(self, client_ids: list[int], server_round: int) -> int | None:
+        """Bytes sent to ``client_ids`` this round (None: the strategy's own count)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -86,12 +86,12 @@ class CompressedDownlink(Downlink):
         return {k: (global_state[k].to(torch.float64) + aggregated[k].to(torch.float64)
                     - sent[k].to(torch.float64)).to(global_state[k].dtype) for k in global_state}
 
-    def bytes_down(self, node_ids: list[int], server_round: int) -> int:
+    def bytes_down(self, client_ids: list[int], server_round: int) -> int:
         total = 0
-        for node in node_ids:
-            since = self.last_sync.get(node, 0)
+        for client in client_ids:
+            since = self.last_sync.get(client, 0)
             total += min(sum(self.sizes[since + 1:server_round + 1]), self.dense_bytes)
-            self.last_sync[node] = server_round
+            self.last_sync[client] = server_round
         return total
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""An in-process Flower :class:`Grid`: every virtual node's ClientApp runs in this process.
+"""An in-process Flower :class:`Grid` with one node per client, like a real federation.
 
-The same ServerApp loop and ClientApp code as the Ray simulation engine and the deployment
-runtime, without Ray: used by ``fedpeft simulate --backend inprocess`` (debugging, small
-runs, the overhead benchmark) and by fast tests. Messages are delivered sequentially.
+Each node has its own ``partition-id``, so the round loop discovers the clients by asking
+the nodes (:func:`fedpeft.federation.sampling.discover_clients`), exactly as against a
+SuperLink. Tests use it to drive the deployment code path without processes; simulations
+use the worker-pool grids of :mod:`fedpeft.federation.virtual_grid` instead. Messages are
+delivered sequentially.
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ from fedpeft.federation.downlink import build_downlink
 from fedpeft.federation.privacy_plan import build_privacy
 from fedpeft.federation.upload import client_state_dir, codec_for
 from fedpeft.federation.local_params import client_local_of
+from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.validation import honest_upload_layout
-from fedpeft.federation.sampling import PoissonSampler, discover_clients
+from fedpeft.federation.sampling import Cohorts, PoissonSampler, Roster, discover_clients
 from fedpeft.federation.workspace import get_workspace
 from fedpeft.planning import config_plan
 from fedpeft.privacy.publication import DiagnosticsWriter, Publication
@@ -59,12 +60,17 @@ def _dense_bytes(state: dict[str, torch.Tensor]) -> int:
 
 
 def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
-                   resume: Checkpoint | None = None) -> RunOutcome:
-    """Run (or, from ``resume``, continue) the federation described by ``cfg``."""
+                   resume: Checkpoint | None = None, roster: Roster | None = None) -> RunOutcome:
+    """Run (or, from ``resume``, continue) the federation described by ``cfg``.
+
+    ``roster`` routes logical clients to nodes; None (a real federation) asks the grid's
+    nodes which client each one is.
+    """
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ws = get_workspace(cfg)
-    node_ids = discover_clients(grid, cfg.clients)
+    if roster is None:
+        roster = discover_clients(grid, cfg.clients)
     rate = cfg.cohort / cfg.clients
     privacy = build_privacy(cfg, ws, rate)
     if (resume is not None and privacy.private and not cfg.insecure_reproducible_noise
@@ -78,7 +84,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     # reporters see the published records; `unfiltered` (the --diagnostics file) the full ones
     unfiltered: list[Reporter] = ([DiagnosticsWriter(cfg.output, privacy.private)]
                                   if cfg.diagnostics and cfg.output else [])
-    sampler = PoissonSampler(node_ids, rate, streams)
+    sampler = Cohorts(PoissonSampler(cfg.clients, rate, streams), roster)
     inner = STRATEGIES.get(cfg.strategy).from_config(ws.adapter, sampler, cfg)
     inner.upload_layout = honest_upload_layout(ws.adapter, ws.model)
     # what an honest client uploads, without the tensors the strategy keeps on the clients
@@ -154,7 +160,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                 log(WARNING, "rejected update of client %d: %s", client, why)
         if arrays is not None:
             global_state = downlink.absorb(global_state, sent, from_record(arrays))
-        bytes_down = downlink.bytes_down([msg.metadata.dst_node_id for msg in messages], server_round)
+        bytes_down = downlink.bytes_down([int(msg.content["config"][CLIENT_ID_KEY]) for msg in messages],
+                                         server_round)
         ws.adapter.load_state(ws.model, global_state)
         # central evaluation costs more than a small cohort's training: --eval-every thins it,
         # the last round is always evaluated (final accuracy)
@@ -170,6 +177,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             rejections=[f"client {c}: {why}" for c, why in inner.rejections],
             personalized_accuracy=m.get("personalized-accuracy"),
             personalized_majority=m.get("personalized-majority"),
+            worker_nodes=int(m["worker-nodes"]) if "worker-nodes" in m else None,
         )
         if rank not in dense_up:
             dense_up[rank] = _dense_bytes({k: torch.zeros(s) for k, s in shared_layout(rank).items()})

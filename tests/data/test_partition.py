@@ -48,3 +48,19 @@ def test_partition_id_out_of_range():
     parts = Partitions(_toy(), "iid", 5, "label", dirichlet_alpha=1.0, seed=0)
     with pytest.raises(IndexError):
         parts.indices(5)
+
+
+def test_iid_with_more_clients_than_rows_gives_empty_clients():
+    """N beyond the row count is legal: the first len(train) clients get one row, the rest none."""
+    from datasets import Dataset
+
+    from fedpeft.data.partition import Partitions, iid_size
+
+    train = Dataset.from_dict({"label": [0, 1, 0, 1, 1]})
+    parts = Partitions(train, "iid", 8, "label", 0.5, 0)
+    sizes = [len(parts.indices(i)) for i in range(8)]
+    assert sizes == [1, 1, 1, 1, 1, 0, 0, 0] == [iid_size(5, 8, i) for i in range(8)]
+    assert sorted(np.concatenate([parts.indices(i) for i in range(8)]).tolist()) == list(range(5))
+    # and the formula is flwr-datasets' own split where that one works
+    parts3 = Partitions(train, "iid", 3, "label", 0.5, 0)
+    assert [len(parts3.indices(i)) for i in range(3)] == [iid_size(5, 3, i) for i in range(3)] == [2, 2, 1]
