@@ -42,16 +42,29 @@ def rows(d: Path) -> list[tuple[str, str, str, str, str]]:
         out.append(("3b. headline: peak RSS of the process tree", "<= 4 GiB",
                     f"{h['peak_rss_gib']:.2f} GiB summed RSS ({h['peak_pss_gib']:.2f} GiB PSS)",
                     "yes" if h["peak_rss_gib"] <= 4 else "no", _load_avg(h)))
-    if (s := _load(d, "scale_rss")):
+    if (s := _load(d, "scale")):
         runs = {r["clients"]: r for r in s["runs"]}
-        parts = []
-        for k, r in runs.items():
-            tag = "" if r["returncode"] == 0 else f", killed at {r['wall_s']:.0f} s timeout"
-            parts.append(f"{k // 1000}k: {r['peak_rss_gib']:.2f} GiB{tag}")
-        ratio = s["ratio_rss"]
-        out.append(("4. peak RSS 10k / 1k clients (same cohort)", "<= 1.2",
-                    f"{ratio:.2f} ({'; '.join(parts)})" if ratio else "n/a",
-                    "yes" if ratio and ratio <= 1.2 else "no", _load_avg({**s["runs"][0]})))
+        first = s["runs"][0]["clients"]
+
+        def _n(k: int) -> str:
+            return f"{k // 1_000_000}M" if k >= 1_000_000 else f"{k // 1000}k"
+
+        walls = "; ".join(f"{_n(k)}: {r['wall_s']:.0f} s" + ("" if r["returncode"] == 0 else " (failed)")
+                          for k, r in runs.items())
+        w = s["wall_ratio_vs_first"].get("100000")
+        out.append((f"4a. wall 100k / {_n(first)} clients (`--cohort 20 --rounds 3`)", "<= 1.5",
+                    f"{w:.2f} ({walls})" if w else f"n/a ({walls})", "yes" if w and w <= 1.5 else "no",
+                    _load_avg(s["runs"][0])))
+        big = runs.get(1_000_000)
+        st = big.get("startup_s") if big else None
+        out.append(("4b. start-up at 1M clients", "< 30 s",
+                    f"{st:.1f} s (" + "; ".join(f"{_n(k)}: {r.get('startup_s', float('nan')):.1f} s" for k, r in runs.items()) + ")"
+                    if st is not None else "n/a", "yes" if st is not None and st < 30 else "no", _load_avg(big) if big else "—"))
+        rr = s["rss_ratio_vs_first"].get("1000000")
+        mems = "; ".join(f"{_n(k)}: {r['peak_rss_gib']:.2f} GiB" for k, r in runs.items())
+        out.append((f"4c. peak RSS 1M / {_n(first)} clients (same cohort)", "<= 1.2",
+                    f"{rr:.2f} ({mems})" if rr else f"n/a ({mems})", "yes" if rr and rr <= 1.2 else "no",
+                    _load_avg(s["runs"][0])))
     if (p := _load(d, "dp_step")):
         out.append(("5. DP-SGD step / non-private step (batch 16, 1 thread)", "<= 1.5",
                     f"{p['ratio_cpu']:.2f} CPU-s, {p['ratio_wall']:.2f} wall "

@@ -193,11 +193,16 @@ def choose_settings(clients: int, epsilon: float, delta: float, accountant: str,
 def config_plan(cfg: Any, layout: dict[str, tuple[int, ...]], train_examples: int,
                 delta: float | None, noise_multiplier: float | None) -> Plan:
     """The plan of a resolved RunConfig whose clients upload ``layout`` (d = its size)."""
-    return make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter,
+    from fedpeft.data.synthetic import WARNING as SYNTHETIC_WARNING, is_synthetic
+
+    plan = make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter,
                      dim=sum(math.prod(s) for s in layout.values()), train_examples=train_examples,
                      dp=cfg.dp or "none", epsilon=cfg.epsilon, delta=delta, noise_multiplier=noise_multiplier,
                      accountant=cfg.accountant, clip=cfg.clip, local_epochs=cfg.local_epochs,
                      chosen=parse_planned(cfg.planned))
+    if is_synthetic(cfg.dataset):
+        plan.warnings.append(SYNTHETIC_WARNING)
+    return plan
 
 
 def plan_for_config(cfg: Any) -> Plan:  # RunConfig

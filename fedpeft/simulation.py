@@ -85,9 +85,12 @@ def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool, resume: Check
     if not ray_address(cfg):
         loopback_ray()
     started_here = not ray.is_initialized()
+    from fedpeft.federation.central_eval import sharded_evaluator
+
     grid = RayGrid(client_app, cfg.clients, ray_backend_config(cfg, verbose))
+    evaluator = (lambda ws: sharded_evaluator(grid, cfg, ws, cfg.round_timeout)) if grid.num_workers > 1 else None
     try:
-        return run_federation(grid, cfg, reporters, resume, roster=grid.roster())
+        return run_federation(grid, cfg, reporters, resume, roster=grid.roster(), evaluator=evaluator)
     finally:
         grid.close()
         if started_here:

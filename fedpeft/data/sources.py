@@ -16,6 +16,7 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, disable_progress_bars, load_dataset, load_from_disk
 
 from fedpeft.data.embedded import EMBEDDED
+from fedpeft.data.synthetic import is_synthetic, synthetic
 from fedpeft.errors import UsageError
 
 disable_progress_bars()  # the CLI shows its own progress; datasets' bars are noise
@@ -33,6 +34,8 @@ class LabeledSplits:
 def _load_raw(name: str) -> Dataset | DatasetDict:
     if name in EMBEDDED:
         return EMBEDDED[name]()
+    if is_synthetic(name):
+        return synthetic(name)
     path = Path(name)
     if path.exists():
         if path.is_dir():

@@ -59,8 +59,13 @@ def shuffled_batches(split, rows: np.ndarray, batch_size: int,
         yield collate(split, order[start : start + batch_size], pad_id)
 
 
-def eval_batches(split, batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Length-sorted batches: evaluation order does not matter, padding does."""
+def eval_batches(split, batch_size: int, pad_id: int,
+                 shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
+    """Length-sorted batches: evaluation order does not matter, padding does.
+
+    ``shard = (i, k)`` yields every k-th batch starting at batch i: the k shards together are
+    exactly the unsharded batches (same rows, same padding), with similar work each."""
+    index, count = shard
     order = np.argsort(split.lengths, kind="stable")
-    for start in range(0, len(order), batch_size):
+    for start in list(range(0, len(order), batch_size))[index::count]:
         yield collate(split, order[start : start + batch_size], pad_id)

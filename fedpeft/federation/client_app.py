@@ -65,6 +65,25 @@ def _worker_node() -> int:
     return zlib.crc32(ray.get_runtime_context().get_node_id().encode())
 
 
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Central evaluation offloaded to a simulation worker: this worker's share of the test
+    batches under the broadcast global state (see ``federation/central_eval.py``)."""
+    import torch
+
+    from fedpeft.federation.central_eval import SHARD_KEY, SHARDS_KEY, evaluate_shard
+    from fedpeft.federation.records import from_record
+    from fedpeft.federation.workspace import get_workspace
+
+    config = msg.content["config"]
+    cfg = RunConfig.from_flat(dict(config))
+    torch.set_num_threads(max(1, int(cfg.cpus_per_client)))
+    ev = evaluate_shard(get_workspace(cfg), from_record(msg.content["arrays"]),
+                        (int(config[SHARD_KEY]), int(config[SHARDS_KEY])))
+    metrics = MetricRecord({"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Discovery: tell the server which logical client this node is."""

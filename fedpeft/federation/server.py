@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from logging import WARNING
@@ -23,9 +24,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedpeft.config import RunConfig
-from fedpeft.data.tokenized import eval_batches
 from fedpeft.errors import UsageError
 from fedpeft.federation.records import from_record, payload_bytes, to_record
+from fedpeft.federation.central_eval import Evaluator, local_evaluator
 from fedpeft.federation.checkpoint import Checkpoint, restore_client_state, save_checkpoint
 from fedpeft.federation.downlink import build_downlink
 from fedpeft.federation.privacy_plan import build_privacy
@@ -34,15 +35,12 @@ from fedpeft.federation.local_params import client_local_of
 from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import Cohorts, PoissonSampler, Roster, discover_clients
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.federation.workspace import Workspace, get_workspace
 from fedpeft.planning import config_plan
 from fedpeft.privacy.publication import DiagnosticsWriter, Publication
 from fedpeft.reporting import Reporter
 from fedpeft.results import FinalRecord, RoundRecord
-from fedpeft.training.evaluate import evaluate
 from strategies import STRATEGIES
-
-EVAL_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -60,11 +58,13 @@ def _dense_bytes(state: dict[str, torch.Tensor]) -> int:
 
 
 def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
-                   resume: Checkpoint | None = None, roster: Roster | None = None) -> RunOutcome:
+                   resume: Checkpoint | None = None, roster: Roster | None = None,
+                   evaluator: Callable[[Workspace], Evaluator] | None = None) -> RunOutcome:
     """Run (or, from ``resume``, continue) the federation described by ``cfg``.
 
     ``roster`` routes logical clients to nodes; None (a real federation) asks the grid's
-    nodes which client each one is.
+    nodes which client each one is. ``evaluator`` builds the central evaluation (default:
+    in this process).
     """
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -135,6 +135,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         # a result (owner-only, like the checkpoint)
         client_state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(client_state, 0o700)
+    evaluate_global = (evaluator or local_evaluator)(ws)
     for server_round in range(len(records) + 1, cfg.rounds + 1):
         stop = privacy.stop_reason(strategy)
         if stop is not None:
@@ -162,11 +163,10 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             global_state = downlink.absorb(global_state, sent, from_record(arrays))
         bytes_down = downlink.bytes_down([int(msg.content["config"][CLIENT_ID_KEY]) for msg in messages],
                                          server_round)
-        ws.adapter.load_state(ws.model, global_state)
         # central evaluation costs more than a small cohort's training: --eval-every thins it,
         # the last round is always evaluated (final accuracy)
         due = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
-        ev = evaluate(ws.model, eval_batches(ws.test, EVAL_BATCH, ws.pad_id)) if due else None
+        ev = evaluate_global(global_state) if due else None
         record = RoundRecord(
             round=server_round, clients_sampled=len(messages),
             train_loss=m.get("train-loss"), eval_loss=ev.loss if ev else None, eval_accuracy=ev.accuracy if ev else None,

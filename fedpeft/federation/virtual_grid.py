@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -105,6 +105,10 @@ class VirtualClientGrid(Grid):
         """The logical client's identity as node config; no state survives between messages
         (fedpeft keeps per-client state in files keyed by client id)."""
         config = msg.content["config"] if "config" in msg.content else {}
+        if msg.metadata.message_type == MessageType.EVALUATE:  # central evaluation: no client
+            return Context(run_id=self._run.run_id, node_id=msg.metadata.dst_node_id,
+                           node_config={"partition-id": -1, "num-partitions": self.num_clients},
+                           state=RecordDict(), run_config={})
         if CLIENT_ID_KEY not in config:
             raise ValueError(f"a {msg.metadata.message_type} message without '{CLIENT_ID_KEY}': a "
                              "virtual-client grid only runs messages that name their client")
@@ -133,10 +137,11 @@ class VirtualClientGrid(Grid):
 
 
 class InProcessGrid(VirtualClientGrid):
-    """Every message runs in this process, one after another (no Ray)."""
+    """Every message runs in this process, one after another (no Ray); ``num_workers`` only
+    names more worker nodes (tests of routing and sharded evaluation)."""
 
-    def __init__(self, client_app: ClientApp, num_clients: int) -> None:
-        super().__init__(num_clients, num_workers=1)
+    def __init__(self, client_app: ClientApp, num_clients: int, num_workers: int = 1) -> None:
+        super().__init__(num_clients, num_workers=num_workers)
         self.client_app = client_app
 
     def _submit(self, mid: str, msg: Message) -> None:

@@ -15,6 +15,14 @@ class EvalResult:
     accuracy: float
     examples: int
 
+    @staticmethod
+    def combine(parts: Iterable[EvalResult]) -> EvalResult:
+        """The result over the union of disjoint evaluations (example-weighted)."""
+        parts = list(parts)
+        n = sum(p.examples for p in parts)
+        return EvalResult(loss=sum(p.loss * p.examples for p in parts) / max(n, 1),
+                          accuracy=sum(round(p.accuracy * p.examples) for p in parts) / max(n, 1), examples=n)
+
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:

@@ -55,3 +55,15 @@ def test_feature_cache_quick_writes_a_speedup(tmp_path):
     common.assert_positive(doc, ["visit_cpu_s.uncached", "visit_cpu_s.cached", "speedup_cpu",
                                  "feature_cpu_s_per_row"])
     assert doc["speedup_cpu"] > 1  # skipping the encoder must be cheaper
+
+
+def test_scale_quick_measures_startup_and_memory(tmp_path):
+    """Two tiny runs (20 and 2000 clients) through the CLI on Ray: both finish and the
+    start-up / round split adds up to the measured wall time."""
+    common = _load("common")
+    out = _load("bench_scale").main(["--quick", "--out", str(tmp_path / "scale.json")])
+    doc = json.loads(Path(out).read_text())
+    for run in doc["runs"]:
+        assert run["returncode"] == 0, run["log_tail"]
+        assert abs(run["startup_s"] + sum(run["rounds_wall_s"]) - run["wall_s"]) < 1e-6
+    common.assert_positive(doc, ["wall_ratio_vs_first.2000", "rss_ratio_vs_first.2000"])

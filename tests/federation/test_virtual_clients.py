@@ -1,0 +1,68 @@
+"""Virtual clients: a pool of workers serves any logical client the message names, and the
+central evaluation split over workers equals the local one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedpeft.config import RunConfig
+from fedpeft.federation.central_eval import local_evaluator, sharded_evaluator
+from fedpeft.federation.client_app import app
+from fedpeft.federation.records import from_record, to_record
+from fedpeft.federation.virtual_grid import InProcessGrid
+from fedpeft.federation.workspace import get_workspace
+
+CFG = RunConfig(clients=50_000, cohort=4, rounds=1, max_client_examples=8, max_test_examples=150,
+                backend="inprocess", seed=3)
+
+
+def _train_message(ws, client: int, node: int = 1) -> Message:
+    config = ConfigRecord({**CFG.to_flat(), "server-round": 1, "round-rank": 0, "client-id": client})
+    return Message(RecordDict({"arrays": to_record(ws.initial_state), "config": config}),
+                   dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def test_a_worker_trains_the_client_the_message_names(tmp_path):
+    cfg = dataclasses.replace(CFG, output=str(tmp_path))
+    ws = get_workspace(cfg)
+    grid = InProcessGrid(app, cfg.clients, num_workers=2)
+    parts = ws.partitions(cfg.partition, cfg.clients, cfg.dirichlet_alpha, cfg.seed)
+    with_data, empty = 3, 40_000  # IID over ~11.5k rows: clients beyond the rows are empty
+    assert len(parts.indices(with_data)) == 1 and len(parts.indices(empty)) == 0
+    replies = list(grid.send_and_receive([_train_message(ws, with_data, 1), _train_message(ws, empty, 2)]))
+    assert [r.has_error() for r in replies] == [False, False]
+    got = {int(r.content["metrics"]["client-id"]): r for r in replies}
+    assert got[with_data].content["metrics"]["num-examples"] == 1
+    assert got[empty].content["metrics"]["num-examples"] == 0
+    # the empty client sends the broadcast back (a zero update), in the trained one's layout
+    zero, trained = from_record(got[empty].content["arrays"]), from_record(got[with_data].content["arrays"])
+    assert zero.keys() == trained.keys()
+    assert all(torch.equal(zero[k], ws.initial_state[k]) for k in zero)
+    assert any(not torch.equal(trained[k], ws.initial_state[k]) for k in trained)
+
+
+def test_messages_must_name_an_existing_client():
+    ws = get_workspace(CFG)
+    grid = InProcessGrid(app, CFG.clients)
+    bad = _train_message(ws, CFG.clients)  # one past the last client
+    nameless = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                       message_type=MessageType.TRAIN)
+    replies = list(grid.send_and_receive([bad, nameless]))
+    assert all(r.has_error() for r in replies)
+    assert "outside 0..49999" in replies[0].error.reason and "name their client" in replies[1].error.reason
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_sharded_evaluation_equals_local(workers):
+    ws = get_workspace(CFG)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in ws.initial_state.items()}
+    local = local_evaluator(ws)(state)
+    sharded = sharded_evaluator(InProcessGrid(app, CFG.clients, num_workers=workers), CFG, ws, 60)(state)
+    assert sharded.examples == local.examples == len(ws.test)
+    assert sharded.accuracy == local.accuracy
+    assert sharded.loss == pytest.approx(local.loss, rel=1e-6)
