@@ -37,8 +37,9 @@ class FixedSampler:
     def __init__(self, nodes: list[int]) -> None:
         self.nodes = nodes
 
-    def sample(self, server_round: int) -> list[int]:
-        return list(self.nodes)
+    def sample(self, server_round: int) -> list[tuple[int, int]]:
+        """Every node, each its own client (client id = position)."""
+        return list(enumerate(self.nodes))
 
 
 class FairLike(FedAvg):
