@@ -39,7 +39,7 @@ _PARTS: dict = {}
 
 
 def _naive_client_app():  # noqa: ANN202 - ClientApp
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()

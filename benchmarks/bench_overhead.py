@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, REPO, bench_env, run_measured, write_result  # noqa: E402
+from common import PYTHON, bench_env, run_measured, write_result  # noqa: E402
 
 FEDPEFT = str(Path(PYTHON).with_name("fedpeft"))
 _WS = None
@@ -84,6 +84,7 @@ def plain_job(args: argparse.Namespace) -> dict:
 
     from fedpeft.data.tokenized import eval_batches
     from fedpeft.federation.sampling import PoissonSampler
+    from fedpeft.privacy.randomness import SeededStreams
     from fedpeft.federation.workspace import get_workspace
     from fedpeft.training.evaluate import evaluate
 

@@ -104,7 +104,8 @@ def _load_resume(resume: str, values: dict[str, Any], config: str | None):  # no
     """The saved config of a run directory and its last checkpoint."""
     import json
 
-    from fedpeft.config import RunConfig, validate
+    from fedpeft.config import RunConfig
+    from fedpeft.settings import validate
     from fedpeft.federation.checkpoint import load_checkpoint
 
     given = [k for k, v in values.items() if v is not None]
@@ -189,7 +190,7 @@ def simulate(
     values = {k: v for k, v in locals().items() if k not in ("config", "verbose", "resume")}
     import dataclasses
 
-    from fedpeft.config import resolve
+    from fedpeft.settings import resolve
 
     checkpoint = None
     if resume is not None:
@@ -228,7 +229,7 @@ def plan(ctx: typer.Context,
     --epsilon it shows the settings the planner would choose."""
     import json
 
-    from fedpeft.config import resolve
+    from fedpeft.settings import resolve
     from fedpeft.planning import plan_for_config
 
     command = typer.main.get_command(app).commands["simulate"]  # type: ignore[attr-defined]

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import RunConfig, normalize_keys, read_toml, validate
+from fedpeft.config import RunConfig, normalize_keys, read_toml
+from fedpeft.settings import validate
 from fedpeft.errors import UsageError
 
 SUMMARY_COLUMNS = ["setting", "runs", "accuracy_mean", "accuracy_std", "personalized_accuracy_mean",

@@ -1,7 +1,9 @@
-"""The resolved, validated run configuration.
+"""The run configuration: every setting of one run, and reading it from TOML.
 
-Data flows one way: CLI flags / TOML file -> :func:`resolve` -> :class:`RunConfig` (checked
-once, here) -> ServerApp/ClientApp. Everything downstream trusts a ``RunConfig``.
+Data flows one way: CLI flags / TOML file -> :func:`fedpeft.settings.resolve` ->
+:class:`RunConfig` (checked once, there, against the registries) -> ServerApp/ClientApp.
+Everything downstream trusts a ``RunConfig``. This module imports nothing of fedpeft but its
+errors, so every layer can depend on it.
 
 Config files use the CLI option names (``local-epochs = 2`` or ``local_epochs = 2``) as flat
 top-level keys; CLI flags override file values, which override the defaults below.
@@ -10,7 +12,6 @@ top-level keys; CLI flags override file values, which override the defaults belo
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -154,149 +155,6 @@ def _types(annotation: str) -> tuple[type, ...]:
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {f.name: _types(str(f.type)) for f in fields(RunConfig)}
 
 
-def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise UsageError(f"--{name.replace('_', '-')} {value!r} is invalid; allowed: {allowed}")
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """The config with derived defaults filled in; raise :class:`UsageError` naming the first
-    bad value and what is allowed."""
-    if cfg.dp is None:  # --epsilon alone means user-level DP (the headline use)
-        budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
-        cfg = dataclasses.replace(cfg, dp="user" if budget else "none")
-    # imported here: registries import torch-heavy modules only when validating a run
-    from fedpeft.adapters import ADAPTERS
-    from fedpeft.data.partition import PARTITIONERS
-    from strategies import STRATEGIES
-
-    _check(cfg.clients >= 1, "clients", cfg.clients, "an integer >= 1")
-    _check(1 <= cfg.cohort <= cfg.clients, "cohort", cfg.cohort, f"1..--clients ({cfg.clients})")
-    _check(cfg.rounds >= 1, "rounds", cfg.rounds, "an integer >= 1")
-    _check(cfg.local_epochs >= 1, "local_epochs", cfg.local_epochs, "an integer >= 1")
-    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "an integer >= 1")
-    _check(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite number > 0")
-    _check(cfg.max_client_examples >= 0, "max_client_examples", cfg.max_client_examples,
-           "an integer >= 0 (0 = no cap)")
-    _check(cfg.adapter in ADAPTERS, "adapter", cfg.adapter, ", ".join(ADAPTERS.names()))
-    _check(cfg.strategy in STRATEGIES, "strategy", cfg.strategy, ", ".join(STRATEGIES.names()))
-    refusal = STRATEGIES.get(cfg.strategy).refusal(cfg)
-    if refusal is not None:
-        raise UsageError(refusal)
-    _check(cfg.fair_solver in ("sgd", "ridge"), "fair_solver", cfg.fair_solver, "sgd, ridge")
-    from strategies.server_optim import build_server_optimizer
-
-    build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.server_beta2,
-                           cfg.server_tau)  # one-line UsageError naming a bad name or value
-    if cfg.server_opt != "none" and not STRATEGIES.get(cfg.strategy).supports_server_optimizer:
-        raise UsageError(f"--server-opt {cfg.server_opt} cannot drive --strategy {cfg.strategy} (its global "
-                         "state is rebuilt every round); allowed: --server-opt none")
-    _check(math.isfinite(cfg.fair_lambda) and cfg.fair_lambda >= 0, "fair_lambda", cfg.fair_lambda, "a finite number >= 0")
-    _check(cfg.partition in PARTITIONERS, "partition", cfg.partition, ", ".join(PARTITIONERS.names()))
-    _check(1 <= cfg.rank <= 1024, "rank", cfg.rank, "an integer in 1..1024")
-    _check(1 <= cfg.min_rank <= cfg.rank, "min_rank", cfg.min_rank, f"1..--rank ({cfg.rank})")
-    try:
-        client_ranks = cfg.client_rank_list
-    except ValueError:
-        client_ranks = [0]
-    _check(all(1 <= r <= cfg.rank for r in client_ranks), "client_ranks", cfg.client_ranks,
-           f"comma-separated integers in 1..--rank ({cfg.rank}), e.g. 2,4,8")
-    if client_ranks and not STRATEGIES.get(cfg.strategy).heterogeneous_ranks:
-        allowed = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).heterogeneous_ranks)
-        raise UsageError(f"--client-ranks needs a strategy that aggregates different ranks exactly, not "
-                         f"--strategy {cfg.strategy}; allowed: {allowed}")
-    _check(math.isfinite(cfg.alpha) and cfg.alpha > 0, "alpha", cfg.alpha, "a finite number > 0")
-    try:
-        layers = cfg.lora_layer_list
-    except ValueError:
-        layers = [-1]
-    _check(all(0 <= x <= 1023 for x in layers), "lora_layers", cfg.lora_layers,
-           "comma-separated encoder layer indices >= 0, e.g. 4,5 (the top two of six)")
-    _check(bool(cfg.target_module_list), "target_modules", cfg.target_modules,
-           "a comma-separated list of module names, e.g. query,value")
-    from fedpeft.model.loading import POOLINGS
-
-    _check(cfg.pooling in POOLINGS, "pooling", cfg.pooling, ", ".join(POOLINGS))
-    _check(8 <= cfg.max_length <= 512, "max_length", cfg.max_length, "an integer in 8..512")
-    _check(0 < cfg.test_fraction < 0.5, "test_fraction", cfg.test_fraction, "a number in (0, 0.5)")
-    _check(cfg.eval_every >= 1, "eval_every", cfg.eval_every, "an integer >= 1")
-    _check(cfg.max_test_examples >= 10, "max_test_examples", cfg.max_test_examples, "an integer >= 10")
-    _check(math.isfinite(cfg.dirichlet_alpha) and cfg.dirichlet_alpha > 0, "dirichlet_alpha",
-           cfg.dirichlet_alpha, "a finite number > 0")
-    from fedpeft.simulation import BACKENDS
-
-    _check(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a probability in [0, 1)")
-    _check(0 <= cfg.straggler_prob <= 1, "straggler_prob", cfg.straggler_prob, "a probability in [0, 1]")
-    _check(math.isfinite(cfg.straggler_slowdown) and cfg.straggler_slowdown >= 1, "straggler_slowdown",
-           cfg.straggler_slowdown, "a factor >= 1")
-    _check(math.isfinite(cfg.deadline) and cfg.deadline >= 0, "deadline", cfg.deadline, "seconds >= 0 (0 = no deadline)")
-    _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "an integer >= 0 (0 = no checkpoints)")
-    _check(cfg.max_upload_bytes >= 0, "max_upload_bytes", cfg.max_upload_bytes, "bytes >= 0 (0 = automatic)")
-    _check(math.isfinite(cfg.round_timeout) and 1 <= cfg.round_timeout <= 86400, "round_timeout",
-           cfg.round_timeout, "seconds a round waits for replies, in [1, 86400]")
-
-    _check(cfg.backend in BACKENDS, "backend", cfg.backend, ", ".join(BACKENDS.names()))
-    _check(0 < cfg.cpus_per_client <= 64, "cpus_per_client", cfg.cpus_per_client, "a number in (0, 64]")
-    _check_privacy(cfg)
-    _check_compression(cfg)
-    return cfg
-
-
-def _check_privacy(cfg: RunConfig) -> None:
-    from fedpeft.privacy import ACCOUNTANTS
-    from strategies import STRATEGIES
-
-    _check(cfg.dp in ("none", "user", "sample"), "dp", cfg.dp, "none, user, sample")
-    _check(cfg.accountant in ACCOUNTANTS, "accountant", cfg.accountant, ", ".join(ACCOUNTANTS.names()))
-    budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
-    if cfg.adaptive_clip and cfg.dp != "user":
-        raise UsageError("--adaptive-clip applies to --dp user only")
-    if cfg.insecure_reproducible_noise and cfg.dp == "none":
-        raise UsageError("--insecure-reproducible-noise applies to DP runs only (--dp user|sample); "
-                         "runs without DP are reproducible from --seed already")
-    if cfg.dp == "none":
-        if budget or cfg.delta is not None:
-            raise UsageError("--epsilon/--noise-multiplier/--delta contradict --dp none; "
-                             "drop them or choose --dp user|sample")
-        return
-    if not budget:
-        raise UsageError(f"--dp {cfg.dp} needs a budget: --epsilon E (calibrates the noise) "
-                         "or --noise-multiplier Z")
-    if cfg.epsilon is not None and cfg.noise_multiplier is not None:
-        raise UsageError("--noise-multiplier and --epsilon are alternatives; give only one")
-    if cfg.epsilon is not None:
-        _check(math.isfinite(cfg.epsilon) and cfg.epsilon > 0, "epsilon", cfg.epsilon, "a finite number > 0")
-    if cfg.noise_multiplier is not None:
-        _check(math.isfinite(cfg.noise_multiplier) and cfg.noise_multiplier > 0, "noise_multiplier",
-               cfg.noise_multiplier, "a finite number > 0")
-    if cfg.delta is not None:
-        _check(math.isfinite(cfg.delta) and 0 < cfg.delta < 1, "delta", cfg.delta, "a number in (0, 1/N)")
-    _check(math.isfinite(cfg.clip) and cfg.clip > 0, "clip", cfg.clip, "a finite number > 0")
-    _check(math.isfinite(cfg.sample_clip) and cfg.sample_clip > 0, "sample_clip", cfg.sample_clip, "a finite number > 0")
-    _check(0 < cfg.target_quantile < 1, "target_quantile", cfg.target_quantile, "a number in (0, 1)")
-    _check(math.isfinite(cfg.clip_lr) and cfg.clip_lr > 0, "clip_lr", cfg.clip_lr, "a finite number > 0")
-    if cfg.dp == "user":
-        if STRATEGIES.get(cfg.strategy).needs_individual_updates:
-            raise UsageError(
-                f"--strategy {cfg.strategy} needs every client's individual update, which user-level "
-                "central DP hides behind the noised sum; use --dp sample or another strategy")
-        from fedpeft.privacy import default_delta
-
-        delta = cfg.delta if cfg.delta is not None else default_delta(cfg.clients)
-        _check(delta < 1 / cfg.clients, "delta", delta, f"a number in (0, 1/N) = (0, {1 / cfg.clients:.3g}) for N = {cfg.clients} clients")
-
-
-def _check_compression(cfg: RunConfig) -> None:
-    from fedpeft.compression import CODECS
-
-    _check(cfg.compression in CODECS, "compression", cfg.compression, ", ".join(CODECS.names()))
-    _check(0 < cfg.density <= 1, "density", cfg.density, "a number in (0, 1]")
-    _check(math.isfinite(cfg.gamma) and cfg.gamma > 0, "gamma", cfg.gamma, "a finite number > 0")
-    if cfg.compress_down and cfg.compression == "none":
-        raise UsageError("--compress-down compresses the broadcast with the --compression codec, "
-                         "but --compression is none; allowed: --compression compeft or stc")
-
-
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     """Parse a TOML file; one-line :class:`UsageError` (naming ``what``) if missing or invalid."""
     p = Path(path)
@@ -330,15 +188,4 @@ def normalize_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunConfig:
-    """Defaults < config file < CLI flags (``None`` CLI values mean "not given")."""
-    values: dict[str, Any] = {}
-    if config_path is not None:
-        values.update(load_toml(config_path))
-    values.update({k: v for k, v in cli_values.items() if v is not None})
-    from fedpeft.planning import auto_plan
-
-    return validate(RunConfig(**auto_plan(values)))
-
-
-__all__ = ["RunConfig", "resolve", "validate", "load_toml", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]
+__all__ = ["RunConfig", "load_toml", "read_toml", "normalize_keys", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]

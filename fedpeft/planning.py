@@ -14,6 +14,8 @@ those flags given explicitly turns the choice off (explicit flags always win).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import math
 import warnings
@@ -215,7 +217,7 @@ def plan_for_config(cfg: Any) -> Plan:  # RunConfig
     from fedpeft.federation.workspace import adapter_spec
     from fedpeft.model.loading import load_classifier
     from fedpeft.privacy.calibration import default_delta, noise_multiplier_for
-    from strategies import STRATEGIES
+    from fedpeft.strategy import STRATEGIES
 
     splits = load_splits(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.max_test_examples)
     adapter = build_adapter(cfg.adapter, adapter_spec(cfg))
@@ -236,22 +238,23 @@ def analytic_dims(hidden: int, layers: int, num_labels: int, rank: int = 8, targ
     return {"head": head, f"lora r{rank}": layers * targets * 2 * rank * hidden + head}
 
 
-def auto_plan(values: dict[str, Any]) -> dict[str, Any]:
+def auto_plan(values: dict[str, Any], check: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     """``values`` (the user's settings) with the planner's choices filled in when it is a
     user-level DP run given none of :data:`PLANNED_SETTINGS`; unchanged otherwise. The reasons
-    are kept in ``planned`` (a RunConfig field, so they reach results.json)."""
+    are kept in ``planned`` (a RunConfig field, so they reach results.json). ``check`` turns
+    settings into a validated RunConfig (:func:`fedpeft.settings.validate`)."""
     dp = values.get("dp")
     if values.get("epsilon") is None or dp not in (None, "user") or any(k in values for k in PLANNED_SETTINGS):
         return values
     from transformers import AutoConfig
 
-    from fedpeft.config import DEFAULT_DATASET, DEFAULT_MODEL, RunConfig, validate
+    from fedpeft.config import DEFAULT_DATASET, DEFAULT_MODEL
     from fedpeft.data.sources import load_splits
     from fedpeft.model.loading import resolve_model_path
     from fedpeft.privacy.calibration import default_delta
 
     # the user's own values first: a bad one gets its one-line error, not a planner failure
-    base = validate(RunConfig(**{k: v for k, v in values.items() if k != "planned"}))
+    base = check({k: v for k, v in values.items() if k != "planned"})
     splits = load_splits(values.get("dataset", DEFAULT_DATASET), base.text_column, base.label_column,
                          base.test_fraction, base.max_test_examples)
     mc = AutoConfig.from_pretrained(resolve_model_path(values.get("model", DEFAULT_MODEL)))

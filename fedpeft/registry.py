@@ -1,7 +1,13 @@
-"""A tiny name -> object registry, so choices like ``--adapter`` are never if-chains."""
+"""A tiny name -> object registry, so choices like ``--adapter`` are never if-chains.
+
+A registry may name a plug-in package (``plugins="strategies"``): it is imported by name the
+first time the registry is read, so its modules' ``@REGISTRY.register`` decorators run. That
+is the only way fedpeft's core reaches a plug-in package, and what keeps its imports one-way.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -13,9 +19,15 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps a public name (as typed on the CLI) to a factory or class."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plugins: str | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._plugins = plugins
+
+    def _load_plugins(self) -> None:
+        if self._plugins is not None:
+            package, self._plugins = self._plugins, None
+            importlib.import_module(package)
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -27,6 +39,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        self._load_plugins()
         try:
             return self._items[name]
         except KeyError:
@@ -35,9 +48,11 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._load_plugins()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 
 from fedpeft.config import RunConfig
 from fedpeft.federation.checkpoint import Checkpoint
 from fedpeft.federation.server import RunOutcome, run_federation
-from fedpeft.registry import Registry
+from fedpeft.backends import BACKENDS
 from fedpeft.reporting import Reporter
 
 
@@ -32,8 +31,6 @@ def quiet_environment() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
-Backend = Callable[[RunConfig, list[Reporter], bool, "Checkpoint | None"], RunOutcome]
-BACKENDS: Registry[Backend] = Registry("backend")
 
 
 def simulate(cfg: RunConfig, reporters: list[Reporter], verbose: bool = False,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedpeft.adapters.base import State
-from strategies.aggregation import weighted_mean
-from strategies.base import ClientUpdate, FedPeftStrategy, stack_uploads
-from strategies.registry import STRATEGIES
+from fedpeft.aggregation import weighted_mean
+from fedpeft.strategy import ClientUpdate, FedPeftStrategy, stack_uploads
+from fedpeft.strategy import STRATEGIES
 
 
 @STRATEGIES.register("fedavg")

@@ -51,9 +51,9 @@ from flwr.app import Message
 from fedpeft.adapters.base import Adapter, State
 from fedpeft.federation.local_params import shared_only
 from fedpeft.federation.validation import Layout
-from strategies.aggregation import weighted_mean
-from strategies.base import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
-from strategies.registry import STRATEGIES
+from fedpeft.aggregation import weighted_mean
+from fedpeft.strategy import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
+from fedpeft.strategy import STRATEGIES
 
 _LORA_B = re.compile(r"^.+\.lora_B\.[^.]+\.weight$")
 

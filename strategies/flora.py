@@ -37,10 +37,10 @@ import torch
 from fedpeft.adapters.base import Adapter, State
 from fedpeft.config import RunConfig
 from fedpeft.federation.validation import Layout
-from strategies.aggregation import normalized_weights, weighted_mean
-from strategies.base import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
+from fedpeft.aggregation import normalized_weights, weighted_mean
+from fedpeft.strategy import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
 from strategies.lora_math import stack_lora_factors
-from strategies.registry import STRATEGIES
+from fedpeft.strategy import STRATEGIES
 
 _BASE = ".base_layer.weight"
 

@@ -27,10 +27,10 @@ import torch
 
 from fedpeft.config import RunConfig
 from fedpeft.adapters.base import Adapter, State
-from strategies.aggregation import weighted_mean
-from strategies.base import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
+from fedpeft.aggregation import weighted_mean
+from fedpeft.strategy import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
 from strategies.lora_math import SOLVERS, ResidualSolve, Solver, lora_fair_residual
-from strategies.registry import STRATEGIES
+from fedpeft.strategy import STRATEGIES
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from strategies.aggregation import normalized_weights
+from fedpeft.aggregation import normalized_weights
 
 Solver = Literal["sgd", "ridge"]
 SOLVERS: tuple[str, ...] = ("sgd", "ridge")

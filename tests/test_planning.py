@@ -10,7 +10,7 @@ import pytest
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedpeft.cli import main
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.planning import (ROUNDS, SAMPLE_RATES, CostModel, choose_settings, make_plan, noise_to_signal,
                               plan_for_config)
 from fedpeft.privacy import RDP_ORDERS

@@ -1,4 +1,5 @@
-"""Import graph of fedpeft/ and strategies/ (every import, also inside functions) and its cycles.
+"""Import graph of fedpeft/ and strategies/ (every run-time import, also inside functions; not
+``if TYPE_CHECKING:`` blocks) and its cycles.
 
     python tools/import_graph.py            # prints each cycle (strongly connected component)
 
@@ -25,7 +26,13 @@ def graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {m: set() for m in files}
     for mod, path in files.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for blk in ast.walk(tree) if isinstance(blk, ast.If)
+                       and getattr(blk.test, "id", getattr(blk.test, "attr", "")) == "TYPE_CHECKING"
+                       for stmt in blk.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue  # annotations only: not an import at run time
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

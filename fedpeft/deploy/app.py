@@ -22,21 +22,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 from dataclasses import fields
 from pathlib import Path
 
 import tomli_w
 
-import fedpeft
-import strategies
+from fedpeft import __version__
 from fedpeft.config import RunConfig
 
 PUBLISHER = "fedpeft"
 APP_NAME = "fedpeft"
 SERVER_APP = "fedpeft.federation.server_app:app"
 CLIENT_APP = "fedpeft.federation.client_app:app"
-_PACKAGES = (fedpeft, strategies)
+#: packages copied into the app bundle, found by name (strategies/ is a plug-in package)
+_PACKAGES = ("fedpeft", "strategies")
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "tests", "*.egg-info")
 
 
@@ -53,7 +54,7 @@ def default_run_config() -> dict[str, bool | int | float | str]:
     return dict(sorted(flat.items()))
 
 
-def pyproject(version: str = fedpeft.__version__) -> dict:
+def pyproject(version: str = __version__) -> dict:
     return {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
         "project": {
@@ -83,7 +84,9 @@ def write_app(out: str | Path, overwrite: bool = True) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for pkg in _PACKAGES:
-        src = Path(pkg.__file__).parent
+        spec = importlib.util.find_spec(pkg)
+        assert spec is not None and spec.origin is not None, f"package {pkg} is not importable"
+        src = Path(spec.origin).parent
         shutil.copytree(src, out / src.name, ignore=_IGNORE)
     (out / "pyproject.toml").write_text(tomli_w.dumps(pyproject()), encoding="utf-8")
     return out

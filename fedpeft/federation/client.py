@@ -159,7 +159,7 @@ def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
 
 def strategy_client_local(strategy: str) -> ClientLocal | None:
     """Which tensors the run's strategy keeps on the clients (None: it keeps none)."""
-    from strategies import STRATEGIES
+    from fedpeft.strategy import STRATEGIES
 
     return client_local_of(STRATEGIES.get(strategy))
 

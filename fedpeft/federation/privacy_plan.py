@@ -2,7 +2,7 @@
 
 One class per level, selected by name through :data:`PRIVACY_LEVELS`: it chooses where the
 run's privacy randomness comes from (a secret key under DP, :mod:`fedpeft.privacy.randomness`),
-wraps the strategy (user level: :class:`strategies.dp_user.UserLevelDP`), adds keys to every
+wraps the strategy (user level: :class:`fedpeft.federation.dp_user.UserLevelDP`), adds keys to every
 round's config (sample level: the run's δ), decides whether the next round would pass the
 budget, turns round metrics into the ε spent so far, and fills the privacy fields of
 ``results.json``.
@@ -19,7 +19,7 @@ from fedpeft.federation.workspace import Workspace
 from fedpeft.privacy import AdaptiveClipConfig, default_delta, make_accountant, noise_multiplier_for
 from fedpeft.privacy.randomness import SEEDED_WARNING, RandomStreams, SecretStreams, SeededStreams
 from fedpeft.registry import Registry
-from strategies.base import FedPeftStrategy
+from fedpeft.strategy import FedPeftStrategy
 
 PRIVACY_LEVELS: Registry[type[PrivacyLevel]] = Registry("privacy level")
 
@@ -118,7 +118,7 @@ class UserLevel(PrivacyLevel):
     def wrap(self, strategy: FedPeftStrategy) -> Any:
         from fedpeft.federation.local_params import client_local_of
         from fedpeft.federation.validation import honest_upload_layout
-        from strategies.dp_user import UserLevelDP
+        from fedpeft.federation.dp_user import UserLevelDP
 
         # clients of strategies with client-local tensors (FedSA-LoRA's B) never upload them:
         # only the shared coordinates are clipped and noised

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 

@@ -40,7 +40,7 @@ from fedpeft.planning import config_plan
 from fedpeft.privacy.publication import DiagnosticsWriter, Publication
 from fedpeft.reporting import Reporter
 from fedpeft.results import FinalRecord, RoundRecord
-from strategies import STRATEGIES
+from fedpeft.strategy import STRATEGIES
 
 
 @dataclass(frozen=True)

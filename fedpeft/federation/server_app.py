@@ -13,7 +13,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.config import RunConfig, resolve
+from fedpeft.config import RunConfig
+from fedpeft.settings import resolve
 from fedpeft.federation.server import run_federation
 from fedpeft.reporting import LogReporter
 from fedpeft.results import ResultsWriter

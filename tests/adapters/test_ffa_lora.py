@@ -89,8 +89,8 @@ class _AllNodes:
     def __init__(self, n: int) -> None:
         self.nodes = list(range(1, n + 1))
 
-    def sample(self, server_round: int) -> list[int]:
-        return self.nodes
+    def sample(self, server_round: int) -> list[tuple[int, int]]:
+        return [(i, node) for i, node in enumerate(self.nodes)]
 
 
 def federated_round(ws: Workspace, global_state: State, client_ids: list[int],

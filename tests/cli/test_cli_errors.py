@@ -42,7 +42,7 @@ def test_bad_config_file_contents(tmp_path, capsys):
 
 
 def test_cli_flag_overrides_config(tmp_path):
-    from fedpeft.config import resolve
+    from fedpeft.settings import resolve
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('clients = 50\ncohort = 5\nlocal-epochs = 2\n')

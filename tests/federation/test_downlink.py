@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedpeft.compression import build_codec, wire
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.federation.downlink import CompressedDownlink, Downlink, build_downlink
 from fedpeft.federation.records import payload_bytes, to_record
 from fedpeft.simulation import simulate

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.config import RunConfig, resolve
+from fedpeft.config import RunConfig
+from fedpeft.settings import resolve
 from fedpeft.federation import client as client_mod
 from fedpeft.federation.client import ClientRound, train_client, train_plain
 from fedpeft.federation.local_params import LOCAL_PARAMS_DIR, LocalParamStore

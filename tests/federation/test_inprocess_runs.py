@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.privacy import RDP_ORDERS
 from fedpeft.simulation import simulate
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.federation.checkpoint import load_checkpoint
 from fedpeft.federation.client_app import app as honest_app
 from fedpeft.federation.local_grid import LocalGrid

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedpeft.adapters import AdapterSpec, build_adapter
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.data import features as feats
 from fedpeft.data.features import FeatureSplit
 from fedpeft.data.tokenized import collate, tokenize

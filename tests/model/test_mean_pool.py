@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.errors import UsageError
 from fedpeft.model.loading import load_classifier, load_tokenizer, resolve_model_path
 from fedpeft.model.mean_pool import MeanPoolClassifier, sentence_pooling

@@ -1,4 +1,4 @@
-"""strategies.dp_user.UserLevelDP: user-level DP-FedAvg wrapped around a fedpeft strategy
+"""fedpeft.federation.dp_user.UserLevelDP: user-level DP-FedAvg wrapped around a fedpeft strategy
 (SPEC §3.1), driven through the real Flower Strategy API with fake adapter and replies."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.privacy.randomness import SecretStreams, SeededStreams
 from fedpeft.privacy.accounting import RDP_ORDERS, make_accountant
 from fedpeft.privacy.adaptive_clipping import AdaptiveClipConfig, update_noise_multiplier
-from strategies.dp_user import UserLevelDP
+from fedpeft.federation.dp_user import UserLevelDP
 from strategies.fedavg import FedAvg
 
 A, B = "enc.0.query.lora_A.default.weight", "enc.0.query.lora_B.default.weight"

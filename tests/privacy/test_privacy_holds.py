@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.federation.client import ClientRound, train_client
 from fedpeft.federation.client_app import app as honest_app
 from fedpeft.federation.local_grid import LocalGrid

@@ -7,8 +7,8 @@ import torch
 
 from fedpeft.adapters.base import Adapter, AdapterSpec
 from strategies import STRATEGIES
-from strategies.aggregation import lora_aggregation_error, weighted_mean
-from strategies.base import ClientUpdate
+from fedpeft.aggregation import lora_aggregation_error, weighted_mean
+from fedpeft.strategy import ClientUpdate
 
 
 class _NoInject(Adapter):

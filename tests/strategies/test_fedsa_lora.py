@@ -9,7 +9,7 @@ import torch
 
 from fedpeft.adapters.base import Adapter, AdapterSpec
 from strategies import STRATEGIES
-from strategies.base import ClientUpdate
+from fedpeft.strategy import ClientUpdate
 from strategies.fedsa_lora import FedSaLora, is_lora_b
 
 

@@ -8,7 +8,7 @@ import torch
 
 from fedpeft.adapters import AdapterSpec, build_adapter
 from fedpeft.adapters.base import truncate_state
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.errors import UsageError
 from fedpeft.simulation import simulate
 from strategies import STRATEGIES, ClientUpdate

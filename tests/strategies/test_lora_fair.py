@@ -12,8 +12,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedpeft.adapters.base import Adapter, AdapterSpec, State
 from fedpeft.federation.records import to_record
 from strategies import STRATEGIES
-from strategies.aggregation import lora_aggregation_error
-from strategies.base import ClientUpdate
+from fedpeft.aggregation import lora_aggregation_error
+from fedpeft.strategy import ClientUpdate
 from strategies.lora_fair import LoraFair
 
 LAYERS = ("enc.0.query", "enc.0.value", "enc.1.query")
@@ -122,8 +122,8 @@ class _AllNodes:
     def __init__(self, n: int) -> None:
         self.nodes = list(range(1, n + 1))
 
-    def sample(self, server_round: int) -> list[int]:
-        return self.nodes
+    def sample(self, server_round: int) -> list[tuple[int, int]]:
+        return [(i, node) for i, node in enumerate(self.nodes)]
 
 
 @pytest.fixture

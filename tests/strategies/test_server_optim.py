@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from strategies.server_optim import (
+from fedpeft.server_optim import (
     SERVER_OPTIMIZERS,
     FedAdam,
     FedAvgM,

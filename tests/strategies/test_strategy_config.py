@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedpeft.adapters.base import Adapter, AdapterSpec
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from strategies import STRATEGIES
 
 

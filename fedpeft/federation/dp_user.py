@@ -53,7 +53,7 @@ from fedpeft.privacy.calibration import would_exceed_budget
 from fedpeft.privacy.mechanisms import clip_by_l2, dp_fedavg_aggregate
 from fedpeft.privacy.randomness import SERVER_NOISE, RandomStreams, SecretStreams
 from fedpeft.updates import apply_update, client_delta, prefix_slice
-from strategies.base import ClientUpdate, FedPeftStrategy
+from fedpeft.strategy import ClientUpdate, FedPeftStrategy
 
 #: Shapes of what clients upload in a round: key -> tensor shape.
 Layout = dict[str, tuple[int, ...]]

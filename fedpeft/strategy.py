@@ -1,4 +1,6 @@
-"""Shared base of fedpeft strategies: a real Flower :class:`Strategy`.
+"""The strategy interface of fedpeft's core: a real Flower :class:`Strategy` base, and the
+``--strategy`` registry whose implementations live in the top-level ``strategies/`` package
+(loaded by name, see :mod:`fedpeft.registry`).
 
 Sampling (Poisson, through a sampler object), message building and reply decoding live
 here; a concrete strategy only implements :meth:`FedPeftStrategy.aggregate`, a pure function
@@ -12,7 +14,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -21,13 +23,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters.base import Adapter, State
-from fedpeft.config import RunConfig
+from fedpeft.aggregation import lora_aggregation_error
 from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.upload import decode_upload
 from fedpeft.federation.validation import Layout, check_update
-from strategies.aggregation import lora_aggregation_error
-from strategies.server_optim import NoServerOptimizer, ServerOptimizer, build_server_optimizer
+from fedpeft.registry import Registry
+from fedpeft.server_optim import NoServerOptimizer, ServerOptimizer, build_server_optimizer
+
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
 
 
 class ClientSampler(Protocol):
@@ -282,4 +287,7 @@ def stack_uploads(updates: Sequence[ClientUpdate]) -> tuple[list[State], list[fl
     return [u.state for u in updates], [float(u.num_examples) for u in updates]
 
 
-__all__ = ["ClientSampler", "ClientUpdate", "FedPeftStrategy", "stack_uploads", "torch"]
+#: ``--strategy`` name -> strategy class; the classes register from ``strategies/``
+STRATEGIES: Registry[type[FedPeftStrategy]] = Registry("strategy", plugins="strategies")
+
+__all__ = ["STRATEGIES", "ClientSampler", "ClientUpdate", "FedPeftStrategy", "stack_uploads", "torch"]

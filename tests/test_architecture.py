@@ -1,0 +1,43 @@
+"""Dependencies point one way: no import cycle among fedpeft/ and strategies/, fedpeft's core
+reaches strategies/ only through the registry, and the config module is a leaf."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from import_graph import cycles, graph  # noqa: E402
+
+
+def test_no_import_cycle():
+    assert cycles(graph()) == []
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    edges = graph()
+    edges["fedpeft.config"] = edges["fedpeft.config"] | {"fedpeft.settings"}  # config -> settings -> config
+    assert any({"fedpeft.config", "fedpeft.settings"} <= set(c) for c in cycles(edges))
+
+
+def test_fedpeft_core_never_imports_strategies():
+    core = {m: deps for m, deps in graph().items() if m.startswith("fedpeft")}
+    offenders = {m: sorted(d for d in deps if d.split(".")[0] == "strategies") for m, deps in core.items()}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_config_imports_no_strategy_backend_or_flower_module():
+    code = ("import sys, fedpeft.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('strategies', 'flwr', 'ray', 'torch') "
+            "or m in ('fedpeft.simulation', 'fedpeft.strategy', 'fedpeft.federation.server')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_strategy_registry_loads_its_plugins_on_first_use():
+    code = ("import sys; from fedpeft.strategy import STRATEGIES; before = 'strategies' in sys.modules; "
+            "names = STRATEGIES.names(); print(before, 'strategies.fedavg' in sys.modules, 'fedavg' in names)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]
