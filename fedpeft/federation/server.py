@@ -198,6 +198,9 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                 server_opt_state=opt_state, server_opt_tensors=opt_tensors), client_state)
 
     wall = time.perf_counter() - t0
+    if cfg.output:  # the final global model in the standard peft layout (fedpeft.export)
+        from fedpeft.export import MODEL_DIR, export_model
+        export_model(ws, global_state, cfg, Path(cfg.output) / MODEL_DIR)
 
     def final_of(rs: list[RoundRecord]) -> FinalRecord:
         return FinalRecord(

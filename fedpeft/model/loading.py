@@ -57,6 +57,13 @@ def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer type
 POOLINGS = ("auto", "mean", "cls")
 
 
+def resolve_pooling(name: str, pooling: str) -> str:
+    """``mean`` or ``cls``: ``auto`` becomes what the checkpoint declares (see :func:`load_classifier`)."""
+    if pooling != "auto":
+        return pooling
+    return sentence_pooling(resolve_model_path(name)) or "cls"
+
+
 def load_classifier(name: str, num_labels: int, seed: int, pooling: str = "auto") -> nn.Module:
     """A sequence classifier with a fresh head (``num_labels``), every weight frozen.
 
@@ -72,8 +79,7 @@ def load_classifier(name: str, num_labels: int, seed: int, pooling: str = "auto"
     path = resolve_model_path(name)
     if not Path(path).exists() and "/" not in path:
         raise UsageError(f"--model {name!r} is neither an embedded model, an existing directory nor a hub id (owner/name)")
-    if pooling == "auto":
-        pooling = sentence_pooling(path) or "cls"
+    pooling = resolve_pooling(name, pooling)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:

@@ -31,6 +31,10 @@ def sentence_pooling(path: str) -> str | None:
     return "mean" if modes.get("pooling_mode_mean_tokens") else None
 
 
+#: the attribute holding the encoder (transformers' BERT name, whatever the architecture)
+BACKBONE_NAME = "bert"
+
+
 class MeanPoolClassifier(nn.Module):
     """``logits = classifier(dropout(mean of the unmasked token states))``."""
 

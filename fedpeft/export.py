@@ -1,0 +1,359 @@
+"""The trained global model as a standard peft adapter directory (``<run>/model/``).
+
+A run publishes its final global state so that transformers and peft alone load it — no
+fedpeft code on the loading path::
+
+    base = AutoModelFor<Token|Sequence>Classification.from_pretrained(
+        PeftConfig.from_pretrained(d).base_model_name_or_path, config=AutoConfig.from_pretrained(d))
+    model = PeftModel.from_pretrained(base, d)
+
+``d`` holds ``adapter_config.json`` + ``adapter_model.safetensors`` (a peft LoRA; the
+classification head saved the way ``modules_to_save`` saves it), ``config.json`` (the base's
+config with the run's ``id2label``/``label2id`` and ``classifier_pooling``), the tokenizer
+files (``model_max_length`` = the run's ``--max-length``) and a ``README.md`` with the snippet.
+
+Why token classification for mean pooling: transformers' BERT sequence classifier reads the
+CLS pooler, but sentence-transformers checkpoints (the default all-MiniLM-L6-v2) are read
+through the masked mean of their token states (:mod:`fedpeft.model.mean_pool`), which no stock
+BERT class computes. The head is one linear layer and its dropout is off in eval mode, so
+``classifier(mean_t h_t) = mean_t classifier(h_t)``: the stock token classifier (the same
+``classifier`` module on the same pooler-less backbone) followed by a masked mean of its
+per-token logits gives the run's logits, up to float rounding.
+
+How each global state becomes a LoRA:
+
+- lora, ffa-lora (with its seeded, frozen ``A``), dylora / dp-dylora (the full ``r_max``
+  adapter at scale ``alpha / r_max``, which is what the server evaluates), lora-fair, fedavg:
+  the factors as they are.
+- flora folds every round's update into the adapted layers' base weights (the global state's
+  ``<layer>.base_layer.weight``): each layer's ``ΔW = W_folded − W_pretrained + s·B·A`` is
+  exported as its SVD at scale 1, keeping singular values above float32 resolution (rank =
+  the largest such rank over layers; smaller ranks are zero-padded).
+- head: peft needs at least one LoRA target, so one encoder linear layer carries a rank-1
+  LoRA whose factors are all zero (an exact no-op); the classifier is the whole trained model.
+- fedsa-lora: the shared part (``A`` + head) with the global ``B`` (its initial zeros), i.e.
+  the model the server evaluated; each client's own ``B`` stays on that client.
+
+Under DP the tensors are the DP-released global model (post-processing of what the guarantee
+covers); tokenizer, base config and label names are inputs of the run, not client data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedpeft.adapters.base import Adapter, State
+from fedpeft.config import RunConfig
+from fedpeft.model.loading import load_tokenizer, resolve_model_path, resolve_pooling
+from fedpeft.model.mean_pool import BACKBONE_NAME
+from fedpeft.registry import Registry
+
+if TYPE_CHECKING:
+    from fedpeft.federation.workspace import Workspace
+
+MODEL_DIR = "model"
+ADAPTER_FILE = "adapter_model.safetensors"
+#: peft's prefix of every saved key, and the runtime adapter name inside parameter names
+_PEFT_PREFIX = "base_model.model."
+_ADAPTER_NAME = "default"
+_FOLDED = ".base_layer.weight"
+_LOG = logging.getLogger(__name__)
+
+
+class ExportUnsupported(ValueError):
+    """The run's model has no stock transformers class that reproduces it."""
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """The stock transformers class (and the pooling of its logits) that reproduces the run's
+    classifier for one ``--pooling``."""
+
+    auto_class: str
+    task_type: str  # peft task type of the exported adapter
+    #: logits come per token; the run's logits are their masked mean over the tokens
+    token_level: bool
+    #: the backbone's attribute name in fedpeft's model when it differs from the stock class
+    #: (``MeanPoolClassifier.bert``; the stock class uses its ``base_model_prefix``)
+    fedpeft_backbone: str | None
+    #: the logits lines of the README snippet (``enc`` = tokenizer output, ``out`` = model output)
+    snippet: str
+
+    def auto(self) -> Any:  # noqa: ANN401 - a transformers Auto class
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def logits(self, output_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-example logits: the masked mean of per-token logits, or the logits themselves."""
+        if not self.token_level:
+            return output_logits
+        mask = attention_mask.unsqueeze(-1).to(output_logits.dtype)
+        return (output_logits * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+#: ``classifier_pooling`` (resolved ``--pooling``) -> how a stock class reproduces the head
+HEAD_LAYOUTS: Registry[HeadLayout] = Registry("classifier_pooling")
+HEAD_LAYOUTS.register("mean")(HeadLayout(
+    "AutoModelForTokenClassification", "TOKEN_CLS", token_level=True, fedpeft_backbone=BACKBONE_NAME,
+    snippet=("token_logits = out.logits                              # (batch, tokens, labels)\n"
+             "mask = enc[\"attention_mask\"].unsqueeze(-1).to(token_logits.dtype)\n"
+             "logits = (token_logits * mask).sum(1) / mask.sum(1)    # masked mean = the run's pooling")))
+HEAD_LAYOUTS.register("cls")(HeadLayout(
+    "AutoModelForSequenceClassification", "SEQ_CLS", token_level=False, fedpeft_backbone=None,
+    snippet="logits = out.logits"))
+
+#: what the exported model is, per strategy, beyond "the final global model"
+STRATEGY_NOTES: dict[str, str] = {
+    "flora": ("FLoRA folds each round's stacked update into the adapted layers' weights; this adapter "
+              "carries the total change of each adapted layer (folded weight minus pretrained weight) as "
+              "an SVD factorisation at scale 1 (lora_alpha = r), exact up to float32 rounding."),
+    "fedsa-lora": ("FedSA-LoRA shares only the LoRA A matrices and the head; every client keeps its own B, "
+                   "which is not in this adapter. Here B is the global B (its initial zeros), so the LoRA "
+                   "branch adds nothing and this is the model the server evaluated (results.json "
+                   "eval_accuracy), not a client's personalized model."),
+}
+
+
+@dataclass(frozen=True)
+class LoraTensors:
+    """The LoRA part of an export: runtime-named tensors and the peft settings they fit."""
+
+    tensors: State
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    layers: tuple[int, ...]
+    #: the factors are all zeros of peft's shapes (head only: filled in at export)
+    zero_factors: bool = False
+
+
+# -- global state -> LoRA ------------------------------------------------------------------
+def _lora_as_trained(adapter: Adapter, state: State) -> LoraTensors:
+    s = adapter.spec
+    return LoraTensors(state, s.rank, s.alpha, s.target_modules, s.layers)
+
+
+def _lora_of_folded(adapter: Adapter, state: State, pretrained: State) -> LoraTensors:
+    """Each layer's folded change ``W − W_pretrained + s·B·A`` as scale-1 LoRA factors."""
+    deltas: dict[tuple[str, str], torch.Tensor] = {}
+    for a_key, b_key in adapter.lora_pairs(set(state)):
+        w_key = a_key.split(".lora_A.", 1)[0] + _FOLDED
+        deltas[(a_key, b_key)] = (state[w_key].double() - pretrained[w_key].double()
+                                  + adapter.lora_scale * state[b_key].double() @ state[a_key].double())
+    factors = {pair: svd_factors(d) for pair, d in deltas.items()}
+    rank = max([1, *(a.shape[0] for a, _ in factors.values())])
+    out = {k: v for k, v in state.items() if not k.endswith(_FOLDED) and ".lora_" not in k}
+    for (a_key, b_key), (a, b) in factors.items():
+        out[a_key] = torch.zeros(rank, a.shape[1], dtype=torch.float32)
+        out[a_key][: a.shape[0]] = a
+        out[b_key] = torch.zeros(b.shape[0], rank, dtype=torch.float32)
+        out[b_key][:, : b.shape[1]] = b
+    s = adapter.spec
+    return LoraTensors(out, rank, float(rank), s.target_modules, s.layers)
+
+
+def svd_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` in float32 with ``B A = delta`` up to float32 resolution: the SVD without the
+    singular values below ``σ_max · max(m, n) · eps(float32)`` (rounding noise of the fold)."""
+    u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    tol = float(sv.max()) * max(delta.shape) * torch.finfo(torch.float32).eps if sv.numel() else 0.0
+    k = int((sv > tol).sum())
+    root = sv[:k].sqrt()
+    return (root[:, None] * vh[:k]).float(), (u[:, :k] * root).float()
+
+
+def _no_op_lora(first_linear: str, state: State) -> LoraTensors:
+    """Head only: rank-1 zero factors on one linear layer (peft needs a LoRA target)."""
+    return LoraTensors(dict(state), 1, 1.0, (first_linear,), (), zero_factors=True)
+
+
+# -- names ---------------------------------------------------------------------------------
+def saved_name(key: str, backbone: tuple[str, str] | None) -> str:
+    """A runtime parameter name as peft saves it: no adapter name, no ``modules_to_save``
+    wrapper, under ``base_model.model.``; ``backbone = (fedpeft name, stock name)`` renames
+    the encoder attribute (``MeanPoolClassifier.bert`` -> the stock class's prefix)."""
+    key = key.replace(f".modules_to_save.{_ADAPTER_NAME}.", ".")
+    key = re.sub(rf"\.(lora_[AB])\.{_ADAPTER_NAME}\.", r".\1.", key)
+    if not key.startswith(_PEFT_PREFIX):
+        key = _PEFT_PREFIX + key
+    if backbone is not None and key.startswith(f"{_PEFT_PREFIX}{backbone[0]}."):
+        key = f"{_PEFT_PREFIX}{backbone[1]}." + key[len(_PEFT_PREFIX) + len(backbone[0]) + 1:]
+    return key
+
+
+# -- the export ----------------------------------------------------------------------------
+@dataclass
+class Export:
+    """Everything written to ``<run>/model/``."""
+
+    tensors: dict[str, torch.Tensor]
+    peft_config: Any  # peft LoraConfig
+    base_config: Any  # transformers PretrainedConfig
+    tokenizer: Any
+    max_length: int
+    card: str
+    metadata: dict[str, str]
+
+    def write(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in self.tensors.items()},
+                  str(directory / ADAPTER_FILE), metadata={"format": "pt", **self.metadata})
+        self.peft_config.save_pretrained(str(directory))
+        self.base_config.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(str(directory))
+        tok_config = directory / "tokenizer_config.json"
+        settings = json.loads(tok_config.read_text(encoding="utf-8"))
+        # `tokenizer(texts, truncation=True)` then cuts where the run did
+        settings["model_max_length"] = self.max_length
+        tok_config.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        (directory / "README.md").write_text(self.card, encoding="utf-8")
+
+
+def build_export(ws: Workspace, global_state: State, cfg: RunConfig) -> Export:
+    """The export of ``global_state``, checked against the keys and shapes peft expects."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoConfig
+
+    pooling = resolve_pooling(cfg.model, cfg.pooling)
+    layout = HEAD_LAYOUTS.get(pooling)
+    path = resolve_model_path(cfg.model)
+    base_id = str(Path(path).resolve()) if Path(path).exists() else path
+    labels = list(ws.splits.label_names)
+    config = AutoConfig.from_pretrained(path)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    config.classifier_pooling = pooling
+    with torch.device("meta"):
+        try:
+            stock = layout.auto().from_config(config)
+        except ValueError as exc:  # no such head class for this architecture
+            raise ExportUnsupported(f"{layout.auto_class} has no class for {type(config).__name__}") from exc
+    config.architectures = [type(stock).__name__]
+
+    state = ws.adapter.with_frozen_factors(global_state)
+    lora = _lora_of(ws.adapter, state, ws.frozen_base, stock)
+    peft_config = LoraConfig(task_type=layout.task_type, r=lora.rank, lora_alpha=lora.alpha,
+                             target_modules=list(lora.targets), layers_to_transform=list(lora.layers) or None,
+                             lora_dropout=0.0, bias="none", modules_to_save=["classifier"],
+                             base_model_name_or_path=base_id, inference_mode=True)
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(get_peft_model(stock, peft_config)).items()}
+    backbone = (layout.fedpeft_backbone, stock.base_model_prefix) if layout.fedpeft_backbone else None
+    tensors = {saved_name(k, backbone): v for k, v in lora.tensors.items()}
+    if lora.zero_factors:
+        tensors.update({k: torch.zeros(shape) for k, shape in expected.items() if ".lora_" in k})
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))
+        raise ExportUnsupported(f"the global state does not fit {type(stock).__name__} + peft LoRA "
+                                f"(first difference: {diff[0][0]} {diff[0][1]})")
+    note = STRATEGY_NOTES.get(cfg.strategy, "")
+    metadata = {"fedpeft_model": cfg.model, "fedpeft_adapter": cfg.adapter, "fedpeft_strategy": cfg.strategy,
+                "classifier_pooling": pooling, **({"fedpeft_note": note} if note else {})}
+    return Export(tensors=tensors, peft_config=peft_config, base_config=config,
+                  tokenizer=load_tokenizer(cfg.model), max_length=cfg.max_length,
+                  card=model_card(cfg, layout, base_id, labels, note), metadata=metadata)
+
+
+def _lora_of(adapter: Adapter, state: State, pretrained: State,
+             stock: torch.nn.Module) -> LoraTensors:
+    """The LoRA that reproduces ``state``: folded weights (FLoRA) as SVD factors, trained
+    factors as they are, and a zero no-op when only the head was trained."""
+    if any(k.endswith(_FOLDED) for k in state):
+        return _lora_of_folded(adapter, state, pretrained)
+    if any(".lora_" in k for k in state):
+        return _lora_as_trained(adapter, state)
+    return _no_op_lora(_first_encoder_linear(stock), state)
+
+
+def _first_encoder_linear(model: torch.nn.Module) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.startswith("classifier"):
+            return name
+    raise ExportUnsupported(f"{type(model).__name__} has no linear layer outside its classifier")
+
+
+def model_card(cfg: RunConfig, layout: HeadLayout, base_id: str, labels: list[str], note: str) -> str:
+    dp = cfg.dp or "none"
+    return f"""# fedpeft model
+
+The final global model of a fedpeft run: adapter `{cfg.adapter}`, strategy `{cfg.strategy}`,
+{cfg.rounds} rounds, {cfg.clients} clients; base `{cfg.model}` (`{base_id}`), dataset
+`{cfg.dataset}`, labels {labels}. Settings and accuracy: `../results.json`.
+{f"{chr(10)}{note}{chr(10)}" if note else ""}
+Privacy: `--dp {dp}`. Under DP these weights are the DP-released global model, covered by the
+run's (ε, δ) guarantee (results.json `final`).
+
+## Loading (transformers + peft only)
+
+```python
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoConfig, {layout.auto_class}, AutoTokenizer
+
+d = "{MODEL_DIR}"  # this directory
+base = {layout.auto_class}.from_pretrained(
+    PeftConfig.from_pretrained(d).base_model_name_or_path, config=AutoConfig.from_pretrained(d))
+model = PeftModel.from_pretrained(base, d).eval()
+tok = AutoTokenizer.from_pretrained(d)  # truncates at the run's --max-length ({cfg.max_length})
+enc = tok(["a gripping, beautifully acted film"], truncation=True, padding=True, return_tensors="pt")
+with torch.no_grad():
+    out = model(**enc)
+{layout.snippet}
+probs = logits.softmax(-1)  # label names: model.config.id2label
+```
+
+`classifier_pooling` in `config.json` says which of the two forms applies: `mean` (the run read
+sentences through the masked mean of the token states: load the token classifier and average its
+per-token logits over the attention mask, exact because the head is linear) or `cls` (the
+architecture's own sequence-classification head).
+"""
+
+
+def export_model(ws: Workspace, global_state: State, cfg: RunConfig, out_dir: Path) -> Path | None:
+    """Write the final global model to ``out_dir`` (replaced atomically: readers see the old
+    directory or the complete new one). Returns None, with a warning, when no stock
+    transformers class reproduces the model (nothing is written then)."""
+    try:
+        export = build_export(ws, global_state, cfg)
+    except ExportUnsupported as exc:
+        _LOG.warning("the trained model was not exported to %s: %s", out_dir, exc)
+        return None
+    replace_dir(out_dir, export.write)
+    return out_dir
+
+
+def replace_dir(out_dir: Path, fill: Callable[[Path], None]) -> None:
+    """``fill`` a sibling temp directory, then swap it in with renames."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["ADAPTER_FILE", "HEAD_LAYOUTS", "MODEL_DIR", "Export", "ExportUnsupported", "HeadLayout",
+           "build_export", "export_model", "replace_dir", "saved_name", "svd_factors"]
