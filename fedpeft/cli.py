@@ -286,6 +286,52 @@ def compare(
     console.print(f"-> {out / 'comparison.md'}, {out / 'comparison.csv'}, plots in {out}")
 
 
+@app.command()
+def predict(
+    run: str = typer.Argument(..., help="Run directory (or its model/ directory)."),
+    texts: Optional[list[str]] = typer.Argument(None, help="Texts to classify."),
+    file: Optional[str] = typer.Option(None, "--file", help="Also classify a column of this csv/jsonl/json file."),
+    column: Optional[str] = typer.Option(None, "--column", help="Column of --file holding the texts. [default: text]"),
+    as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON."),
+) -> None:
+    """Classify texts with a run's exported model: label and probability per text."""
+    import dataclasses
+    import json
+
+    from fedpeft.inference import predict_run
+
+    predictions = predict_run(run, texts or [], file, column)
+    if as_json:
+        print(json.dumps([dataclasses.asdict(p) for p in predictions], indent=2))
+        return
+    for p in predictions:
+        print(f"{p.label}\t{p.probability:.4f}\t{p.text}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run: str = typer.Argument(..., help="Run directory."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="rotten-tomatoes, bbc-news, a local path or a hub id. [default: the run's]"),
+    split: str = typer.Option("test", "--split", help="test (built as the run built it) or all (train + test)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --dataset. [default: the run's]"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column of --dataset. [default: the run's]"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of saving it to <run>/evaluations.json."),
+) -> None:
+    """Re-evaluate a run's exported model (default: on the run's test split)."""
+    import dataclasses
+    import json
+
+    from fedpeft.inference import evaluate_run, save_evaluation
+
+    result, run_dir = evaluate_run(run, dataset, split, text_column, label_column)
+    if as_json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    path = save_evaluation(run_dir, result)
+    console.print(f"accuracy {result.accuracy:.4f}, loss {result.loss:.4f} on {result.examples:,} examples "
+                  f"({result.dataset} [{result.split}]) -> {path}", markup=False, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and exit code 2 for every user mistake."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation chatter

