@@ -40,6 +40,7 @@ covers); tokenizer, base config and label names are inputs of the run, not clien
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -248,7 +249,9 @@ def build_export(ws: Workspace, global_state: State, cfg: RunConfig) -> Export:
                              target_modules=list(lora.targets), layers_to_transform=list(lora.layers) or None,
                              lora_dropout=0.0, bias="none", modules_to_save=["classifier"],
                              base_model_name_or_path=base_id, inference_mode=True)
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(get_peft_model(stock, peft_config)).items()}
+    # peft adds its task's head names to the config it is given: probe with a copy
+    probe = get_peft_model(stock, copy.deepcopy(peft_config))
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(probe).items()}
     backbone = (layout.fedpeft_backbone, stock.base_model_prefix) if layout.fedpeft_backbone else None
     tensors = {saved_name(k, backbone): v for k, v in lora.tensors.items()}
     if lora.zero_factors:

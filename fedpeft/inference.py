@@ -70,21 +70,29 @@ def load_model(model_dir: Path) -> LoadedModel:
     from peft import PeftConfig, PeftModel
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        base = PeftConfig.from_pretrained(str(model_dir)).base_model_name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UsageError(f"{str(model_dir)!r} is not a loadable exported model ({_first_line(exc)})") from None
     pooling = getattr(config, "classifier_pooling", None)
     if pooling not in HEAD_LAYOUTS:
         raise UsageError(f"{str(model_dir)!r}: config.json has classifier_pooling {pooling!r}; "
                          f"allowed: {', '.join(HEAD_LAYOUTS.names())} (not a fedpeft export?)")
     layout = HEAD_LAYOUTS.get(pooling)
-    base = PeftConfig.from_pretrained(str(model_dir)).base_model_name_or_path
     try:
         model = PeftModel.from_pretrained(layout.auto().from_pretrained(base, config=config), str(model_dir))
-    except OSError as exc:
-        raise UsageError(f"the base model {base!r} named in {model_dir / ADAPTER_CONFIG} cannot be loaded "
-                         f"({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"the base model {base!r} named in {model_dir / ADAPTER_CONFIG} with this adapter "
+                         f"cannot be loaded ({_first_line(exc)})") from None
     model.eval()
     labels = [config.id2label[i] for i in range(config.num_labels)]
-    return LoadedModel(model, AutoTokenizer.from_pretrained(model_dir), layout, labels)
+    return LoadedModel(model, tokenizer, layout, labels)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 # -- predict -------------------------------------------------------------------------------
@@ -205,22 +213,30 @@ def evaluation_examples(config: dict[str, Any], labels: list[str], dataset: str 
                         text_column: str | None, label_column: str | None) -> tuple[list[str], list[int]]:
     """Texts and model label ids of ``split`` of ``dataset`` (default: the run's dataset), built
     like the run built its splits (same columns, test fraction, test cap and split seed)."""
-    from datasets import concatenate_datasets
-
-    from fedpeft.data.sources import load_splits
+    from fedpeft.data.sources import load_all_rows, load_splits
 
     if split not in SPLITS:
         raise UsageError(f"--split {split!r} is not allowed; allowed: {', '.join(SPLITS)}")
+    name = dataset or config["dataset"]
     text_col = text_column or config["text_column"]
     label_col = label_column or config["label_column"]
-    splits = load_splits(dataset or config["dataset"], text_col, label_col, float(config["test_fraction"]),
-                         int(config["max_test_examples"]))
-    rows = splits.test if split == "test" else concatenate_datasets([splits.train, splits.test])
-    unknown = sorted(set(splits.label_names) - set(labels))
+    if split == "all":
+        rows, names = load_all_rows(name, text_col, label_col)
+    else:
+        try:
+            splits = load_splits(name, text_col, label_col, float(config["test_fraction"]),
+                                 int(config["max_test_examples"]))
+        except UsageError:
+            raise
+        except ValueError as exc:  # e.g. too few rows per label for a stratified test split
+            raise UsageError(f"--dataset {name!r}: no test split can be built ({str(exc).splitlines()[0]}); "
+                             "evaluate every row with --split all") from None
+        rows, names = splits.test, splits.label_names
+    unknown = sorted(set(names) - set(labels))
     if unknown:
-        raise UsageError(f"--dataset {dataset or config['dataset']!r} has labels {', '.join(unknown)} that the "
-                         f"model does not know; the model's labels: {', '.join(labels)}")
-    to_model = [labels.index(name) for name in splits.label_names]
+        raise UsageError(f"--dataset {name!r} has labels {', '.join(unknown)} that the model does not know; "
+                         f"the model's labels: {', '.join(labels)}")
+    to_model = [labels.index(n) for n in names]
     return list(rows[text_col]), [to_model[i] for i in rows[label_col]]
 
 

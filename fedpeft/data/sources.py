@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset, DatasetDict, disable_progress_bars, load_dataset, load_from_disk
+from datasets import (ClassLabel, Dataset, DatasetDict, concatenate_datasets, disable_progress_bars, load_dataset,
+                      load_from_disk)
 
 from fedpeft.data.embedded import EMBEDDED
 from fedpeft.data.synthetic import is_synthetic, synthetic
@@ -78,3 +79,17 @@ def load_splits(name: str, text_column: str, label_column: str, test_fraction: f
         test = test.shuffle(seed=SPLIT_SEED).select(range(max_test_examples))
     names = list(train.features[label_column].names)
     return LabeledSplits(train=train, test=test, num_labels=len(names), label_names=names)
+
+
+def load_all_rows(name: str, text_column: str, label_column: str) -> tuple[Dataset, list[str]]:
+    """Every row of ``name`` (all its splits, unsplit) and its label names: a dataset to
+    evaluate on as a whole, however small."""
+    raw = _load_raw(name)
+    parts = list(raw.values()) if isinstance(raw, DatasetDict) else [raw]
+    for col in (text_column, label_column):
+        if col not in parts[0].column_names:
+            raise UsageError(f"--dataset {name!r} has no column {col!r}; columns: {', '.join(parts[0].column_names)}")
+    rows = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if not isinstance(rows.features[label_column], ClassLabel):
+        rows = rows.class_encode_column(label_column)
+    return rows, list(rows.features[label_column].names)

@@ -6,7 +6,7 @@ dashed). The simulator builds its own ServerApp around the same :func:`run_feder
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -37,5 +37,6 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(dict(context.run_config))
-    output = cfg.output or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
-    run_federation(grid, cfg, [LogReporter(), ResultsWriter(output)])
+    # one run directory for results, checkpoints and the exported model (<output>/model)
+    cfg = replace(cfg, output=cfg.output or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    run_federation(grid, cfg, [LogReporter(), ResultsWriter(cfg.output)])

@@ -1,8 +1,10 @@
-"""Load an exported fedpeft model with torch + transformers + peft only, and score it.
+"""Load exported fedpeft models with torch + transformers + peft only, and score them.
 
-Run as a script (never imported by fedpeft): ``python plain_loader.py <model dir> <examples.json>``
-where the json is ``{"texts": [...], "labels": [...]}``; prints ``{"accuracy", "correct",
-"examples", "logits", "fedpeft_imported"}`` as JSON (logits in the json's order). It mirrors the README's loading snippet.
+Run as a script, never imported: ``python plain_peft_loader.py <model dir> <examples.json> ...``
+(pairs; each json is ``{"texts": [...], "labels": [...]}``). Prints a JSON list, one entry per
+pair: ``{"accuracy", "correct", "examples", "logits"}`` (logits in the json's order), plus
+``fedpeft_imported``: whether any fedpeft module was loaded on the way. Mirrors the loading
+snippet of the export's README.
 """
 
 import json
@@ -15,7 +17,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 HEADS = {"mean": AutoModelForTokenClassification, "cls": AutoModelForSequenceClassification}
 
 
-def main(model_dir: str, examples: str) -> None:
+def score(model_dir: str, examples: str) -> dict:
     data = json.loads(open(examples, encoding="utf-8").read())
     config = AutoConfig.from_pretrained(model_dir)
     base = HEADS[config.classifier_pooling].from_pretrained(
@@ -27,17 +29,17 @@ def main(model_dir: str, examples: str) -> None:
         enc = tok(data["texts"][start:start + 32], truncation=True, padding=True, return_tensors="pt")
         with torch.no_grad():
             logits = model(**enc).logits
-        if config.classifier_pooling == "mean":
+        if config.classifier_pooling == "mean":  # masked mean of the per-token logits
             mask = enc["attention_mask"].unsqueeze(-1).to(logits.dtype)
             logits = (logits * mask).sum(1) / mask.sum(1)
         rows += logits.tolist()
-        labels = torch.tensor(data["labels"][start:start + 32])
-        correct += int((logits.argmax(-1) == labels).sum())
+        correct += int((logits.argmax(-1) == torch.tensor(data["labels"][start:start + 32])).sum())
     n = len(data["labels"])
-    print(json.dumps({"accuracy": correct / n, "correct": correct, "examples": n, "logits": rows,
-                      "fedpeft_imported": any(m == "fedpeft" or m.startswith(("fedpeft.", "strategies"))
-                                              for m in sys.modules)}))
+    return {"accuracy": correct / n, "correct": correct, "examples": n, "logits": rows}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    pairs = list(zip(sys.argv[1::2], sys.argv[2::2]))
+    results = [score(model_dir, examples) for model_dir, examples in pairs]
+    imported = any(m == "fedpeft" or m.startswith(("fedpeft.", "strategies")) for m in sys.modules)
+    print(json.dumps([{**r, "fedpeft_imported": imported} for r in results]))
