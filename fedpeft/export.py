@@ -35,7 +35,8 @@ How each global state becomes a LoRA:
   the model the server evaluated; each client's own ``B`` stays on that client.
 
 Under DP the tensors are the DP-released global model (post-processing of what the guarantee
-covers); tokenizer, base config and label names are inputs of the run, not client data.
+covers); tokenizer and base config are public inputs, and the label names are the dataset's label
+schema, not anything a client reported.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from fedpeft.config import RunConfig
 from fedpeft.model.loading import load_tokenizer, resolve_model_path, resolve_pooling
 from fedpeft.model.mean_pool import BACKBONE_NAME
 from fedpeft.registry import Registry
+from strategies.flora import base_key
 
 if TYPE_CHECKING:
     from fedpeft.federation.workspace import Workspace
@@ -67,7 +69,6 @@ ADAPTER_FILE = "adapter_model.safetensors"
 #: peft's prefix of every saved key, and the runtime adapter name inside parameter names
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_NAME = "default"
-_FOLDED = ".base_layer.weight"
 _LOG = logging.getLogger(__name__)
 
 
@@ -126,6 +127,16 @@ STRATEGY_NOTES: dict[str, str] = {
 }
 
 
+#: the same, per adapter
+ADAPTER_NOTES: dict[str, str] = {
+    "head": ("Only the classification head was trained. peft needs at least one LoRA target, so one encoder "
+             "linear layer carries a rank-1 LoRA whose factors are all zero (an exact no-op)."),
+    "dylora": ("DyLoRA: the full r_max adapter at scale lora_alpha / r_max, the model the server evaluated. "
+               "A rank-b truncation (first b rows of A, columns of B) is used at scale lora_alpha / b."),
+}
+ADAPTER_NOTES["dp-dylora"] = ADAPTER_NOTES["dylora"].replace("DyLoRA", "DP-DyLoRA")
+
+
 @dataclass(frozen=True)
 class LoraTensors:
     """The LoRA part of an export: runtime-named tensors and the peft settings they fit."""
@@ -149,12 +160,13 @@ def _lora_of_folded(adapter: Adapter, state: State, pretrained: State) -> LoraTe
     """Each layer's folded change ``W − W_pretrained + s·B·A`` as scale-1 LoRA factors."""
     deltas: dict[tuple[str, str], torch.Tensor] = {}
     for a_key, b_key in adapter.lora_pairs(set(state)):
-        w_key = a_key.split(".lora_A.", 1)[0] + _FOLDED
+        w_key = base_key(a_key)
         deltas[(a_key, b_key)] = (state[w_key].double() - pretrained[w_key].double()
                                   + adapter.lora_scale * state[b_key].double() @ state[a_key].double())
     factors = {pair: svd_factors(d) for pair, d in deltas.items()}
     rank = max([1, *(a.shape[0] for a, _ in factors.values())])
-    out = {k: v for k, v in state.items() if not k.endswith(_FOLDED) and ".lora_" not in k}
+    folded = {base_key(a) for a, _ in deltas}
+    out = {k: v for k, v in state.items() if k not in folded and ".lora_" not in k}
     for (a_key, b_key), (a, b) in factors.items():
         out[a_key] = torch.zeros(rank, a.shape[1], dtype=torch.float32)
         out[a_key][: a.shape[0]] = a
@@ -261,7 +273,7 @@ def build_export(ws: Workspace, global_state: State, cfg: RunConfig) -> Export:
         diff = sorted(set(got.items()) ^ set(expected.items()))
         raise ExportUnsupported(f"the global state does not fit {type(stock).__name__} + peft LoRA "
                                 f"(first difference: {diff[0][0]} {diff[0][1]})")
-    note = STRATEGY_NOTES.get(cfg.strategy, "")
+    note = " ".join(n for n in (ADAPTER_NOTES.get(cfg.adapter), STRATEGY_NOTES.get(cfg.strategy)) if n)
     metadata = {"fedpeft_model": cfg.model, "fedpeft_adapter": cfg.adapter, "fedpeft_strategy": cfg.strategy,
                 "classifier_pooling": pooling, **({"fedpeft_note": note} if note else {})}
     return Export(tensors=tensors, peft_config=peft_config, base_config=config,
@@ -273,7 +285,7 @@ def _lora_of(adapter: Adapter, state: State, pretrained: State,
              stock: torch.nn.Module) -> LoraTensors:
     """The LoRA that reproduces ``state``: folded weights (FLoRA) as SVD factors, trained
     factors as they are, and a zero no-op when only the head was trained."""
-    if any(k.endswith(_FOLDED) for k in state):
+    if any(base_key(a) in state for a, _ in adapter.lora_pairs(set(state))):
         return _lora_of_folded(adapter, state, pretrained)
     if any(".lora_" in k for k in state):
         return _lora_as_trained(adapter, state)
@@ -288,13 +300,15 @@ def _first_encoder_linear(model: torch.nn.Module) -> str:
 
 
 def model_card(cfg: RunConfig, layout: HeadLayout, base_id: str, labels: list[str], note: str) -> str:
+    """The README.md of the export: what it is and the loading snippet for its layout."""
     dp = cfg.dp or "none"
+    note = f"\n{note}\n" if note else ""
     return f"""# fedpeft model
 
 The final global model of a fedpeft run: adapter `{cfg.adapter}`, strategy `{cfg.strategy}`,
 {cfg.rounds} rounds, {cfg.clients} clients; base `{cfg.model}` (`{base_id}`), dataset
 `{cfg.dataset}`, labels {labels}. Settings and accuracy: `../results.json`.
-{f"{chr(10)}{note}{chr(10)}" if note else ""}
+{note}
 Privacy: `--dp {dp}`. Under DP these weights are the DP-released global model, covered by the
 run's (ε, δ) guarantee (results.json `final`).
 
@@ -305,7 +319,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, {layout.auto_class}, AutoTokenizer
 
-d = "{MODEL_DIR}"  # this directory
+d = "runs/<run>/{MODEL_DIR}"  # this directory
 base = {layout.auto_class}.from_pretrained(
     PeftConfig.from_pretrained(d).base_model_name_or_path, config=AutoConfig.from_pretrained(d))
 model = PeftModel.from_pretrained(base, d).eval()
@@ -358,5 +372,18 @@ def replace_dir(out_dir: Path, fill: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["ADAPTER_FILE", "HEAD_LAYOUTS", "MODEL_DIR", "Export", "ExportUnsupported", "HeadLayout",
-           "build_export", "export_model", "replace_dir", "saved_name", "svd_factors"]
+__all__ = [
+    "ADAPTER_FILE",
+    "ADAPTER_NOTES",
+    "HEAD_LAYOUTS",
+    "MODEL_DIR",
+    "STRATEGY_NOTES",
+    "Export",
+    "ExportUnsupported",
+    "HeadLayout",
+    "build_export",
+    "export_model",
+    "replace_dir",
+    "saved_name",
+    "svd_factors",
+]

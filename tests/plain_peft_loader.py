@@ -12,13 +12,19 @@ import sys
 
 import torch
 from peft import PeftConfig, PeftModel
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
 HEADS = {"mean": AutoModelForTokenClassification, "cls": AutoModelForSequenceClassification}
 
 
 def score(model_dir: str, examples: str) -> dict:
-    data = json.loads(open(examples, encoding="utf-8").read())
+    with open(examples, encoding="utf-8") as fh:
+        data = json.load(fh)
     config = AutoConfig.from_pretrained(model_dir)
     base = HEADS[config.classifier_pooling].from_pretrained(
         PeftConfig.from_pretrained(model_dir).base_model_name_or_path, config=config)

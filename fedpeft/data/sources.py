@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from datasets import (ClassLabel, Dataset, DatasetDict, concatenate_datasets, disable_progress_bars, load_dataset,
-                      load_from_disk)
+from datasets import ClassLabel, Dataset, DatasetDict, disable_progress_bars, load_dataset, load_from_disk
 
 from fedpeft.data.embedded import EMBEDDED
 from fedpeft.data.synthetic import is_synthetic, synthetic
@@ -84,6 +83,8 @@ def load_splits(name: str, text_column: str, label_column: str, test_fraction: f
 def load_all_rows(name: str, text_column: str, label_column: str) -> tuple[Dataset, list[str]]:
     """Every row of ``name`` (all its splits, unsplit) and its label names: a dataset to
     evaluate on as a whole, however small."""
+    from datasets import concatenate_datasets
+
     raw = _load_raw(name)
     parts = list(raw.values()) if isinstance(raw, DatasetDict) else [raw]
     for col in (text_column, label_column):
