@@ -59,7 +59,6 @@ from fedpeft.config import RunConfig
 from fedpeft.model.loading import load_tokenizer, resolve_model_path, resolve_pooling
 from fedpeft.model.mean_pool import BACKBONE_NAME
 from fedpeft.registry import Registry
-from strategies.flora import base_key
 
 if TYPE_CHECKING:
     from fedpeft.federation.workspace import Workspace
@@ -69,6 +68,8 @@ ADAPTER_FILE = "adapter_model.safetensors"
 #: peft's prefix of every saved key, and the runtime adapter name inside parameter names
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_NAME = "default"
+#: peft's name of an adapted layer's frozen weight, where FLoRA keeps its folded updates
+_BASE_WEIGHT = ".base_layer.weight"
 _LOG = logging.getLogger(__name__)
 
 
@@ -135,6 +136,11 @@ ADAPTER_NOTES: dict[str, str] = {
                "A rank-b truncation (first b rows of A, columns of B) is used at scale lora_alpha / b."),
 }
 ADAPTER_NOTES["dp-dylora"] = ADAPTER_NOTES["dylora"].replace("DyLoRA", "DP-DyLoRA")
+
+
+def base_key(a_key: str) -> str:
+    """``<layer>.lora_A.<name>.weight`` -> ``<layer>.base_layer.weight``."""
+    return a_key.split(".lora_A.", 1)[0] + _BASE_WEIGHT
 
 
 @dataclass(frozen=True)
