@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fedpeft.config import resolve
+from fedpeft.settings import resolve
 from fedpeft.data.tokenized import collate
 from fedpeft.export import replace_dir, saved_name, svd_factors
+from fedpeft.federation.checkpoint import load_checkpoint
 from fedpeft.federation.workspace import get_workspace
 from fedpeft.results import ResultsWriter
 from fedpeft.simulation import simulate
@@ -35,9 +36,11 @@ def exported(tmp_path_factory, small_csv):
     runs = {}
     for name, settings in VARIANTS.items():
         data = {"dataset": str(small_csv)} if settings.get("adapter") == "head" else {}
-        cfg = resolve({**TINY, **settings, **data, "output": str(root / name)})
+        # the final checkpoint holds the global state the server evaluated last
+        cfg = resolve({**TINY, **settings, **data, "checkpoint_every": 2, "output": str(root / name)})
         simulate(cfg, [ResultsWriter(cfg.output)])
-        ws = get_workspace(cfg)  # the server's model, holding the final global state
+        ws = get_workspace(cfg)
+        ws.adapter.load_state(ws.model, load_checkpoint(root / name).global_state)
         batch = collate(ws.test, np.arange(len(ws.test)), ws.pad_id)
         with torch.no_grad():
             reference = ws.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
