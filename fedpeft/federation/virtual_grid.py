@@ -40,29 +40,25 @@ from fedpeft.federation.sampling import WorkerPool
 _CLIENT_EXCEPTION = 2
 
 
-class VirtualClientGrid(Grid):
-    """A Grid of ``num_workers`` worker nodes serving ``num_clients`` logical clients."""
+class InMemoryGrid(Grid):
+    """Flower's Grid API over messages delivered in this process: message bookkeeping for the
+    simulation grids here and the node-per-client test grid (``local_grid.py``). Subclasses
+    say which nodes exist and which Context a message runs in; by default a message runs
+    through ``client_app`` at once."""
 
-    def __init__(self, num_clients: int, num_workers: int, run_id: int = 1) -> None:
-        if num_workers < 1:
-            raise ValueError(f"{num_workers} workers; need at least 1")
-        self.num_clients = num_clients
+    def __init__(self, client_app: ClientApp | None, run_id: int = 1) -> None:
+        self.client_app = client_app
         self._run = Run.create_empty(run_id)
         # Flower's runtimes set the process' task identity; Message() reads it
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = 0
         TaskIdentity.task_id = run_id
-        self._workers = list(range(1, num_workers + 1))
         self._replies: dict[str, Message] = {}
         self._lock = threading.Lock()
 
-    # -- what the round loop needs ---------------------------------------------------
-    def roster(self) -> WorkerPool:
-        """Route every logical client to a worker (any free worker actually runs it)."""
-        return WorkerPool(self._workers)
-
-    def close(self) -> None:
-        """Release workers (Ray actors); the grid is unusable afterwards."""
+    @abstractmethod
+    def context_for(self, msg: Message) -> Context:
+        """The Context ``msg`` runs in (its node's identity)."""
 
     # -- Flower Grid API ---------------------------------------------------------------
     def set_run(self, run_id: int) -> None:  # pragma: no cover - the run is fixed
@@ -75,9 +71,6 @@ class VirtualClientGrid(Grid):
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._workers)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -100,7 +93,50 @@ class VirtualClientGrid(Grid):
         self._wait(ids, timeout)
         return self.pull_messages(ids)
 
-    # -- helpers ---------------------------------------------------------------------
+    # -- delivery --------------------------------------------------------------------
+    def _store(self, mid: str, reply: Message) -> None:
+        with self._lock:
+            self._replies[mid] = reply
+
+    @staticmethod
+    def _error_reply(msg: Message, exc: BaseException) -> Message:
+        reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        return Message(Error(code=_CLIENT_EXCEPTION, reason=reason), reply_to=msg)
+
+    def _submit(self, mid: str, msg: Message) -> None:
+        """Run ``msg`` (here: at once, in this process); store its reply under ``mid``."""
+        assert self.client_app is not None
+        try:
+            reply = self.client_app(msg, self.context_for(msg))
+        except Exception as exc:  # noqa: BLE001 - a failing client is a reply with an error
+            reply = self._error_reply(msg, exc)
+        self._store(mid, reply)
+
+    def _wait(self, ids: list[str], timeout: float | None) -> None:
+        """Block until every reply in ``ids`` is stored or ``timeout`` seconds passed."""
+
+
+class VirtualClientGrid(InMemoryGrid):
+    """A Grid of ``num_workers`` worker nodes serving ``num_clients`` logical clients."""
+
+    def __init__(self, client_app: ClientApp | None, num_clients: int, num_workers: int,
+                 run_id: int = 1) -> None:
+        if num_workers < 1:
+            raise ValueError(f"{num_workers} workers; need at least 1")
+        super().__init__(client_app, run_id)
+        self.num_clients = num_clients
+        self._workers = list(range(1, num_workers + 1))
+
+    def roster(self) -> WorkerPool:
+        """Route every logical client to a worker (any free worker actually runs it)."""
+        return WorkerPool(self._workers)
+
+    def close(self) -> None:
+        """Release workers (Ray actors); the grid is unusable afterwards."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._workers)
+
     def context_for(self, msg: Message) -> Context:
         """The logical client's identity as node config; no state survives between messages
         (fedpeft keeps per-client state in files keyed by client id)."""
@@ -119,37 +155,13 @@ class VirtualClientGrid(Grid):
                        node_config={"partition-id": client, "num-partitions": self.num_clients},
                        state=RecordDict(), run_config={})
 
-    def _store(self, mid: str, reply: Message) -> None:
-        with self._lock:
-            self._replies[mid] = reply
-
-    @staticmethod
-    def _error_reply(msg: Message, exc: BaseException) -> Message:
-        reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-        return Message(Error(code=_CLIENT_EXCEPTION, reason=reason), reply_to=msg)
-
-    @abstractmethod
-    def _submit(self, mid: str, msg: Message) -> None:
-        """Start running ``msg``; its reply is stored under ``mid`` when done."""
-
-    def _wait(self, ids: list[str], timeout: float | None) -> None:
-        """Block until every reply in ``ids`` is stored or ``timeout`` seconds passed."""
-
 
 class InProcessGrid(VirtualClientGrid):
     """Every message runs in this process, one after another (no Ray); ``num_workers`` only
     names more worker nodes (tests of routing and sharded evaluation)."""
 
     def __init__(self, client_app: ClientApp, num_clients: int, num_workers: int = 1) -> None:
-        super().__init__(num_clients, num_workers=num_workers)
-        self.client_app = client_app
-
-    def _submit(self, mid: str, msg: Message) -> None:
-        try:
-            reply = self.client_app(msg, self.context_for(msg))
-        except Exception as exc:  # noqa: BLE001 - a failing client is a reply with an error
-            reply = self._error_reply(msg, exc)
-        self._store(mid, reply)
+        super().__init__(client_app, num_clients, num_workers=num_workers)
 
 
 class RayGrid(VirtualClientGrid):
@@ -165,7 +177,7 @@ class RayGrid(VirtualClientGrid):
         if workers < 1:
             raise RuntimeError(f"the Ray cluster has no room for one client "
                                f"(client_resources {backend_config.get('client_resources')})")
-        super().__init__(num_clients, num_workers=workers)
+        super().__init__(None, num_clients, num_workers=workers)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedpeft-client")
         self._futures: dict[str, Future[None]] = {}
 
