@@ -102,7 +102,8 @@ def pfl_available(venv: Path = PFL_VENV) -> bool:
 
 
 # -- the job, exported from fedpeft's workspace ----------------------------------------------
-def export_job(pc: PeerConfig, seed: int, out_dir: Path, max_client_examples: int = 0) -> dict[str, Any]:
+def export_job(pc: PeerConfig, seed: int, out_dir: Path, max_client_examples: int = 0,
+               max_test_examples: int = 2000) -> dict[str, Any]:
     """Write ``job.json`` + ``initial_state.pt`` for the pfl worker; return the job summary."""
     import torch
 
@@ -114,7 +115,7 @@ def export_job(pc: PeerConfig, seed: int, out_dir: Path, max_client_examples: in
     from fedpeft.training.evaluate import evaluate  # noqa: F401 - the accuracy pfl reproduces
 
     cfg = RunConfig(clients=pc.clients, cohort=pc.cohort, rounds=pc.rounds, seed=seed, pooling="mean",
-                    max_client_examples=max_client_examples)
+                    max_client_examples=max_client_examples, max_test_examples=max_test_examples)
     ws = get_workspace(cfg)
     parts = ws.partitions(cfg.partition, cfg.clients, cfg.dirichlet_alpha, cfg.seed)
     rows = []
@@ -146,11 +147,13 @@ def export_job(pc: PeerConfig, seed: int, out_dir: Path, max_client_examples: in
             "trainable_parameters": sum(v.numel() for v in ws.initial_state.values())}
 
 
-def fedpeft_cmd(pc: PeerConfig, seed: int, lr: float, out: Path, max_client_examples: int) -> list[str]:
+def fedpeft_cmd(pc: PeerConfig, seed: int, lr: float, out: Path, max_client_examples: int,
+                max_test_examples: int) -> list[str]:
     cmd = [FEDPEFT, "simulate", "--clients", str(pc.clients), "--cohort", str(pc.cohort), "--rounds", str(pc.rounds),
            "--adapter", "lora", "--rank", "8", "--alpha", "16", "--target-modules", "query,value",
            "--pooling", "mean", "--strategy", "fedavg", "--local-epochs", "1", "--batch-size", "8", "--lr", str(lr),
-           "--max-client-examples", str(max_client_examples), "--seed", str(seed), "--output", str(out)]
+           "--max-client-examples", str(max_client_examples),
+           "--max-test-examples", str(max_test_examples), "--seed", str(seed), "--output", str(out)]
     if pc.epsilon is not None:
         cmd += ["--epsilon", str(pc.epsilon), "--delta", str(pc.delta), "--accountant", "rdp",
                 "--insecure-reproducible-noise"]
@@ -173,10 +176,11 @@ def _pfl_env(workers: int) -> tuple[dict[str, str], str]:
     return env, tag
 
 
-def run_fedpeft(pc: PeerConfig, seed: int, lr: float, tmp: Path, tag_name: str, mce: int) -> dict[str, Any]:
+def run_fedpeft(pc: PeerConfig, seed: int, lr: float, tmp: Path, tag_name: str, mce: int,
+                mte: int) -> dict[str, Any]:
     out = tmp / f"fedpeft-{tag_name}"
     env, tag = bench_env()
-    res = run_measured(fedpeft_cmd(pc, seed, lr, out, mce), env=env, tag=tag, log=tmp / f"fedpeft-{tag_name}.log")
+    res = run_measured(fedpeft_cmd(pc, seed, lr, out, mce, mte), env=env, tag=tag, log=tmp / f"fedpeft-{tag_name}.log")
     if res["returncode"] != 0:
         raise SystemExit(f"fedpeft run {tag_name} failed; log: {tmp / f'fedpeft-{tag_name}.log'}")
     doc = json.loads((out / "results.json").read_text())
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=None, help="override every config's rounds")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-client-examples", type=int, default=0)
+    ap.add_argument("--max-client-examples", type=int, default=0, help="cap per client (0 = all; smoke tests)")
+    ap.add_argument("--max-test-examples", type=int, default=2000, help="test split cap (default: fedpeft's)")
     ap.add_argument("--pfl-workers", type=int, default=2, help="torchrun processes (1 = one process, 2 threads)")
     ap.add_argument("--quick", action="store_true", help="config A, 2 rounds, 1 repetition")
     ap.add_argument("--setup-venv", action="store_true", help="create/update the pfl venv and exit")
@@ -248,14 +253,15 @@ def main(argv: list[str] | None = None) -> Path | None:
         pc = PeerConfig(base.name, base.clients, base.cohort, args.rounds or base.rounds, base.epsilon, base.delta)
         cdir = tmp / name
         cdir.mkdir()
-        job = export_job(pc, args.seed, cdir, args.max_client_examples)
+        job = export_job(pc, args.seed, cdir, args.max_client_examples, args.max_test_examples)
         fed_runs: list[dict[str, Any]] = []
         pfl_runs: list[dict[str, Any]] = []
         for rep in range(args.reps):
             order = ("fedpeft", "pfl") if rep % 2 == 0 else ("pfl", "fedpeft")
             for side in order:
                 if side == "fedpeft":
-                    r = run_fedpeft(pc, args.seed, job["lr"], cdir, str(rep), args.max_client_examples)
+                    r = run_fedpeft(pc, args.seed, job["lr"], cdir, str(rep), args.max_client_examples,
+                                    args.max_test_examples)
                     fed_runs.append(r)
                 else:
                     r = run_pfl(cdir / "job.json", cdir, str(rep), args.pfl_workers)

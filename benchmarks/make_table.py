@@ -84,6 +84,18 @@ def rows(d: Path) -> list[tuple[str, str, str, str, str]]:
                     f"CPU-s per visit of {c['config']['examples_per_visit']} rows x {c['config']['epochs']} epochs; "
                     f"features once: {c['feature_cpu_s_per_row'] * 1e3:.1f} ms/row)", "—",
                     f"{c['load_average_before']:.1f}"))
+    if (pp := _load(d, "pfl_peer")):
+        for name, cfg in pp["configs"].items():
+            s, c = cfg["summary"], cfg["config"]
+            f, p = s["fedpeft_median"], s["pfl_median"]
+            dp = f", ε {c['epsilon']:g}" if c.get("epsilon") else ""
+            reps = len(cfg["fedpeft"])
+            out.append((f"8{name}. pfl-research / fedpeft wall ({c['clients']} clients, cohort {c['expected_cohort']}, "
+                        f"{c['rounds']} rounds{dp}; {reps} rep{'s' if reps > 1 else ''})", "(report)",
+                        f"{s['pfl_over_fedpeft_wall']:.2f} (pfl {p['wall_s']:.0f} s vs fedpeft {f['wall_s']:.0f} s; "
+                        f"CPU-s {s['pfl_over_fedpeft_cpu']:.2f}, RSS {p['peak_rss_gib']:.2f} vs {f['peak_rss_gib']:.2f} GiB; "
+                        f"accuracy {p['final_accuracy']:.3f} vs {f['final_accuracy']:.3f})", "—",
+                        "–".join(f"{x:.1f}" for x in (min(s["load_average_1min"]), max(s["load_average_1min"])))))
     return out
 
 
