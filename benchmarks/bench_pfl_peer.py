@@ -155,8 +155,9 @@ def fedpeft_cmd(pc: PeerConfig, seed: int, lr: float, out: Path, max_client_exam
            "--max-client-examples", str(max_client_examples),
            "--max-test-examples", str(max_test_examples), "--seed", str(seed), "--output", str(out)]
     if pc.epsilon is not None:
+        # --diagnostics: the realised cohorts and round times, which a DP run does not publish
         cmd += ["--epsilon", str(pc.epsilon), "--delta", str(pc.delta), "--accountant", "rdp",
-                "--insecure-reproducible-noise"]
+                "--insecure-reproducible-noise", "--diagnostics"]
     return cmd
 
 
@@ -184,7 +185,8 @@ def run_fedpeft(pc: PeerConfig, seed: int, lr: float, tmp: Path, tag_name: str, 
     if res["returncode"] != 0:
         raise SystemExit(f"fedpeft run {tag_name} failed; log: {tmp / f'fedpeft-{tag_name}.log'}")
     doc = json.loads((out / "results.json").read_text())
-    rounds = doc["rounds"]
+    diagnostics = out / "diagnostics_NOT_COVERED_BY_DP.json"
+    rounds = json.loads(diagnostics.read_text())["rounds"] if diagnostics.exists() else doc["rounds"]
     return {**res, "final_accuracy": doc["final"]["accuracy"],
             "accuracy": [r["eval_accuracy"] for r in rounds], "round_wall_s": [r["wall_s"] for r in rounds],
             "clients_sampled": [r["clients_sampled"] for r in rounds],

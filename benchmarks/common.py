@@ -18,8 +18,14 @@ and PSS (``/proc/<pid>/smaps_rollup``; shared pages split between the processes 
 them, so the sum does not double-count shared libraries or Ray's shared-memory object
 store) over those processes, and keeps the peaks. Summed RSS is the conservative number
 (the one the targets are stated in); summed PSS is the closer estimate of real memory use.
-CPU seconds are the sum over the tree of user+system time (the last sample of each
-process, plus the reaped-children totals of the root).
+CPU seconds of the tree are the larger of two lower bounds: the sum of every sampled
+process's OWN user+system time at its last sample, and (in :func:`run_measured`) the
+kernel's account of everything reaped through the root (``RUSAGE_CHILDREN`` of this
+process across the run: the root plus each descendant its parent waited for). The two are
+not added: a child's CPU appears in its own samples AND, once its parent reaps it, in the
+parent's children totals. (Until 2026-11-30 the root's children totals were added to the
+per-process samples, which counted every child reaped by the root twice — e.g. the
+multiprocessing workers of ``bench_overhead``'s plain loop and pfl's torchrun workers.)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -209,8 +216,9 @@ class TreeSampler:
             rss += mem
             pss += pss_p
             kinds[name] = kinds.get(name, 0) + mem
-            self._cpu[p.pid] = ct.user + ct.system + (
-                ct.children_user + ct.children_system if p.pid == self.root else 0.0)
+            # own time only: a reaped child's time also lands in its parent's children
+            # totals, so adding those would count it twice (see the module doc)
+            self._cpu[p.pid] = ct.user + ct.system
         self.samples += 1
         if rss > self.peak_rss:
             self.peak_rss, self.breakdown_at_peak = rss, kinds
@@ -255,6 +263,7 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str], tag: str, cwd: str 
     try:
         t0 = time.perf_counter()
         load0 = os.getloadavg()
+        reaped0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.Popen(list(cmd), env=env, cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT)
         with TreeSampler(proc.pid, tag, interval) as sampler:
             try:
@@ -271,11 +280,16 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str], tag: str, cwd: str 
                         pass
             sampler.sample()
         wall = time.perf_counter() - t0
+        reaped1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         if log:
             out.close()
+    reaped = (reaped1.ru_utime - reaped0.ru_utime) + (reaped1.ru_stime - reaped0.ru_stime)
+    summary = sampler.summary()
+    sampled = summary["tree_cpu_s"]
     return {"cmd": list(cmd), "returncode": code, "wall_s": wall, "load_average_before": load0,
-            "load_average_after": os.getloadavg(), **sampler.summary()}
+            "load_average_after": os.getloadavg(), **summary,
+            "tree_cpu_s": max(sampled, reaped), "tree_cpu_s_sampled": sampled, "tree_cpu_s_reaped": reaped}
 
 
 def assert_positive(doc: dict[str, Any], keys: Sequence[str]) -> None:

@@ -67,3 +67,22 @@ def test_scale_quick_measures_startup_and_memory(tmp_path):
         assert run["returncode"] == 0, run["log_tail"]
         assert abs(run["startup_s"] + sum(run["rounds_wall_s"]) - run["wall_s"]) < 1e-6
     common.assert_positive(doc, ["wall_ratio_vs_first.2000", "rss_ratio_vs_first.2000"])
+
+
+def test_tree_cpu_counts_a_reaped_child_once():
+    """Two children burn 1 CPU-s each and are reaped by their parent, which lives on: the
+    tree's CPU is ~2 s, not ~4 s (a child's time is in its samples AND its parent's
+    children totals)."""
+    common = _load("common")
+    script = ("import multiprocessing as mp, time\n"
+              "def burn(s):\n"
+              "    t = time.process_time()\n"
+              "    while time.process_time() - t < s: pass\n"
+              "if __name__ == '__main__':\n"
+              "    ps = [mp.Process(target=burn, args=(1.0,)) for _ in range(2)]\n"
+              "    [p.start() for p in ps]; [p.join() for p in ps]\n"
+              "    time.sleep(0.5)\n")
+    env, tag = common.bench_env()
+    res = common.run_measured([sys.executable, "-c", script], env=env, tag=tag, interval=0.1)
+    assert res["returncode"] == 0
+    assert 1.9 <= res["tree_cpu_s"] < 3.0, res
