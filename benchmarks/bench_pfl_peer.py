@@ -102,6 +102,17 @@ def pfl_available(venv: Path = PFL_VENV) -> bool:
 
 
 # -- the job, exported from fedpeft's workspace ----------------------------------------------
+def seeded_cohorts(sampler_cls: Any, clients: int, rate: float, streams: Any, rounds: int) -> list[list[int]]:
+    """fedpeft's seeded Poisson cohorts (client ids) of rounds 1..``rounds``: the same draw as a
+    ``fedpeft simulate`` without DP (or with ``--insecure-reproducible-noise``)."""
+    try:  # virtual clients: PoissonSampler(num_clients, rate, streams), ids in O(cohort)
+        sampler = sampler_cls(clients, rate, streams)
+        return [list(sampler.sample(r)) for r in range(1, rounds + 1)]
+    except TypeError:  # before: PoissonSampler(node_ids, rate, streams), one coin per node
+        sampler = sampler_cls(list(range(clients)), rate, streams)
+        return [list(sampler.sample(r)) for r in range(1, rounds + 1)]
+
+
 def export_job(pc: PeerConfig, seed: int, out_dir: Path, max_client_examples: int = 0,
                max_test_examples: int = 2000) -> dict[str, Any]:
     """Write ``job.json`` + ``initial_state.pt`` for the pfl worker; return the job summary."""
@@ -123,8 +134,7 @@ def export_job(pc: PeerConfig, seed: int, out_dir: Path, max_client_examples: in
         r = parts.indices(c)
         rows.append((r[: cfg.max_client_examples] if cfg.max_client_examples else r).tolist())
     rate = cfg.cohort / cfg.clients
-    sampler = PoissonSampler(list(range(cfg.clients)), rate, SeededStreams(cfg.seed))
-    cohorts = [sampler.sample(r) for r in range(1, cfg.rounds + 1)]
+    cohorts = seeded_cohorts(PoissonSampler, cfg.clients, rate, SeededStreams(cfg.seed), cfg.rounds)
     torch.save({k: v.detach().clone() for k, v in ws.initial_state.items()}, out_dir / "initial_state.pt")
     job = {
         "model_path": resolve_model_path(cfg.model), "max_length": cfg.max_length, "num_labels": ws.splits.num_labels,
