@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, bench_env, run_measured, write_result  # noqa: E402
+from common import PYTHON, bench_env, run_measured, write_result
 
 FEDPEFT = str(Path(PYTHON).with_name("fedpeft"))
 WORKER = Path(__file__).resolve().parent / "pfl_peer_worker.py"
@@ -97,7 +97,8 @@ def pfl_available(venv: Path = PFL_VENV) -> bool:
     py = pfl_python(venv)
     if not py.exists():
         return False
-    probe = subprocess.run([str(py), "-c", "import pfl, torch, peft, transformers"], capture_output=True)
+    probe = subprocess.run([str(py), "-c", "import pfl, torch, peft, transformers"], capture_output=True,
+                           check=False)
     return probe.returncode == 0
 
 

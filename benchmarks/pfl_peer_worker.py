@@ -37,12 +37,13 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 T0 = time.perf_counter()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
 
 
 def log(msg: str) -> None:
@@ -62,7 +63,7 @@ class MeanPoolClassifier(nn.Module):
         self.dropout = nn.Dropout(getattr(self.config, "hidden_dropout_prob", 0.0))
         self.classifier = nn.Linear(self.config.hidden_size, num_labels)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):  # noqa: ANN001, ANN201
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -108,7 +109,7 @@ class PflClassifier(nn.Module):
         return {"loss": Weighted(loss, n), "accuracy": Weighted(correct, n)}
 
 
-def encode(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def encode(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (truncated like fedpeft, no padding from the tokenizer) in a fixed-width
     array plus the attention mask."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
@@ -121,18 +122,19 @@ def encode(tokenizer, texts: list[str], max_length: int, pad_id: int) -> tuple[n
 
 
 def main(job_path: str, out_path: str) -> None:
-    job = json.loads(open(job_path).read())
+    job = json.loads(Path(job_path).read_text())
     threads = int(job.get("torch_threads", 1))
     torch.set_num_threads(threads)
     np.random.seed(job["seed"])  # pfl derives its cohort/noise seeds from numpy's global RNG
     torch.manual_seed(job["seed"])
 
     # pfl picks its framework from what is imported; the model module registers PyTorch ops
+    from peft import LoraConfig, get_peft_model
     from pfl.aggregate.simulate import SimulatedBackend
     from pfl.aggregate.weighting import WeightByDatapoints, WeightByUser
     from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
-    from pfl.callback.central_evaluation import CentralEvaluationCallback
     from pfl.callback.base import TrainingProcessCallback
+    from pfl.callback.central_evaluation import CentralEvaluationCallback
     from pfl.common_types import Population
     from pfl.data.dataset import Dataset
     from pfl.data.federated_dataset import FederatedDataset
@@ -141,8 +143,11 @@ def main(job_path: str, out_path: str) -> None:
     from pfl.internal.ops.selector import get_default_framework_module as get_ops
     from pfl.metrics import Metrics
     from pfl.model.pytorch import PyTorchModel
-    from pfl.privacy import CentrallyAppliedPrivacyMechanism, GaussianMechanism, RDPPrivacyAccountant
-    from peft import LoraConfig, get_peft_model
+    from pfl.privacy import (
+        CentrallyAppliedPrivacyMechanism,
+        GaussianMechanism,
+        RDPPrivacyAccountant,
+    )
     from transformers import AutoModel, AutoTokenizer
     from transformers import logging as hf_logging
 
@@ -200,7 +205,7 @@ def main(job_path: str, out_path: str) -> None:
         def value(self) -> int:
             return len(cohorts[min(self.iteration, len(cohorts) - 1)])
 
-        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):  # noqa: ANN001, ANN201
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
             self.iteration = central_iteration + 1
             self.position = 0
             return False, Metrics()
@@ -228,7 +233,7 @@ def main(job_path: str, out_path: str) -> None:
         """pfl's FederatedAveraging without the per-client local evaluation before and after
         training that it runs in evaluation rounds (fedpeft does not do that work)."""
 
-        def simulate_one_user(self, model, user_dataset, central_context):  # noqa: ANN001, ANN201
+        def simulate_one_user(self, model, user_dataset, central_context):
             if central_context.population == Population.TRAIN:
                 central_context = dataclasses.replace(central_context, do_evaluation=False)
             return super().simulate_one_user(model, user_dataset, central_context)
@@ -239,11 +244,11 @@ def main(job_path: str, out_path: str) -> None:
     class EveryRoundEvaluation(CentralEvaluationCallback):
         """Central evaluation after every round, none before training (fedpeft's schedule)."""
 
-        def on_train_begin(self, *, model):  # noqa: ANN001, ANN201
+        def on_train_begin(self, *, model):
             self._t = time.perf_counter()
             return Metrics()
 
-        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):  # noqa: ANN001, ANN201
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
             train_s = time.perf_counter() - self._t
             stop, metrics = self._eval(model)
             values = {k.lower(): float(v) for k, v in metrics.to_simple_dict().items()}
@@ -289,8 +294,7 @@ def main(job_path: str, out_path: str) -> None:
                   "setup_s": t_train - T0, "train_s": time.perf_counter() - t_train,
                   "total_s": time.perf_counter() - T0, "world_size": world, "torch_threads": threads,
                   "privacy": privacy, "versions": _versions()}
-        with open(out_path, "w") as f:
-            json.dump(result, f, indent=2)
+        Path(out_path).write_text(json.dumps(result, indent=2))
     log("done")
 
 

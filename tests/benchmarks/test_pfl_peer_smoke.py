@@ -17,7 +17,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _load(name: str):  # noqa: ANN202 - a module
+def _load(name: str):
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))  # the scripts import their sibling ``common``
     return importlib.import_module(name)
