@@ -2,7 +2,7 @@
 
 pfl lives in its own venv (it pins dp-accounting 0.5.1; fedpeft pins 0.6.0), which the test
 suite never creates: without it the test is skipped. Create it with
-``python benchmarks/bench_pfl_peer.py --setup-venv``.
+``python benchmarks/bench_pfl_peer.py --setup-venv``; run with ``pytest -m slow``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def _load(name: str):
     return importlib.import_module(name)
 
 
+@pytest.mark.slow  # ~2 min of two frameworks' start-up: not in the default suite
 def test_pfl_peer_quick_runs_both_sides_on_the_same_job(tmp_path):
     peer = _load("bench_pfl_peer")
     if not peer.pfl_available():
