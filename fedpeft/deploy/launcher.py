@@ -31,6 +31,8 @@ from typing import IO
 
 import tomli_w
 
+from fedpeft.federation.message_timing import ENV_VAR as MESSAGE_TIMING_ENV
+
 log = logging.getLogger(__name__)
 
 INSECURE_WARNING = ("--insecure: TLS is OFF. Model updates and node credentials travel in "
@@ -103,17 +105,28 @@ def node_config_arg(node_config: Mapping[str, int | float | str | bool]) -> str:
     return " ".join(parts)
 
 
+#: how a node runs its ClientApp messages: ``warm`` — one long-lived process for all of them
+#: (:mod:`fedpeft.deploy.clientapp_worker`, behind ``flower-supernode --isolation process``);
+#: ``subprocess`` — Flower's default, a fresh ``flwr-clientapp`` process per message
+CLIENTAPP_MODES = ("warm", "subprocess")
+
+
 def supernode_argv(*, superlink: str, node_config: Mapping[str, int | float | str | bool],
                    runtime_port: int = 9094, ca_cert: Path | None = None,
                    private_key: Path | None = None, insecure: bool = False,
-                   max_wait_time: float | None = None) -> list[str]:
+                   max_wait_time: float | None = None, isolation: str = "subprocess") -> list[str]:
     """``flower-supernode`` for one participant.
 
     ``runtime_port`` is the node's local Runtime API (ClientApp processes talk to it); give
-    each SuperNode on the same host its own.
+    each SuperNode on the same host its own. ``isolation="process"``: the SuperNode starts no
+    executor of its own; something else (:func:`node_argv`'s warm worker) runs its tasks.
     """
+    if isolation not in ("subprocess", "process"):
+        raise ValueError(f"isolation must be 'subprocess' or 'process', not {isolation!r}")
     argv = [flower_bin("flower-supernode"), "--superlink", superlink,
             "--port", str(runtime_port), "--node-config", node_config_arg(node_config)]
+    if isolation == "process":
+        argv += ["--isolation", "process"]
     if insecure:
         _warn_insecure()
         if private_key is not None:
@@ -128,6 +141,30 @@ def supernode_argv(*, superlink: str, node_config: Mapping[str, int | float | st
     if max_wait_time is not None:
         argv += ["--max-wait-time", str(max_wait_time)]
     return argv
+
+
+def node_argv(*, superlink: str, node_config: Mapping[str, int | float | str | bool],
+              runtime_port: int = 9094, ca_cert: Path | None = None,
+              private_key: Path | None = None, insecure: bool = False,
+              max_wait_time: float | None = None, clientapp: str = "warm") -> list[str]:
+    """One participant, ready to train: its SuperNode and how it runs ClientApp messages.
+
+    ``clientapp="warm"`` (default): ``python -m fedpeft.deploy.node`` starts
+    ``flower-supernode --isolation process`` and the warm ClientApp worker as one process
+    tree (stopping or killing it takes both). ``"subprocess"``: the plain
+    :func:`supernode_argv` (Flower's fresh process per message; slower by the start-up).
+    """
+    if clientapp not in CLIENTAPP_MODES:
+        raise ValueError(f"clientapp must be one of {CLIENTAPP_MODES}, not {clientapp!r}")
+    supernode = supernode_argv(superlink=superlink, node_config=node_config,
+                               runtime_port=runtime_port, ca_cert=ca_cert,
+                               private_key=private_key, insecure=insecure,
+                               max_wait_time=max_wait_time,
+                               isolation="process" if clientapp == "warm" else "subprocess")
+    if clientapp == "subprocess":
+        return supernode
+    return [sys.executable, "-m", "fedpeft.deploy.node",
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--", *supernode]
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | None = None,
@@ -159,11 +196,13 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | N
 
 
 def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower processes: private FLWR_HOME, no telemetry, offline HF."""
+    """Environment for Flower processes: private FLWR_HOME, no telemetry, offline HF, and one
+    timing line per ClientApp message in the node logs (federation/message_timing.py)."""
     env = dict(os.environ if base is None else base)
     env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.setdefault(MESSAGE_TIMING_ENV, "1")
     # Flower spawns flower-superexec / flwr-serverapp / flwr-clientapp by name.
     bindir = str(Path(sys.executable).parent)
     if bindir not in env.get("PATH", "").split(os.pathsep):

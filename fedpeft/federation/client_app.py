@@ -25,8 +25,10 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from fedpeft.config import RunConfig
+from fedpeft.federation.message_timing import PhaseClock, log_level
 from fedpeft.federation.messages import CLIENT_ID_KEY
 
 app = ClientApp()
@@ -87,21 +89,27 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Discovery: tell the server which logical client this node is."""
+    clock = PhaseClock()
     client_id, num_partitions = _identity(context)
     metrics = MetricRecord({"client-id": client_id, "num-partitions": num_partitions})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    reply = Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    clock.lap("reply")
+    log(log_level(), clock.line("query", f"client {client_id}"))
+    return reply
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    clock = PhaseClock()  # one log line per message: where its time went (message_timing.py)
     import torch
 
     from fedpeft.federation.client import ClientRound, train_client
     from fedpeft.federation.faults import check_dropout, simulated_latency
     from fedpeft.federation.records import from_record
     from fedpeft.federation.upload import client_state_dir, encode_upload
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.federation.workspace import builds_in_process, get_workspace
 
+    clock.lap("imports")
     config = msg.content["config"]
     cfg = RunConfig.from_flat(dict(config))
     torch.set_num_threads(max(1, int(cfg.cpus_per_client)))
@@ -114,12 +122,16 @@ def train(msg: Message, context: Context) -> Message:
                       server_round=int(config["server-round"]), round_rank=rank,
                       state_key=str(client_id),
                       dp_delta=float(dp_delta) if dp_delta is not None else None)
+    builds = builds_in_process()
     ws = get_workspace(cfg)
+    built = builds_in_process() > builds
     broadcast = from_record(msg.content["arrays"])
     state_dir = client_state_dir(cfg, context.node_config)
+    clock.lap("workspace")
     started = time.perf_counter()
     out = train_client(ws, cfg, rnd, broadcast, state_dir)
     latency = simulated_latency(cfg, rnd.server_round, client_id, time.perf_counter() - started)
+    clock.lap("training")
     upload, result = out.upload, out.result
     # sample-level DP adds "epsilon" (this client's ε so far at the run's δ),
     # "noise-multiplier", "dp-steps", "dp-delta" and "dp-sample-rate" (its DP-SGD q); the
@@ -131,4 +143,10 @@ def train(msg: Message, context: Context) -> Message:
                             "worker-node": _worker_node(), **out.metrics})
     arrays = (encode_upload(cfg, client_id, broadcast, upload, state_dir)
               if upload else ArrayRecord())
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    reply = Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    clock.lap("reply")
+    how = (f"workspace built #{ws.build_number} ("
+           + ", ".join(f"{k} {v:.2f} s" for k, v in ws.build_timings.items()) + ")"
+           if built else "workspace cached")
+    log(log_level(), clock.line("train", f"client {client_id} round {rnd.server_round} [{how}]"))
+    return reply

@@ -8,7 +8,8 @@ swapped in and out per client. Never one model copy per client.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,6 +42,11 @@ class Workspace:
     #: FLoRA folds updates into them, and every run starts from these
     frozen_base: State
     _partitions: dict[tuple[str, int, float], Partitions]
+    #: seconds per build phase (data, tokenise, model[, features]): what a message that
+    #: builds the workspace pays, logged by the ClientApp (federation/message_timing.py)
+    build_timings: dict[str, float] = field(default_factory=dict)
+    #: 1 for the first workspace this process built, 2 for the next, ...
+    build_number: int = 0
 
     def partitions(self, scheme: str, num_partitions: int, dirichlet_alpha: float, seed: int) -> Partitions:
         key = (scheme, num_partitions, dirichlet_alpha)
@@ -52,6 +58,7 @@ class Workspace:
 
 _lock = threading.Lock()
 _cache: dict[tuple, Workspace] = {}
+_builds = 0
 
 
 def workspace_key(cfg: RunConfig) -> tuple:
@@ -66,35 +73,52 @@ def adapter_spec(cfg: RunConfig) -> AdapterSpec:
 
 def get_workspace(cfg: RunConfig) -> Workspace:
     """The cached workspace for ``cfg`` (built on first use; one entry per process)."""
+    global _builds
     key = workspace_key(cfg)
     with _lock:
         ws = _cache.get(key)
         if ws is None:
             _cache.clear()  # a new run in the same worker: drop the previous backbone
             ws = _build(cfg)
+            _builds += 1
+            ws.build_number = _builds
             _cache[key] = ws
         return ws
 
 
+def builds_in_process() -> int:
+    """How many workspaces this process has built (a warm process builds one per run)."""
+    return _builds
+
+
 def _build(cfg: RunConfig) -> Workspace:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     splits = load_splits(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_fraction,
                          cfg.max_test_examples)
     if cfg.label_column != "label":
         splits = LabeledSplits(train=splits.train.rename_column(cfg.label_column, "label"),
                                test=splits.test.rename_column(cfg.label_column, "label"),
                                num_labels=splits.num_labels, label_names=splits.label_names)
+    t1 = time.perf_counter()
+    timings["data"] = t1 - t0
     tokenizer = load_tokenizer(cfg.model)
     train = tokenize(splits.train[cfg.text_column], splits.train["label"], tokenizer, cfg.max_length)
     test = tokenize(splits.test[cfg.text_column], splits.test["label"], tokenizer, cfg.max_length)
+    t2 = time.perf_counter()
+    timings["tokenise"] = t2 - t1
     adapter = build_adapter(cfg.adapter, adapter_spec(cfg))
     model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling))
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t3 = time.perf_counter()
+    timings["model"] = t3 - t2
     if adapter.frozen_encoder:
         model, train, test = _frozen_features(cfg, model, train, test, int(pad_id))
+        timings["features"] = time.perf_counter() - t3
     return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,
                      test=test, initial_state=adapter.trainable_state(model),
-                     frozen_base=adapted_base_weights(model), _partitions={})
+                     frozen_base=adapted_base_weights(model), _partitions={}, build_timings=timings)
 
 
 FEATURE_BATCH = 64

@@ -1,0 +1,289 @@
+"""Benchmark 8: start-up cost of a ClientApp message in a real federation, before and after.
+
+Two measurements, written to ``benchmarks/results/deploy_startup.json``:
+
+1. **One cold message, phase by phase** (``cold_message``): a fresh interpreter does what
+   Flower's ``flwr-clientapp`` does for a train message — import Flower's ClientApp runtime,
+   import the fedpeft ClientApp, run its ``train`` handler (which imports torch/transformers/
+   peft, builds the workspace: data, tokenisation, model; trains; encodes the reply) — then
+   handles a second train message in the same process, which is what a warm process pays.
+   Phases come from the handler's own timing line (``fedpeft/federation/message_timing.py``).
+2. **The 3-node loopback deployment** (``deployment``), once per ``--modes`` entry, back to back:
+   SuperLink + 3 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication (the layout of
+   ``tests/test_deployment.py``), ``flwr run`` of ``--rounds`` rounds of
+   ``clients=3 cohort=3 max-client-examples=32 max-test-examples=64 batch-size=16``.
+   ``subprocess`` is Flower's default (a fresh ``flwr-clientapp`` per message: the state
+   before issue #17); ``warm`` is ``fedpeft.deploy.node`` (one long-lived ClientApp worker per
+   node). Reported: per-round wall time from ``results.json``, and per message — parsed from
+   the node logs — the handler's phases and, for ``warm``, the worker's task lines (pull,
+   app load, handler, push). Per-message overhead = task wall time minus local training:
+   for ``subprocess`` the process age at handler entry + imports + workspace + reply (a lower
+   bound: the reply push and process exit after the handler are not timed); for ``warm`` the
+   worker's task total minus training.
+
+    python benchmarks/bench_deploy_startup.py [--modes subprocess,warm] [--rounds 3] [--quick] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PYTHON, REPO, write_result  # noqa: E402
+
+RUN_CONFIG = "clients=3 cohort=3 max-client-examples=32 max-test-examples=64 batch-size=16"
+CHILD_FLAG = "--child-message"
+
+
+# -- 1. one cold message in a fresh process -------------------------------------------------
+def _child_message(arrays_path: str) -> None:
+    """Runs in a fresh interpreter: Flower's ClientApp runtime import, then two train messages."""
+    from fedpeft.federation.message_timing import process_age_s
+
+    phases: dict[str, Any] = {"interpreter": process_age_s()}
+    t = time.perf_counter()
+    import flwr.supernode.cli.flwr_clientapp  # noqa: F401 - what the flwr-clientapp script imports
+
+    phases["import_flower"] = time.perf_counter() - t
+    t = time.perf_counter()
+    import logging
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpeft.config import RunConfig
+    from fedpeft.federation.client_app import app
+    from fedpeft.federation.message_timing import ENV_VAR, parse_line
+
+    phases["import_app"] = time.perf_counter() - t
+    os.environ[ENV_VAR] = "1"
+    lines: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logging.getLogger("flwr").addHandler(Grab())
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    cfg = RunConfig.from_flat(_run_config_dict())
+    with np.load(arrays_path) as data:
+        arrays = ArrayRecord({k: Array(data[k]) for k in data.files})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    messages = []
+    for server_round in (1, 2):
+        config = ConfigRecord({**cfg.to_flat(), "server-round": server_round, "round-rank": 0,
+                               "client-id": 0})
+        msg = Message(RecordDict({"arrays": arrays, "config": config}), 1, "train")
+        msg.metadata.__dict__["_message_id"] = f"m{server_round}"
+        t = time.perf_counter()
+        reply = app(msg, context)
+        assert not reply.has_error(), reply.error
+        handler = time.perf_counter() - t
+        parsed = next(p for p in map(parse_line, reversed(lines)) if p)
+        messages.append({"handler_s": handler, **parsed})
+    print(json.dumps({"phases": phases, "messages": messages}))
+
+
+def _run_config_dict() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in RUN_CONFIG.split():
+        k, v = part.split("=")
+        out[k] = int(v)
+    return out
+
+
+def cold_message(tmp: Path) -> dict[str, Any]:
+    """Broadcast arrays from this process, then one fresh child handles two messages."""
+    import numpy as np
+
+    from fedpeft.config import RunConfig
+    from fedpeft.federation.records import to_record
+    from fedpeft.federation.workspace import get_workspace
+
+    cfg = RunConfig.from_flat(_run_config_dict())
+    ws = get_workspace(cfg)
+    record = to_record(ws.initial_state)
+    arrays_path = tmp / "broadcast.npz"
+    np.savez(arrays_path, **{k: a.numpy() for k, a in record.items()})
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    load0 = os.getloadavg()
+    t = time.perf_counter()
+    out = subprocess.run([PYTHON, __file__, CHILD_FLAG, str(arrays_path)], env=env, cwd=tmp,
+                         capture_output=True, text=True, check=False, timeout=600)
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"cold-message child failed:\n{out.stderr[-3000:]}")
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    first, second = doc["messages"]
+    p = doc["phases"]
+    cold_total = (p["interpreter"] or 0.0) + p["import_flower"] + p["import_app"] + first["handler_s"]
+    doc.update({
+        "child_wall_s": wall, "load_average_before": load0, "load_average_after": os.getloadavg(),
+        # what a fresh flwr-clientapp pays on top of training, and what a warm process pays
+        "cold_overhead_s": cold_total - first["training"],
+        "warm_overhead_s": second["handler_s"] - second["training"],
+        "cold_total_s": cold_total, "warm_total_s": second["handler_s"],
+    })
+    return doc
+
+
+# -- 2. the 3-node loopback deployment -------------------------------------------------------
+def deployment(mode: str, rounds: int, tmp: Path, timeout: float) -> dict[str, Any]:
+    from fedpeft.deploy import app, certs, keys
+    from fedpeft.deploy import launcher as L
+
+    tls = certs.generate(tmp / "certs", ["127.0.0.1"])
+    node_keys = [keys.generate(tmp / "keys", f"supernode-{i}") for i in range(3)]
+    app_dir = app.write_app(tmp / "fedpeft-app")
+    out_dir = tmp / "run-output"
+    results = out_dir / "results.json"
+    flwr_home = tmp / "flwr-home"
+    env = L.flwr_env(flwr_home)
+    env["HF_HOME"] = str(tmp / "hf-home")
+    port = L.free_port()
+    address = f"127.0.0.1:{port}"
+    L.write_connection(flwr_home, "bench", address, tls.ca_cert)
+    procs = L.Processes(tmp / "logs", env)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_cmd: list[str] = []
+    node_cmds: list[list[str]] = []
+    try:
+        link = procs.start("superlink", L.superlink_argv(
+            host="127.0.0.1", port=port, ca_cert=tls.ca_cert, server_cert=tls.server_cert,
+            server_key=tls.server_key, node_auth=True), cwd=tmp)
+        L.wait_for_port("127.0.0.1", port, timeout=60, proc=link.popen)
+        for k in node_keys:
+            L.register_node(k.public, "bench", env)
+        for i in range(3):
+            argv = L.node_argv(superlink=address, runtime_port=L.free_port(), ca_cert=tls.ca_cert,
+                               private_key=node_keys[i].private, clientapp=mode,
+                               node_config={"partition-id": i, "num-partitions": 3})
+            node_cmds.append(argv)
+            procs.start(f"node-{i}", argv)
+        timings["setup_s"] = time.perf_counter() - t0
+        run_cmd = [L.flower_bin("flwr"), "run", str(app_dir), "bench", "--stream", "--run-config",
+                   f'{RUN_CONFIG} rounds={rounds} output="{out_dir}"']
+        t_run = time.perf_counter()
+        run = procs.start("flwr-run", run_cmd)
+        while run.popen.poll() is None and time.perf_counter() - t_run < timeout:
+            procs.snapshot()
+            time.sleep(1.0)
+        timings["flwr_run_s"] = time.perf_counter() - t_run
+        returncode = run.popen.poll()
+    finally:
+        procs.stop_all(grace=10.0)
+    record = json.loads(results.read_text()) if results.exists() else {"rounds": []}
+    node_logs = {name: p.log_text() for name, p in procs.procs.items() if name.startswith("node-")}
+    return {
+        "mode": mode, "returncode": returncode, "rounds": rounds,
+        "round_wall_s": [r["wall_s"] for r in record["rounds"]],
+        "final_accuracy": (record.get("final") or {}).get("accuracy"),
+        "load_average_before": load0, "load_average_after": os.getloadavg(), **timings,
+        "messages": messages_from_logs(node_logs), "tasks": tasks_from_logs(node_logs),
+        "commands": {"node_0": node_cmds[0] if node_cmds else [], "flwr_run": run_cmd},
+        "leftover_pids": procs.leftovers(),
+    }
+
+
+def messages_from_logs(logs: dict[str, str]) -> list[dict[str, Any]]:
+    from fedpeft.federation.message_timing import parse_line
+
+    return [{"node": node, **parsed} for node, text in logs.items()
+            for parsed in map(parse_line, text.splitlines()) if parsed]
+
+
+def tasks_from_logs(logs: dict[str, str]) -> list[dict[str, Any]]:
+    from fedpeft.deploy.clientapp_worker import parse_task_line
+
+    return [{"node": node, **parsed} for node, text in logs.items()
+            for parsed in map(parse_task_line, text.splitlines()) if parsed]
+
+
+def summarise(run: dict[str, Any]) -> dict[str, Any]:
+    """Per-message overheads (task wall minus training) and round walls of one mode."""
+    trains = [m for m in run["messages"] if m["kind"] == "train"]
+    out: dict[str, Any] = {"round_wall_s": run["round_wall_s"],
+                           "round_wall_mean_s": statistics.fmean(run["round_wall_s"]) if run["round_wall_s"] else None,
+                           "rounds_after_first_mean_s": (statistics.fmean(run["round_wall_s"][1:])
+                                                         if len(run["round_wall_s"]) > 1 else None)}
+    if run["mode"] == "subprocess":
+        over = [(m.get("process_age") or 0.0) + m["imports"] + m["workspace"] + m["reply"] for m in trains]
+        out["train_overhead_s"] = over
+        out["overhead_note"] = "lower bound: process age at handler entry + imports + workspace + reply"
+    else:
+        tasks = [t for t in run["tasks"] if t.get("kind") == "train"]
+        by_node: dict[str, list[dict]] = {}
+        for m in trains:
+            by_node.setdefault(m["node"], []).append(m)
+        over = []
+        for t in tasks:
+            ms = by_node.get(t["node"], [])
+            if ms:
+                over.append(t["total"] - ms.pop(0)["training"])
+        out["train_overhead_s"] = over
+        out["overhead_note"] = "worker task total (pull + app load + handler + push) minus training"
+    out["train_overhead_max_s"] = max(over) if over else None
+    first = [o for o, m in zip(over, trains) if "build_data" in m]
+    later = [o for o, m in zip(over, trains) if "build_data" not in m]
+    out["train_overhead_building_mean_s"] = statistics.fmean(first) if first else None
+    out["train_overhead_cached_mean_s"] = statistics.fmean(later) if later else None
+    phase_names = ("process_age", "imports", "workspace", "training", "reply")
+    out["train_phase_means_s"] = {k: statistics.fmean(m.get(k) or 0.0 for m in trains) for k in phase_names} if trains else {}
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default="subprocess,warm", help="comma list of subprocess,warm")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1200.0, help="per deployment run")
+    ap.add_argument("--skip-cold", action="store_true", help="only the deployment runs")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, warm mode only")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.modes = 2, "warm"
+    modes = [m for m in args.modes.split(",") if m]
+    payload: dict[str, Any] = {"config": {"run_config": RUN_CONFIG, "rounds": args.rounds, "modes": modes,
+                                          "nodes": 3, "tls": True, "node_auth": True}}
+    with tempfile.TemporaryDirectory(prefix="fedpeft-bench-deploy-") as td:
+        tmp = Path(td)
+        if not args.skip_cold:
+            (tmp / "cold").mkdir()
+            payload["cold_message"] = cold_message(tmp / "cold")
+            print("cold message:", json.dumps({k: payload["cold_message"][k] for k in
+                                               ("phases", "cold_overhead_s", "warm_overhead_s")}))
+        runs = {}
+        for mode in modes:
+            (tmp / mode).mkdir()
+            runs[mode] = deployment(mode, args.rounds, tmp / mode, args.timeout)
+            runs[mode]["summary"] = summarise(runs[mode])
+            print(mode, json.dumps(runs[mode]["summary"]))
+        payload["deployment"] = runs
+        if {"subprocess", "warm"} <= set(runs):
+            a, b = runs["subprocess"]["summary"], runs["warm"]["summary"]
+            if a["round_wall_mean_s"] and b["round_wall_mean_s"]:
+                payload["round_wall_ratio_subprocess_over_warm"] = a["round_wall_mean_s"] / b["round_wall_mean_s"]
+    payload["command"] = " ".join([Path(PYTHON).name, "benchmarks/bench_deploy_startup.py", *(argv or sys.argv[1:])])
+    return write_result("deploy_startup", payload, args.out, args.quick)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == CHILD_FLAG:
+        sys.path.insert(0, str(REPO))
+        _child_message(sys.argv[2])
+    else:
+        main()
