@@ -2,9 +2,12 @@
 
 One SuperLink (TLS + SuperNode authentication) and three SuperNodes as separate processes,
 two rounds via ``flwr run``: the same process layout as ``docker/compose.yaml`` and
-``docs/deployment.md``, minus the containers. Also shown: a SuperNode whose key was never
-registered is refused, and a SuperNode killed (SIGKILL, whole process tree) in the middle of
-round 2 does not stop the round — it completes with the two others.
+``docs/deployment.md``, minus the containers. Each node is ``fedpeft.deploy.node``: the
+SuperNode plus its warm ClientApp worker, which serves every message of the run in one
+process, so each surviving node builds its workspace once for two rounds. Also shown: a
+SuperNode whose key was never registered is refused, and a SuperNode killed (SIGKILL, whole
+process tree) in the middle of round 2 — its round-2 message received, its worker held
+(SIGSTOP) so it cannot answer first — does not stop the round: it completes with the two others.
 
 Run with ``pytest -m deployment tests/test_deployment.py`` (a few minutes on 2 cores).
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +26,8 @@ import pytest
 
 from fedpeft.deploy import app, certs, keys
 from fedpeft.deploy import launcher as L
+from fedpeft.deploy.clientapp_worker import parse_task_line
+from fedpeft.federation.message_timing import parse_line
 
 pytestmark = pytest.mark.deployment
 
@@ -61,6 +68,17 @@ def _rounds_done(results: Path) -> int:
         return 0
 
 
+def _tasks(log_text: str) -> list[dict]:
+    return [t for t in map(parse_task_line, log_text.splitlines()) if t]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path) -> None:
     t_start = time.monotonic()
     tls = certs.generate(tmp_path / "certs", ["127.0.0.1"])
@@ -98,7 +116,7 @@ def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path
             {"partition-id": i, "num-partitions": 3} for i in range(3)]
         node_configs[2]["dataset-path"] = str(local_csv)  # a node with its own data
         for i, node_config in enumerate(node_configs):
-            procs.start(f"supernode-{i}", L.supernode_argv(
+            procs.start(f"supernode-{i}", L.node_argv(
                 superlink=address, runtime_port=L.free_port(), ca_cert=tls.ca_cert,
                 private_key=node_keys[i].private, node_config=node_config))
 
@@ -113,14 +131,20 @@ def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path
             L.flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
             "--run-config", f'{RUN_CONFIG} output="{out_dir}"'])
 
+        # Node 1 answers discovery and round 1, then its worker is held (SIGSTOP) so that it
+        # cannot answer round 2 before the kill: the node is killed with the message received.
+        killed = procs.procs[KILLED]
+        _wait_for(lambda: len(_tasks(killed.log_text())) >= 2 or run.popen.poll() is not None,
+                  FLWR_RUN_TIMEOUT, "query + round 1 on " + KILLED, procs, poll=0.2)
+        workers = [pid for pid in killed.tree if "clientapp_worker" in _cmdline(pid)]
+        assert len(workers) == 1, f"expected one worker under {KILLED}: {killed.tree}"
+        os.kill(workers[0], signal.SIGSTOP)
         _wait_for(lambda: _rounds_done(results) >= 1 or run.popen.poll() is not None,
                   FLWR_RUN_TIMEOUT, "round 1", procs)
         assert _rounds_done(results) >= 1, "the run ended before round 1 was recorded"
         timings["round 1 done"] = time.monotonic() - t_run
-        # Kill node 1 while its round-2 ClientApp runs (query + 2 trains = 3 ClientApps).
-        killed_log = procs.procs[KILLED]
-        _wait_for(lambda: killed_log.log_text().count("Start `flwr-clientapp` process") >= 3
-                  or _rounds_done(results) >= 2, 120, "round 2 to start on " + KILLED, procs,
+        _wait_for(lambda: killed.log_text().count("Receiving: train message") >= 2
+                  or _rounds_done(results) >= 2, 120, "round 2 to reach " + KILLED, procs,
                   poll=0.5)
         assert _rounds_done(results) < 2, "round 2 finished before the node could be killed"
         procs.kill(KILLED)
@@ -149,6 +173,14 @@ def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path
                                 timeout=60, check=True)
         nodes = L._last_json(listed.stdout).get("nodes", [])
         assert len(nodes) == 3, listed.stdout
+        # Warm workers: each survivor ran query + 2 trains in one process, built once.
+        for name in ("supernode-0", "supernode-2"):
+            text = procs.procs[name].log_text()
+            assert "Start `flwr-clientapp` process" not in text
+            assert [t["kind"] for t in _tasks(text)] == ["query", "train", "train"], name
+            trains = [m for m in map(parse_line, text.splitlines()) if m and m["kind"] == "train"]
+            assert len(trains) == 2 and "build_data" in trains[0] and "build_data" not in trains[1]
+            assert text.count("workspace built #") == 1, name
     except BaseException:
         procs.snapshot()
         print(procs.logs(tail=150))

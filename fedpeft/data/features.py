@@ -12,11 +12,8 @@ the first process computes, the others load.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.atomic import atomic_write_bytes
 from fedpeft.data.tokenized import TokenizedSplit, eval_batches
+from fedpeft.disk_cache import cache_root, cached_arrays
 
 #: bump when the way features are computed changes (invalidates old cache files)
 FEATURE_VERSION = 1
@@ -53,7 +50,7 @@ class FeatureSplit:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEDPEFT_CACHE_DIR") or Path.home() / ".cache" / "fedpeft") / "features"
+    return cache_root() / "features"
 
 
 def cache_key(parts: dict[str, object]) -> str:
@@ -110,27 +107,9 @@ def split_features(model: nn.Module, split: TokenizedSplit, pad_id: int, batch_s
 
 
 def cached_features(key: str, compute: callable) -> dict[str, np.ndarray]:  # type: ignore[valid-type]
-    """``compute()`` (a dict of arrays) once per key on this machine; later calls load it.
-
-    A lock file serialises concurrent builders (server and Ray workers start together); the
-    result is written atomically, so a crash never leaves a truncated cache file.
-    """
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{key}.npz"
-    with open(directory / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if path.is_file():
-                with np.load(path) as data:
-                    return {k: data[k] for k in data.files}
-            arrays = compute()
-            buf = io.BytesIO()
-            np.savez(buf, **arrays)
-            atomic_write_bytes(path, buf.getvalue())
-            return arrays
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """``compute()`` (a dict of arrays) once per key on this machine; later calls load it
+    (:func:`fedpeft.disk_cache.cached_arrays`: locked against concurrent builders, atomic)."""
+    return cached_arrays("features", key, compute)
 
 
 __all__ = ["FEATURE_VERSION", "FeatureSplit", "cache_dir", "cache_key", "cached_features", "head_inputs",

@@ -19,7 +19,8 @@ from fedpeft.config import RunConfig
 from fedpeft.data.features import FeatureSplit, cache_key, cached_features, split_features
 from fedpeft.data.partition import Partitions
 from fedpeft.data.sources import LabeledSplits, load_splits
-from fedpeft.data.tokenized import TokenizedSplit, tokenize
+from fedpeft.data.token_cache import cached_tokenize, tokenizer_identity
+from fedpeft.data.tokenized import TokenizedSplit
 from fedpeft.model.feature_head import FeatureClassifier, head_dropout
 from fedpeft.model.loading import load_classifier, load_tokenizer, resolve_model_path
 
@@ -103,8 +104,11 @@ def _build(cfg: RunConfig) -> Workspace:
     t1 = time.perf_counter()
     timings["data"] = t1 - t0
     tokenizer = load_tokenizer(cfg.model)
-    train = tokenize(splits.train[cfg.text_column], splits.train["label"], tokenizer, cfg.max_length)
-    test = tokenize(splits.test[cfg.text_column], splits.test["label"], tokenizer, cfg.max_length)
+    ident = tokenizer_identity(tokenizer, resolve_model_path(cfg.model))
+    train = cached_tokenize(splits.train[cfg.text_column], splits.train["label"], tokenizer,
+                            cfg.max_length, ident)
+    test = cached_tokenize(splits.test[cfg.text_column], splits.test["label"], tokenizer,
+                           cfg.max_length, ident)
     t2 = time.perf_counter()
     timings["tokenise"] = t2 - t1
     adapter = build_adapter(cfg.adapter, adapter_spec(cfg))

@@ -1,0 +1,48 @@
+"""Arrays computed once per machine and shared by every process that needs them.
+
+``$FEDPEFT_CACHE_DIR/<kind>/<key>.npz`` (default ``~/.cache/fedpeft``), where ``key`` hashes
+everything the arrays depend on. The server, Ray workers and SuperNode ClientApp workers often
+start together: a lock file per key serialises them, so the first computes and the others
+wait and load. Entries are written atomically (:mod:`fedpeft.atomic`), so a crash never leaves
+a truncated file; an unreadable entry (damaged by hand, a full disk) is computed again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedpeft.atomic import atomic_write_bytes
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDPEFT_CACHE_DIR") or Path.home() / ".cache" / "fedpeft")
+
+
+def cached_arrays(kind: str, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``compute()`` once per ``(kind, key)`` on this machine; later calls load its arrays."""
+    directory = cache_root() / kind
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{key}.npz"
+    with open(directory / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.is_file():
+                try:
+                    with np.load(path) as data:
+                        return {k: data[k] for k in data.files}
+                except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+                    pass  # unreadable: computed and replaced below
+            arrays = compute()
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            atomic_write_bytes(path, buf.getvalue())
+            return arrays
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
