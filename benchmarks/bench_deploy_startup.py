@@ -7,16 +7,19 @@ Two measurements, written to ``benchmarks/results/deploy_startup.json``:
    import the fedpeft ClientApp, run its ``train`` handler (which imports torch/transformers/
    peft, builds the workspace: data, tokenisation, model; trains; encodes the reply) — then
    handles a second train message in the same process, which is what a warm process pays.
-   Phases come from the handler's own timing line (``fedpeft/federation/message_timing.py``).
+   Twice: with an empty token cache, then with the one the first child left (a fresh
+   process that loads its token ids instead of tokenising). Phases come from the handler's
+   own timing line (``fedpeft/federation/message_timing.py``).
 2. **The 3-node loopback deployment** (``deployment``), once per ``--modes`` entry, back to back:
    SuperLink + 3 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication (the layout of
    ``tests/test_deployment.py``), ``flwr run`` of ``--rounds`` rounds of
    ``clients=3 cohort=3 max-client-examples=32 max-test-examples=64 batch-size=16``.
    ``subprocess`` is Flower's default (a fresh ``flwr-clientapp`` per message: the state
-   before issue #17); ``warm`` is ``fedpeft.deploy.node`` (one long-lived ClientApp worker per
-   node). Reported: per-round wall time from ``results.json``, and per message — parsed from
-   the node logs — the handler's phases and, for ``warm``, the worker's task lines (pull,
-   app load, handler, push). Per-message overhead = task wall time minus local training:
+   before issue #17, except that messages after a node's first now load token ids from the
+   disk cache); ``warm`` is ``fedpeft.deploy.node`` (one long-lived ClientApp worker per
+   node). Each mode starts with an empty ``$FEDPEFT_CACHE_DIR``. Reported: per-round wall
+   time from ``results.json``, and per message — parsed from the node logs — the handler's
+   phases and, for ``warm``, the worker's task lines (pull, app load, handler, push). Per-message overhead = task wall time minus local training:
    for ``subprocess`` the process age at handler entry + imports + workspace + reply (a lower
    bound: the reply push and process exit after the handler are not timed); for ``warm`` the
    worker's task total minus training.
@@ -104,7 +107,9 @@ def _run_config_dict() -> dict[str, Any]:
 
 
 def cold_message(tmp: Path) -> dict[str, Any]:
-    """Broadcast arrays from this process, then one fresh child handles two messages."""
+    """Broadcast arrays from this process, then two fresh children handle two messages each:
+    the first with an empty token cache (``$FEDPEFT_CACHE_DIR``), the second with the cache the
+    first one left (a fresh process that no longer tokenises)."""
     import numpy as np
 
     from fedpeft.config import RunConfig
@@ -116,26 +121,30 @@ def cold_message(tmp: Path) -> dict[str, Any]:
     record = to_record(ws.initial_state)
     arrays_path = tmp / "broadcast.npz"
     np.savez(arrays_path, **{k: a.numpy() for k, a in record.items()})
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    load0 = os.getloadavg()
-    t = time.perf_counter()
-    out = subprocess.run([PYTHON, __file__, CHILD_FLAG, str(arrays_path)], env=env, cwd=tmp,
-                         capture_output=True, text=True, check=False, timeout=600)
-    wall = time.perf_counter() - t
-    if out.returncode != 0:
-        raise RuntimeError(f"cold-message child failed:\n{out.stderr[-3000:]}")
-    doc = json.loads(out.stdout.strip().splitlines()[-1])
-    first, second = doc["messages"]
-    p = doc["phases"]
-    cold_total = (p["interpreter"] or 0.0) + p["import_flower"] + p["import_app"] + first["handler_s"]
-    doc.update({
-        "child_wall_s": wall, "load_average_before": load0, "load_average_after": os.getloadavg(),
-        # what a fresh flwr-clientapp pays on top of training, and what a warm process pays
-        "cold_overhead_s": cold_total - first["training"],
-        "warm_overhead_s": second["handler_s"] - second["training"],
-        "cold_total_s": cold_total, "warm_total_s": second["handler_s"],
-    })
-    return doc
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               FEDPEFT_CACHE_DIR=str(tmp / "child-cache"))
+    out: dict[str, Any] = {}
+    for name in ("empty_token_cache", "filled_token_cache"):
+        load0 = os.getloadavg()
+        t = time.perf_counter()
+        res = subprocess.run([PYTHON, __file__, CHILD_FLAG, str(arrays_path)], env=env, cwd=tmp,
+                             capture_output=True, text=True, check=False, timeout=600)
+        wall = time.perf_counter() - t
+        if res.returncode != 0:
+            raise RuntimeError(f"cold-message child failed:\n{res.stderr[-3000:]}")
+        doc = json.loads(res.stdout.strip().splitlines()[-1])
+        first, second = doc["messages"]
+        p = doc["phases"]
+        cold_total = (p["interpreter"] or 0.0) + p["import_flower"] + p["import_app"] + first["handler_s"]
+        doc.update({
+            "child_wall_s": wall, "load_average_before": load0, "load_average_after": os.getloadavg(),
+            # what a fresh flwr-clientapp pays on top of training, and what a warm process pays
+            "cold_overhead_s": cold_total - first["training"],
+            "warm_overhead_s": second["handler_s"] - second["training"],
+            "cold_total_s": cold_total, "warm_total_s": second["handler_s"],
+        })
+        out[name] = doc
+    return out
 
 
 # -- 2. the 3-node loopback deployment -------------------------------------------------------
@@ -261,14 +270,17 @@ def main(argv: list[str] | None = None) -> Path:
                                           "nodes": 3, "tls": True, "node_auth": True}}
     with tempfile.TemporaryDirectory(prefix="fedpeft-bench-deploy-") as td:
         tmp = Path(td)
+        os.environ["FEDPEFT_CACHE_DIR"] = str(tmp / "parent-cache")  # never ~/.cache here
         if not args.skip_cold:
             (tmp / "cold").mkdir()
             payload["cold_message"] = cold_message(tmp / "cold")
-            print("cold message:", json.dumps({k: payload["cold_message"][k] for k in
-                                               ("phases", "cold_overhead_s", "warm_overhead_s")}))
+            for name, doc in payload["cold_message"].items():
+                print("cold message,", name, json.dumps({k: doc[k] for k in
+                                                         ("phases", "cold_overhead_s", "warm_overhead_s")}))
         runs = {}
         for mode in modes:
             (tmp / mode).mkdir()
+            os.environ["FEDPEFT_CACHE_DIR"] = str(tmp / mode / "cache")  # every mode starts cold
             runs[mode] = deployment(mode, args.rounds, tmp / mode, args.timeout)
             runs[mode]["summary"] = summarise(runs[mode])
             print(mode, json.dumps(runs[mode]["summary"]))

@@ -304,3 +304,23 @@ def test_external_linters_when_installed(tool, argv):
         pytest.skip(f"{tool} not installed (no PyPI package; yamllint always runs)")
     out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_supernode_role_starts_a_warm_node_unless_flowers_subprocesses_are_asked_for(monkeypatch):
+    from fedpeft.deploy import __main__ as entry
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(entry, "_exec", seen.append)
+    monkeypatch.delenv("FEDPEFT_CLIENTAPP", raising=False)
+    role = ["supernode", "--insecure", "--superlink", "superlink:9093", "--port", "9200",
+            "--partition-id", "1", "--num-partitions", "3"]
+    entry.main(role)
+    entry.main([*role, "--clientapp", "subprocess"])
+    monkeypatch.setenv("FEDPEFT_CLIENTAPP", "subprocess")
+    entry.main(role)
+    warm, plain, from_env = seen
+    assert warm[1:3] == ["-m", "fedpeft.deploy.node"]
+    assert warm[warm.index("--runtime-api-address") + 1] == "127.0.0.1:9200"
+    assert warm[warm.index("--isolation") + 1] == "process"
+    for argv in (plain, from_env):
+        assert Path(argv[0]).name == "flower-supernode" and "--isolation" not in argv

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from math import ceil
 from pathlib import Path
 
+import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, disable_progress_bars, load_dataset, load_from_disk
 
 from fedpeft.data.embedded import EMBEDDED
@@ -69,15 +71,40 @@ def load_splits(name: str, text_column: str, label_column: str, test_fraction: f
     if not isinstance(train.features[label_column], ClassLabel):
         train = train.class_encode_column(label_column)
     if test is None:
-        parts = train.train_test_split(test_size=test_fraction, seed=SPLIT_SEED,
-                                       stratify_by_column=label_column)
-        train, test = parts["train"], parts["test"]
+        train, test = stratified_split(train, label_column, test_fraction)
     elif not isinstance(test.features[label_column], ClassLabel):
         test = test.cast_column(label_column, train.features[label_column])
     if len(test) > max_test_examples:
         test = test.shuffle(seed=SPLIT_SEED).select(range(max_test_examples))
     names = list(train.features[label_column].names)
     return LabeledSplits(train=train, test=test, num_labels=len(names), label_names=names)
+
+
+def stratified_split(ds: Dataset, label_column: str, test_fraction: float) -> tuple[Dataset, Dataset]:
+    """Exactly the rows of ``ds.train_test_split(test_size=test_fraction, seed=SPLIT_SEED,
+    stratify_by_column=label_column)``, without its row-by-row read of the label column:
+    datasets 4 turns the column into numpy one row at a time (1.2 of 1.5 s for 12.8k rows,
+    paid by every process that builds a workspace); here it is one Arrow read. Falls back to
+    datasets' own method if its index generator moves."""
+    try:
+        from datasets.arrow_dataset import stratified_shuffle_split_generate_indices
+    except ImportError:  # pragma: no cover - another datasets version
+        parts = ds.train_test_split(test_size=test_fraction, seed=SPLIT_SEED, stratify_by_column=label_column)
+        return parts["train"], parts["test"]
+    if not 0.0 < test_fraction < 1.0:
+        raise UsageError(f"test fraction {test_fraction} must be in (0, 1)")
+    n_test = ceil(test_fraction * len(ds))  # datasets' rounding
+    n_train = len(ds) - n_test
+    labels = np.asarray(ds.select_columns([label_column]).with_format("numpy")[:][label_column])
+    try:
+        train_idx, test_idx = next(stratified_shuffle_split_generate_indices(
+            labels, n_train, n_test, rng=np.random.default_rng(SPLIT_SEED)))
+    except Exception as exc:  # noqa: BLE001 - datasets' own wording for a too-rare class
+        if str(exc) == "Minimum class count error":
+            raise UsageError(f"a class of {label_column!r} has a single example: too few to split off a "
+                             "stratified test set") from None
+        raise
+    return ds.select(train_idx), ds.select(test_idx)
 
 
 def load_all_rows(name: str, text_column: str, label_column: str) -> tuple[Dataset, list[str]]:

@@ -6,7 +6,9 @@ deployment test uses, then ``exec``s it):
 * ``init``      — TLS (CA + SuperLink certificate) and SuperNode keys, unless present.
 * ``superlink`` — ``flower-superlink`` with TLS and SuperNode authentication.
 * ``register``  — register every ``*.pub`` key in the keys directory with the SuperLink.
-* ``supernode`` — ``flower-supernode`` for one participant.
+* ``supernode`` — one participant: ``flower-supernode`` with its warm ClientApp worker
+  (``fedpeft.deploy.node``), or with Flower's fresh process per message (``--clientapp
+  subprocess``).
 * ``run``       — write the Flower App and ``flwr run`` it (``--stream``).
 
 Security is on by default; ``--insecure`` (or ``FEDPEFT_INSECURE=1``) turns TLS and node
@@ -104,10 +106,11 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     if dataset_path:
         node_config["dataset-path"] = dataset_path
     key = args.key or _env("NODE_KEY")
-    _exec(L.supernode_argv(
+    _exec(L.node_argv(
         superlink=args.superlink, node_config=node_config, runtime_port=args.port,
         insecure=insecure, ca_cert=None if insecure else Path(args.certs) / "ca.crt",
-        private_key=None if insecure or not key else Path(key)))
+        private_key=None if insecure or not key else Path(key),
+        clientapp=args.clientapp or _env("CLIENTAPP", "warm")))
     return 0
 
 
@@ -170,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-partitions", type=int, default=None)
     p.add_argument("--dataset-path", default=None, help="this node's own dataset")
     p.add_argument("--key", default=None, help="SuperNode private key file")
+    p.add_argument("--clientapp", choices=L.CLIENTAPP_MODES, default=None,
+                   help="warm (default): one long-lived ClientApp process for all messages; "
+                        "subprocess: Flower's fresh process per message")
     p.set_defaults(fn=cmd_supernode)
 
     args = parser.parse_args(argv)
