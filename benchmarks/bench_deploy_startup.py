@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -207,18 +208,27 @@ def deployment(mode: str, rounds: int, tmp: Path, timeout: float) -> dict[str, A
     }
 
 
+#: the format of the root handler opacus' import installs (logging.basicConfig): a second copy
+#: of every Flower line in a process that imported opacus
+_ROOT_COPY = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:")
+
+
 def messages_from_logs(logs: dict[str, str]) -> list[dict[str, Any]]:
     from fedpeft.federation.message_timing import parse_line
 
-    return [{"node": node, **parsed} for node, text in logs.items()
-            for parsed in map(parse_line, text.splitlines()) if parsed]
+    return [{"node": node, **parsed} for node, text in logs.items() for line in text.splitlines()
+            if not _ROOT_COPY.match(line) and (parsed := parse_line(line))]
 
 
 def tasks_from_logs(logs: dict[str, str]) -> list[dict[str, Any]]:
     from fedpeft.deploy.clientapp_worker import parse_task_line
 
-    return [{"node": node, **parsed} for node, text in logs.items()
-            for parsed in map(parse_task_line, text.splitlines()) if parsed]
+    seen: dict[tuple[str, int], dict[str, Any]] = {}  # a line logged twice counts once
+    for node, text in logs.items():
+        for parsed in map(parse_task_line, text.splitlines()):
+            if parsed:
+                seen.setdefault((node, parsed["task"]), {"node": node, **parsed})
+    return list(seen.values())
 
 
 def summarise(run: dict[str, Any]) -> dict[str, Any]:

@@ -69,7 +69,12 @@ def _rounds_done(results: Path) -> int:
 
 
 def _tasks(log_text: str) -> list[dict]:
-    return [t for t in map(parse_task_line, log_text.splitlines()) if t]
+    """The worker's task lines, once per task (a line logged twice counts once)."""
+    seen: dict[int, dict] = {}
+    for t in map(parse_task_line, log_text.splitlines()):
+        if t:
+            seen.setdefault(t["task"], t)
+    return list(seen.values())
 
 
 def _cmdline(pid: int) -> str:

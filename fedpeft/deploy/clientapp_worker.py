@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import signal
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     restart = [sys.executable, "-m", "fedpeft.deploy.clientapp_worker", *_without_token(raw)]
     t = time.perf_counter()
     loaded = {} if args.no_preload else preload()
+    # opacus calls logging.basicConfig on import: a root handler that would print every Flower
+    # line twice; Flower's logger has its own console handler
+    logging.getLogger("flwr").propagate = False
     log(INFO, "fedpeft worker (pid %d) ready for %s after %.1f s (preloaded %s)", os.getpid(),
         args.runtime_api_address, time.perf_counter() - t, ", ".join(loaded) or "nothing")
     log(DEBUG, "preload seconds: %s", loaded)
