@@ -22,7 +22,7 @@ Two measurements, written to ``benchmarks/results/deploy_startup.json``:
    phases and, for ``warm``, the worker's task lines (pull, app load, handler, push). Per-message overhead = task wall time minus local training:
    for ``subprocess`` the process age at handler entry + imports + workspace + reply (a lower
    bound: the reply push and process exit after the handler are not timed); for ``warm`` the
-   worker's task total minus training.
+   worker's task total minus training. Also: the peak summed RSS of each node's process tree.
 
     python benchmarks/bench_deploy_startup.py [--modes subprocess,warm] [--rounds 3] [--quick] [--out PATH]
 """
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PYTHON, REPO, write_result  # noqa: E402
+from common import GIB, PYTHON, REPO, TreeSampler, write_result  # noqa: E402
 
 RUN_CONFIG = "clients=3 cohort=3 max-client-examples=32 max-test-examples=64 batch-size=16"
 CHILD_FLAG = "--child-message"
@@ -168,6 +168,7 @@ def deployment(mode: str, rounds: int, tmp: Path, timeout: float) -> dict[str, A
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    samplers: list[TreeSampler] = []
     run_cmd: list[str] = []
     node_cmds: list[list[str]] = []
     try:
@@ -182,7 +183,7 @@ def deployment(mode: str, rounds: int, tmp: Path, timeout: float) -> dict[str, A
                                private_key=node_keys[i].private, clientapp=mode,
                                node_config={"partition-id": i, "num-partitions": 3})
             node_cmds.append(argv)
-            procs.start(f"node-{i}", argv)
+            samplers.append(TreeSampler(procs.start(f"node-{i}", argv).pid, interval=1.0).__enter__())
         timings["setup_s"] = time.perf_counter() - t0
         run_cmd = [L.flower_bin("flwr"), "run", str(app_dir), "bench", "--stream", "--run-config",
                    f'{RUN_CONFIG} rounds={rounds} output="{out_dir}"']
@@ -194,6 +195,8 @@ def deployment(mode: str, rounds: int, tmp: Path, timeout: float) -> dict[str, A
         timings["flwr_run_s"] = time.perf_counter() - t_run
         returncode = run.popen.poll()
     finally:
+        for sampler in samplers:
+            sampler.__exit__(None, None, None)
         procs.stop_all(grace=10.0)
     record = json.loads(results.read_text()) if results.exists() else {"rounds": []}
     node_logs = {name: p.log_text() for name, p in procs.procs.items() if name.startswith("node-")}
@@ -205,6 +208,8 @@ def deployment(mode: str, rounds: int, tmp: Path, timeout: float) -> dict[str, A
         "messages": messages_from_logs(node_logs), "tasks": tasks_from_logs(node_logs),
         "commands": {"node_0": node_cmds[0] if node_cmds else [], "flwr_run": run_cmd},
         "leftover_pids": procs.leftovers(),
+        # peak summed RSS of each node's process tree (SuperNode, its executor, ClientApp processes)
+        "node_peak_rss_gib": [sm.peak_rss / GIB for sm in samplers],
     }
 
 
@@ -254,6 +259,7 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
                 over.append(t["total"] - ms.pop(0)["training"])
         out["train_overhead_s"] = over
         out["overhead_note"] = "worker task total (pull + app load + handler + push) minus training"
+    out["node_peak_rss_gib"] = run.get("node_peak_rss_gib")
     out["train_overhead_max_s"] = max(over) if over else None
     first = [o for o, m in zip(over, trains) if "build_data" in m]
     later = [o for o, m in zip(over, trains) if "build_data" not in m]

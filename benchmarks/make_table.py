@@ -96,6 +96,22 @@ def rows(d: Path) -> list[tuple[str, str, str, str, str]]:
                         f"CPU-s {s['pfl_over_fedpeft_cpu']:.2f}, RSS {p['peak_rss_gib']:.2f} vs {f['peak_rss_gib']:.2f} GiB; "
                         f"accuracy {p['final_accuracy']:.3f} vs {f['final_accuracy']:.3f})", "—",
                         "–".join(f"{x:.1f}" for x in (min(s["load_average_1min"]), max(s["load_average_1min"])))))
+    if (ds := _load(d, "deploy_startup")):
+        dep = ds["deployment"]
+        if "warm" in dep:
+            w = dep["warm"]["summary"]
+            worst = w["train_overhead_max_s"]
+            text = (f"max {worst:.1f} s (first message {w['train_overhead_building_mean_s']:.1f} s, "
+                    f"later {w['train_overhead_cached_mean_s']:.1f} s)")
+            if "subprocess" in dep:
+                sp = dep["subprocess"]["summary"]
+                text += (f" vs ≥ {min(sp['train_overhead_s']):.0f}–{max(sp['train_overhead_s']):.0f} s with a process "
+                         f"per message; round {sp['round_wall_mean_s']:.1f} → {w['round_wall_mean_s']:.1f} s "
+                         f"({ds['round_wall_ratio_subprocess_over_warm']:.1f}x)")
+            loads = [x[0] for m in dep.values() for x in (m["load_average_before"], m["load_average_after"])]
+            out.append(("9. real federation (3 SuperNodes + SuperLink on loopback, TLS): overhead per ClientApp "
+                        "message", "<= 5 s", text, "yes" if worst <= 5 else "no",
+                        f"{min(loads):.1f}–{max(loads):.1f}"))
     return out
 
 

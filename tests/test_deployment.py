@@ -9,7 +9,7 @@ SuperNode whose key was never registered is refused, and a SuperNode killed (SIG
 process tree) in the middle of round 2 — its round-2 message received, its worker held
 (SIGSTOP) so it cannot answer first — does not stop the round: it completes with the two others.
 
-Run with ``pytest -m deployment tests/test_deployment.py`` (a few minutes on 2 cores).
+Run with ``pytest -m deployment tests/test_deployment.py`` (~2 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.deployment
 CONNECTION = "fedpeft-test"
 RUN_CONFIG = ("clients=3 cohort=3 rounds=2 max-client-examples=32 max-test-examples=64 "
               "batch-size=16")
-FLWR_RUN_TIMEOUT = 600.0  # the run itself takes ~3-4 min on 2 cores
+FLWR_RUN_TIMEOUT = 600.0  # the run itself takes ~1.5 min on 2 cores (3-4 min per process per message)
 KILLED = "supernode-1"
 
 
