@@ -42,7 +42,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from logging import DEBUG, ERROR, INFO, WARN
+from logging import DEBUG, ERROR, INFO, WARNING
 from typing import Any
 
 #: libraries imported before the first task (each fresh flwr-clientapp paid for them per
@@ -108,7 +108,7 @@ def _heartbeat_fn(client):  # noqa: ANN001, ANN202 - RuntimeHttpClient -> Callab
             ok = False
         if not ok and not warned:
             warned = True
-            log(WARN, "fedpeft worker: the SuperNode no longer knows this task (stopped run?)")
+            log(WARNING, "fedpeft worker: the SuperNode no longer knows this task (stopped run?)")
         return True
 
     return fn
