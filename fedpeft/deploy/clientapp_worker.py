@@ -168,7 +168,6 @@ class Worker:
     fab_hash: str | None = None
     _app: Any = None
     _control: Any = None
-    tasks_run: int = 0
 
     def _client(self, token: str | None, max_time: float | None):  # noqa: ANN202
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -198,10 +197,10 @@ class Worker:
             return res.token, res.task.fab_hash
         return None
 
-    def serve(self, first_token: str | None = None, first_fab: str | None = None) -> None:
+    def serve(self, first_token: str | None = None) -> None:
         """Run tasks as they come; ``first_token`` is a task claimed before a re-exec."""
         if first_token is not None:
-            self.run_task(first_token, first_fab)
+            self.run_task(first_token)
         while True:
             claimed = self.acquire()
             if claimed is None:
@@ -210,7 +209,7 @@ class Worker:
             token, fab_hash = claimed
             if self.fab_hash is not None and fab_hash and fab_hash != self.fab_hash:
                 self._reexec(token, fab_hash)
-            self.run_task(token, fab_hash)
+            self.run_task(token)
 
     def _reexec(self, token: str, fab_hash: str) -> None:
         """Become a fresh worker (same PID) that runs ``token``'s task first."""
@@ -219,7 +218,7 @@ class Worker:
         log(INFO, "fedpeft worker: task of another FAB (%s): restarting with fresh modules", fab_hash[:12])
         sys.stdout.flush()
         sys.stderr.flush()
-        argv = [*self.restart_argv, "--token", token, "--token-fab", fab_hash]
+        argv = [*self.restart_argv, "--token", token]
         os.execv(argv[0], argv)
 
     def _load(self, run: Any, fab: Any) -> Any:
@@ -236,7 +235,7 @@ class Worker:
         self.fab_hash = fab.hash_str
         return self._app
 
-    def run_task(self, token: str, fab_hash: str | None = None) -> str:
+    def run_task(self, token: str) -> str:
         """One ClientApp task, as ``flwr-clientapp`` runs it; returns its sub-status."""
         from flwr.app import Error, Message
         from flwr.clientapp.client_app import LoadClientAppError
@@ -288,7 +287,6 @@ class Worker:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
-        self.tasks_run += 1
         laps["total"] = time.perf_counter() - t0
         log(INFO, "%s %d %s: %s", TASK_LINE, task_id, kind,
             " | ".join(f"{k} {v:.2f} s" for k, v in laps.items()) + f" | status {status}")
@@ -327,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-interval", type=float, default=0.2, help="seconds between task polls")
     ap.add_argument("--no-preload", action="store_true", help="do not import torch & co. up front")
     ap.add_argument("--token", default=None, help=argparse.SUPPRESS)  # a claimed task (re-exec)
-    ap.add_argument("--token-fab", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     from flwr.common import log
@@ -348,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     log(DEBUG, "preload seconds: %s", loaded)
     worker = Worker(args.runtime_api_address, args.root_certificates, args.poll_interval, restart)
     try:
-        worker.serve(args.token, args.token_fab)
+        worker.serve(args.token)
     except KeyboardInterrupt:
         return 0
     return 0
@@ -360,10 +357,10 @@ def _without_token(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a in ("--token", "--token-fab"):
+        if a == "--token":
             skip = True
             continue
-        if a.startswith(("--token=", "--token-fab=")):
+        if a.startswith("--token="):
             continue
         out.append(a)
     return out

@@ -4,7 +4,8 @@ A tiny Flower App reports, per message, the PID that ran it, an id drawn when it
 imported, how many messages that import has served, and where its code came from. Through
 ``fedpeft.deploy.node`` (SuperNode ``--isolation process`` + worker) three messages of one
 run are served by one process and one import; a second run with a different FAB is served by
-the same PID (the worker re-executes itself) with a fresh import of the *new* FAB's code.
+the same PID (the worker re-executes itself) with a fresh import of the *new* FAB's code; after
+the worker is killed, the node starts another one and a third run is served by it.
 Also plain functions: task-line parsing, the supervisor's argument checks.
 
 Run with ``pytest -m deployment tests/deploy/test_clientapp_worker.py`` (~1 min on 2 cores).
@@ -13,6 +14,8 @@ Run with ``pytest -m deployment tests/deploy/test_clientapp_worker.py`` (~1 min 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -101,7 +104,14 @@ def test_one_worker_process_serves_every_message_and_switches_fab_by_reexec(tmp_
         node_cmd[node_cmd.index("--"):node_cmd.index("--")] = ["--worker-arg=--no-preload"]
         node = procs.start("node", node_cmd)
         results = []
-        for marker in ("a", "b"):
+        workers: set[int] = set()  # every worker process seen under the node
+        for marker in ("a", "b", "c"):
+            if marker == "c":  # the worker crashes: the node starts a new one and keeps serving
+                os.kill(results[-1][0]["pid"], signal.SIGKILL)
+                deadline = time.monotonic() + 60
+                while not _live_workers(node) - {results[-1][0]["pid"]} and time.monotonic() < deadline:
+                    procs.snapshot()
+                    time.sleep(0.2)
             app_dir = _write_app(tmp_path / f"app-{marker}", marker)
             out = tmp_path / f"out-{marker}.json"
             run = procs.start(f"run-{marker}", [L.flower_bin("flwr"), "run", str(app_dir), "tiny",
@@ -109,15 +119,14 @@ def test_one_worker_process_serves_every_message_and_switches_fab_by_reexec(tmp_
             deadline = time.monotonic() + 240
             while run.popen.poll() is None and time.monotonic() < deadline:
                 procs.snapshot()
+                workers |= _live_workers(node)
                 time.sleep(0.5)
             assert run.popen.returncode == 0, procs.logs()
             results.append(json.loads(out.read_text()))
-        procs.snapshot()
-        workers = [pid for pid in node.tree if "clientapp_worker" in _cmdline(pid)]
         node_log = node.log_text()
     finally:
         procs.stop_all()
-    first, second = results
+    first, second, third = results
     assert [m["served"] for m in first] == [1, 2, 3]
     assert len({m["pid"] for m in first}) == 1 and len({m["load-id"] for m in first}) == 1
     assert first[0]["pid"] in workers  # the worker ran them, not a flwr-clientapp per message
@@ -126,10 +135,18 @@ def test_one_worker_process_serves_every_message_and_switches_fab_by_reexec(tmp_
     assert {m["pid"] for m in second} == {first[0]["pid"]}
     assert [m["served"] for m in second] == [1, 2, 3]
     assert {m["marker"] for m in second} == {"b"} and second[0]["load-id"] != first[0]["load-id"]
+    # after the crash: a new worker process, the same three messages served by it
+    assert len({m["pid"] for m in third}) == 1 and third[0]["pid"] != first[0]["pid"]
+    assert third[0]["pid"] in workers and [m["served"] for m in third] == [1, 2, 3]
+    assert "worker exited with -9; restarting it" in node_log
     assert "Start `flwr-clientapp` process" not in node_log
     tasks = [t for t in map(parse_task_line, node_log.splitlines()) if t]
-    assert [t["kind"] for t in tasks] == ["train"] * 6
+    assert [t["kind"] for t in tasks] == ["train"] * 9
     assert procs.leftovers() == []
+
+
+def _live_workers(node: L.Proc) -> set[int]:
+    return {pid for pid in node.alive_pids() if "clientapp_worker" in _cmdline(pid)}
 
 
 def _cmdline(pid: int) -> str:
@@ -148,7 +165,7 @@ def test_task_line_parses_back_into_its_phases() -> None:
 
 
 def test_reexec_argv_drops_only_the_handed_over_token() -> None:
-    argv = ["--runtime-api-address", "127.0.0.1:1", "--token", "t1", "--token-fab=abc", "--no-preload"]
+    argv = ["--runtime-api-address", "127.0.0.1:1", "--token", "t1", "--no-preload", "--token=t0"]
     assert _without_token(argv) == ["--runtime-api-address", "127.0.0.1:1", "--no-preload"]
 
 
