@@ -172,12 +172,9 @@ def deployment(mode: str, rounds: int, tmp: Path, timeout: float) -> dict[str, A
     run_cmd: list[str] = []
     node_cmds: list[list[str]] = []
     try:
-        link = procs.start("superlink", L.superlink_argv(
-            host="127.0.0.1", port=port, ca_cert=tls.ca_cert, server_cert=tls.server_cert,
-            server_key=tls.server_key, node_auth=True), cwd=tmp)
-        L.wait_for_port("127.0.0.1", port, timeout=60, proc=link.popen)
-        for k in node_keys:
-            L.register_node(k.public, "bench", env)
+        L.start_loopback_superlink(
+            procs, port=port, ca_cert=tls.ca_cert, server_cert=tls.server_cert, server_key=tls.server_key,
+            public_keys=[k.public for k in node_keys], connection="bench", env=env, cwd=tmp)
         for i in range(3):
             argv = L.node_argv(superlink=address, runtime_port=L.free_port(), ca_cert=tls.ca_cert,
                                private_key=node_keys[i].private, clientapp=mode,

@@ -104,12 +104,9 @@ def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path
     procs = L.Processes(tmp_path / "logs", env)
     timings: dict[str, float] = {}
     try:
-        link = procs.start("superlink", L.superlink_argv(
-            host="127.0.0.1", port=port, ca_cert=tls.ca_cert, server_cert=tls.server_cert,
-            server_key=tls.server_key, node_auth=True), cwd=tmp_path)
-        L.wait_for_port("127.0.0.1", port, timeout=60, proc=link.popen)
-        for k in node_keys:
-            L.register_node(k.public, CONNECTION, env)
+        L.start_loopback_superlink(
+            procs, port=port, ca_cert=tls.ca_cert, server_cert=tls.server_cert, server_key=tls.server_key,
+            public_keys=[k.public for k in node_keys], connection=CONNECTION, env=env, cwd=tmp_path)
 
         # An unregistered key is refused: the SuperNode exits on its own, quickly.
         intruder = procs.start("intruder", L.supernode_argv(

@@ -442,3 +442,18 @@ class Processes:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def start_loopback_superlink(procs: Processes, *, port: int, ca_cert: Path, server_cert: Path,
+                             server_key: Path, public_keys: Sequence[Path], connection: str,
+                             env: Mapping[str, str], cwd: Path) -> Proc:
+    """A SuperLink on 127.0.0.1 with TLS and node authentication, listening, with the
+    SuperNodes holding ``public_keys`` registered (the local multi-process layout of the
+    deployment test and benchmark)."""
+    link = procs.start("superlink", superlink_argv(
+        host="127.0.0.1", port=port, ca_cert=ca_cert, server_cert=server_cert,
+        server_key=server_key, node_auth=True), cwd=cwd)
+    wait_for_port("127.0.0.1", port, timeout=60, proc=link.popen)
+    for key in public_keys:
+        register_node(key, connection, env)
+    return link
