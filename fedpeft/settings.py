@@ -99,6 +99,11 @@ def validate(cfg: RunConfig) -> RunConfig:
            cfg.round_timeout, "seconds a round waits for replies, in [1, 86400]")
 
     _check(cfg.backend in BACKENDS, "backend", cfg.backend, ", ".join(BACKENDS.names()))
+    from fedpeft.ray_cluster import check_reachable, ray_address
+
+    address = ray_address(cfg)
+    if cfg.backend == "ray" and address:
+        check_reachable(address)
     _check(0 < cfg.cpus_per_client <= 64, "cpus_per_client", cfg.cpus_per_client, "a number in (0, 64]")
     _check_privacy(cfg)
     _check_compression(cfg)

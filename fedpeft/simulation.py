@@ -15,6 +15,7 @@ from fedpeft.config import RunConfig
 from fedpeft.federation.checkpoint import Checkpoint
 from fedpeft.federation.server import RunOutcome, run_federation
 from fedpeft.backends import BACKENDS
+from fedpeft.ray_cluster import ray_address
 from fedpeft.reporting import Reporter
 
 
@@ -49,11 +50,6 @@ def _inprocess(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
 
     grid = InProcessGrid(client_app, cfg.clients)
     return run_federation(grid, cfg, reporters, resume, roster=grid.roster())
-
-
-def ray_address(cfg: RunConfig) -> str | None:
-    """The Ray cluster to join (``--ray-address``, else ``$RAY_ADDRESS``), or None: start one."""
-    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
 def ray_backend_config(cfg: RunConfig, verbose: bool) -> dict:

@@ -64,6 +64,9 @@ FLAGS = [
     (["--lora-layers", "x"], "--lora-layers 'x'"),
     (["--lora-layers", "9"], "layers 9 matches no module"),
     (["--insecure-reproducible-noise"], "applies to DP runs only"),
+    (["--ray-address", "nonsense"], "--ray-address 'nonsense' is invalid"),
+    (["--ray-address", "127.0.0.1:1"], "no Ray head answers there"),  # port 1: nothing listens
+    (["--dataset", "synthetic:0"], "row count must be an integer"),
 ]
 
 CONFIG_FILES = [
