@@ -180,6 +180,8 @@ class RayGrid(VirtualClientGrid):
         super().__init__(None, num_clients, num_workers=workers)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedpeft-client")
         self._futures: dict[str, Future[None]] = {}
+        #: ids of messages whose round stopped waiting: their late replies are dropped
+        self._abandoned: set[str] = set()
 
     @property
     def num_workers(self) -> int:
@@ -197,13 +199,23 @@ class RayGrid(VirtualClientGrid):
         self._store(mid, reply)
 
     def _wait(self, ids: list[str], timeout: float | None) -> None:
-        pending = {self._futures.pop(mid) for mid in ids if mid in self._futures}
+        waiting = {self._futures.pop(mid): mid for mid in ids if mid in self._futures}
+        pending = set(waiting)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
             if not done and left == 0.0:
                 break  # late replies are dropped: those clients count as failed
+        with self._lock:
+            self._abandoned.update(m for f, m in waiting.items() if f in pending and m not in self._replies)
+
+    def _store(self, mid: str, reply: Message) -> None:
+        with self._lock:
+            if mid in self._abandoned:  # arrived after its round gave up on it
+                self._abandoned.discard(mid)
+                return
+            self._replies[mid] = reply
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

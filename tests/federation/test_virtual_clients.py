@@ -66,3 +66,43 @@ def test_sharded_evaluation_equals_local(workers):
     assert sharded.examples == local.examples == len(ws.test)
     assert sharded.accuracy == local.accuracy
     assert sharded.loss == pytest.approx(local.loss, rel=1e-6)
+
+
+class _SlowBackend:
+    """Stands in for Flower's RayBackend: two workers; client 1 answers after 1.5 s."""
+
+    num_workers = 2
+
+    def __init__(self, backend_config):  # noqa: ANN001
+        pass
+
+    def build(self, app_fn):  # noqa: ANN001
+        pass
+
+    def process_message(self, msg, context):  # noqa: ANN001
+        import time
+
+        if context.node_config["partition-id"] == 1:
+            time.sleep(1.5)
+        return Message(RecordDict({"config": ConfigRecord({"ok": 1})}), reply_to=msg), context
+
+    def terminate(self) -> None:
+        pass
+
+
+def test_ray_grid_drops_replies_that_arrive_after_the_round_timeout(monkeypatch):
+    """A round that stops waiting gets the replies that arrived; the late one is neither
+    returned then nor left behind for a later pull."""
+    import time
+
+    from fedpeft.federation import virtual_grid
+
+    monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", _SlowBackend)
+    grid = virtual_grid.RayGrid(app, 4, {})
+    msgs = [Message(RecordDict({"config": ConfigRecord({"client-id": c})}), dst_node_id=1 + c,
+                    message_type=MessageType.TRAIN) for c in (0, 1)]
+    replies = list(grid.send_and_receive(msgs, timeout=0.5))
+    assert len(replies) == 1  # client 0 only
+    time.sleep(1.6)  # the late reply lands now
+    assert grid._replies == {} and grid._abandoned == set()  # noqa: SLF001
+    grid.close()
