@@ -48,6 +48,8 @@ class RichReporter:
             f"strategy {plan['strategy']}, {plan['trainable_parameters']:,} trainable parameters, "
             f"{train}{plan['test_examples']:,} test examples"
         )
+        if plan.get("pipeline"):
+            console.print(f"[bold]update pipeline[/]: {plan['pipeline']}", highlight=False)
         utility = plan.get("utility") or {}
         if utility.get("noise_to_signal") is not None or utility.get("chosen"):
             from fedpeft.planning import Plan
@@ -171,6 +173,7 @@ def simulate(
     density: Optional[float] = typer.Option(None, "--density", help="Fraction of update entries kept by compeft/stc. [default: 0.2]"),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="ComPEFT magnitude scale γ (values ±γ·σ). [default: 1]"),
     compress_down: Optional[bool] = typer.Option(None, "--compress-down/--no-compress-down", help="Also compress the server broadcast."),
+    stages: Optional[str] = typer.Option(None, "--stage", help="Extra update-pipeline stages by name, comma-separated (plug-ins registered in fedpeft.pipeline.STAGES; the built-in ones follow --compression, --dp, --strategy). [default: none]"),
     max_test_examples: Optional[int] = typer.Option(None, "--max-test-examples", help="Cap on held-out test examples evaluated. [default: 2000]"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate the global model every K rounds (always after the last). [default: 1]"),
     max_client_examples: Optional[int] = typer.Option(None, "--max-client-examples", help="Cap on examples a client trains on per round (0 = all). [default: 0]"),

@@ -89,6 +89,9 @@ class RunConfig:
     density: float = 0.2
     gamma: float = 1.0
     compress_down: bool = False
+    #: extra update-pipeline stages by name, comma-separated (fedpeft.pipeline.STAGES); the
+    #: built-in ones switch on from their own options (--compression, --dp, ...)
+    stages: str = ""
     # runtime
     seed: int = 0
     # faults and update validation
@@ -132,6 +135,10 @@ class RunConfig:
     def lora_layer_list(self) -> list[int]:
         """``lora_layers`` parsed ([] = every layer); raises ValueError on a non-integer."""
         return [int(x) for x in self.lora_layers.split(",") if x.strip()]
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
 
     @property
     def client_rank_list(self) -> list[int]:

@@ -212,8 +212,8 @@ def plan_for_config(cfg: Any) -> Plan:  # RunConfig
     injected to count the uploaded coordinates; the data is read but not tokenised."""
     from fedpeft.adapters import build_adapter
     from fedpeft.data.sources import load_splits
-    from fedpeft.federation.local_params import client_local_of
     from fedpeft.federation.validation import honest_upload_layout
+    from fedpeft.pipeline import BuildEnv, Pipeline
     from fedpeft.federation.workspace import adapter_spec
     from fedpeft.model.loading import load_classifier
     from fedpeft.privacy.calibration import default_delta, noise_multiplier_for
@@ -222,7 +222,9 @@ def plan_for_config(cfg: Any) -> Plan:  # RunConfig
     splits = load_splits(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.max_test_examples)
     adapter = build_adapter(cfg.adapter, adapter_spec(cfg))
     model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling))
-    layout = honest_upload_layout(adapter, model, client_local_of(STRATEGIES.get(cfg.strategy)))(None)
+    # what an honest client uploads after its pipeline stages (e.g. without FedSA-LoRA's B)
+    pipeline = Pipeline.build(BuildEnv(cfg, STRATEGIES.get(cfg.strategy), "client"))
+    layout = pipeline.client_layout(honest_upload_layout(adapter, model)(None), None)
     delta = z = None
     if cfg.dp == "user":
         delta = cfg.delta if cfg.delta is not None else default_delta(cfg.clients)

@@ -43,9 +43,6 @@ def validate(cfg: RunConfig) -> RunConfig:
            "an integer >= 0 (0 = no cap)")
     _check(cfg.adapter in ADAPTERS, "adapter", cfg.adapter, ", ".join(ADAPTERS.names()))
     _check(cfg.strategy in STRATEGIES, "strategy", cfg.strategy, ", ".join(STRATEGIES.names()))
-    refusal = STRATEGIES.get(cfg.strategy).refusal(cfg)
-    if refusal is not None:
-        raise UsageError(refusal)
     _check(cfg.fair_solver in ("sgd", "ridge"), "fair_solver", cfg.fair_solver, "sgd, ridge")
     from fedpeft.server_optim import build_server_optimizer
 
@@ -64,10 +61,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         client_ranks = [0]
     _check(all(1 <= r <= cfg.rank for r in client_ranks), "client_ranks", cfg.client_ranks,
            f"comma-separated integers in 1..--rank ({cfg.rank}), e.g. 2,4,8")
-    if client_ranks and not STRATEGIES.get(cfg.strategy).heterogeneous_ranks:
-        allowed = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).heterogeneous_ranks)
-        raise UsageError(f"--client-ranks needs a strategy that aggregates different ranks exactly, not "
-                         f"--strategy {cfg.strategy}; allowed: {allowed}")
     _check(math.isfinite(cfg.alpha) and cfg.alpha > 0, "alpha", cfg.alpha, "a finite number > 0")
     try:
         layers = cfg.lora_layer_list
@@ -107,12 +100,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 < cfg.cpus_per_client <= 64, "cpus_per_client", cfg.cpus_per_client, "a number in (0, 64]")
     _check_privacy(cfg)
     _check_compression(cfg)
+    from fedpeft.pipeline import STAGES, refusals
+
+    _check(all(name in STAGES for name in cfg.stage_list), "stages", cfg.stages,
+           f"comma-separated stage names: {', '.join(STAGES.names())}")
+    # every strategy and stage refusal (e.g. LoRA-FAIR behind user-level DP), in one place
+    refusal = refusals(cfg, STRATEGIES.get(cfg.strategy))
+    if refusal is not None:
+        raise UsageError(refusal)
     return cfg
 
 
 def _check_privacy(cfg: RunConfig) -> None:
     from fedpeft.privacy import ACCOUNTANTS
-    from fedpeft.strategy import STRATEGIES
 
     _check(cfg.dp in ("none", "user", "sample"), "dp", cfg.dp, "none, user, sample")
     _check(cfg.accountant in ACCOUNTANTS, "accountant", cfg.accountant, ", ".join(ACCOUNTANTS.names()))
@@ -144,10 +144,6 @@ def _check_privacy(cfg: RunConfig) -> None:
     _check(0 < cfg.target_quantile < 1, "target_quantile", cfg.target_quantile, "a number in (0, 1)")
     _check(math.isfinite(cfg.clip_lr) and cfg.clip_lr > 0, "clip_lr", cfg.clip_lr, "a finite number > 0")
     if cfg.dp == "user":
-        if STRATEGIES.get(cfg.strategy).needs_individual_updates:
-            raise UsageError(
-                f"--strategy {cfg.strategy} needs every client's individual update, which user-level "
-                "central DP hides behind the noised sum; use --dp sample or another strategy")
         from fedpeft.privacy import default_delta
 
         delta = cfg.delta if cfg.delta is not None else default_delta(cfg.clients)

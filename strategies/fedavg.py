@@ -18,6 +18,7 @@ from fedpeft.strategy import STRATEGIES
 class FedAvg(FedPeftStrategy):
     name = "fedavg"
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],
+                  round_rank: int | None = None) -> State:
         states, weights = stack_uploads(updates)
-        return self.adapter.merge(global_state, weighted_mean(states, weights), self._round_rank)
+        return self.adapter.merge(global_state, weighted_mean(states, weights), round_rank)

@@ -16,9 +16,9 @@ Client (:func:`fedpeft.federation.client.train_client`, driven by :attr:`client_
   broadcast (global ``A`` + head), then its saved ``B`` over it (first time: the initial
   ``B``), trains, and saves its ``B``;
 * its upload omits ``B``: byte counts, ComPEFT compression with error feedback and
-  user-level DP clipping cover ``A`` + head only. The server's honest-upload layouts are
-  filtered the same way (:attr:`upload_layout` here; ``privacy_plan`` for user-level DP),
-  so ``B``-less uploads are accepted and a ``B`` sent anyway is rejected;
+  user-level DP clipping cover ``A`` + head only: the ``client-local`` stage of the update
+  pipeline (:mod:`fedpeft.stages.client_local`) drops them from the upload and from the
+  honest layout the server checks, so a ``B`` sent anyway is rejected;
 * it evaluates its personalized model — the broadcast's global ``A`` and head with its
   freshly trained ``B`` — on a local test set drawn from the central test split with its
   own train label proportions (:mod:`fedpeft.training.personal_eval`), and reports
@@ -44,21 +44,14 @@ What differs from the paper, or is not meaningful here:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from flwr.app import Message
-
-from fedpeft.adapters.base import Adapter, State
-from fedpeft.federation.local_params import shared_only
-from fedpeft.federation.validation import Layout
+from fedpeft.adapters.base import State
 from fedpeft.aggregation import weighted_mean
-from fedpeft.strategy import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
+from fedpeft.strategy import ClientUpdate, FedPeftStrategy, stack_uploads
 from fedpeft.strategy import STRATEGIES
 
 _LORA_B = re.compile(r"^.+\.lora_B\.[^.]+\.weight$")
-
-UploadLayout = Callable[[int | None], Layout]
-
 
 def is_lora_b(key: str) -> bool:
     """True for a peft LoRA ``B`` parameter name (``...lora_B.<adapter>.weight``)."""
@@ -79,13 +72,6 @@ def personalized_accuracy(updates: Sequence[ClientUpdate], key: str = "personali
     return sum(acc * n for acc, n in rated) / total if total > 0 else None
 
 
-def _without_local(layout: UploadLayout) -> UploadLayout:
-    def shared(round_rank: int | None) -> Layout:
-        return shared_only(layout(round_rank), is_lora_b)
-
-    return shared
-
-
 @STRATEGIES.register("fedsa-lora")
 class FedSaLora(FedPeftStrategy):
     name = "fedsa-lora"
@@ -93,24 +79,11 @@ class FedSaLora(FedPeftStrategy):
     #: :mod:`fedpeft.federation.local_params`).
     client_local = staticmethod(is_lora_b)
 
-    def __init__(self, adapter: Adapter, sampler: ClientSampler) -> None:
-        self._upload_layout: UploadLayout | None = None
-        super().__init__(adapter, sampler)
-
-    @property
-    def upload_layout(self) -> UploadLayout | None:
-        """``round_rank -> layout`` of an honest upload, which has no ``B`` tensors."""
-        return self._upload_layout
-
-    @upload_layout.setter
-    def upload_layout(self, layout: UploadLayout | None) -> None:
-        # the server sets the adapter's full upload layout; FedSA clients keep B at home
-        self._upload_layout = None if layout is None else _without_local(layout)
-
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],
+                  round_rank: int | None = None) -> State:
         states, weights = stack_uploads(updates)
         shared = weighted_mean([shared_part(s) for s in states], weights)
-        return self.adapter.merge(global_state, shared, self._round_rank)
+        return self.adapter.merge(global_state, shared, round_rank)
 
     def broadcast_state(self, global_state: State, round_rank: int | None) -> State:
         """The shared tensors only: a client trains from its own ``B`` (or the initial one,
@@ -123,9 +96,9 @@ class FedSaLora(FedPeftStrategy):
         own ``B``), so results report null rather than a trivially zero number."""
         return None
 
-    def round_metrics(self, replies: Sequence[Message], updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        metrics = super().round_metrics(replies, updates)
-        trained = [u for u in updates if u.num_examples > 0]
+    def round_metrics(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        metrics = {}
+        trained = [u for u in updates if u.num_examples > 0]  # a client without data evaluates nothing
         for key in ("personalized-accuracy", "personalized-majority"):
             value = personalized_accuracy(trained, key)
             if value is not None:

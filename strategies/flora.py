@@ -30,15 +30,14 @@ user-level central DP is refused (``needs_individual_updates``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from fedpeft.adapters.base import Adapter, State
+from fedpeft.adapters.base import State
 from fedpeft.config import RunConfig
-from fedpeft.federation.validation import Layout
 from fedpeft.aggregation import normalized_weights, weighted_mean
-from fedpeft.strategy import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
+from fedpeft.strategy import ClientUpdate, FedPeftStrategy, stack_uploads
 from strategies.lora_math import stack_lora_factors
 from fedpeft.strategy import STRATEGIES
 
@@ -64,7 +63,7 @@ def fold_stacked_update(w0: torch.Tensor, a_list: Sequence[torch.Tensor],
     return (w0.to(torch.float64) + b_stack @ a_stack).to(w0.dtype)
 
 
-def _is_factor(key: str) -> bool:
+def _is_factor(key: str) -> bool:  # a LoRA factor: folded into the base, not averaged
     return ".lora_A." in key or ".lora_B." in key
 
 
@@ -74,25 +73,6 @@ class Flora(FedPeftStrategy):
     needs_individual_updates = True
     heterogeneous_ranks = True
     supports_server_optimizer = False  # clients restart from a fresh LoRA every round
-
-    def __init__(self, adapter: Adapter, sampler: ClientSampler,
-                 client_rank: Callable[[int], int | None] | None = None) -> None:
-        super().__init__(adapter, sampler)
-        #: ``client id -> rank`` it trains (``--client-ranks``); None: every client the run's rank
-        self.client_rank = client_rank
-
-    @classmethod
-    def _from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> Flora:
-        return cls(adapter, sampler, cfg.client_rank if cfg.client_ranks else None)
-
-    def expected_layout(self, client_id: int) -> Layout | None:
-        """A client of rank ``r_i`` uploads ``A[:r_i]`` and ``B[:, :r_i]``."""
-        layout = super().expected_layout(client_id)
-        rank = self.client_rank(client_id) if self.client_rank else None
-        if layout is None or rank is None:
-            return layout
-        return {k: ((rank, *shape[1:]) if ".lora_A." in k else (shape[0], rank, *shape[2:]))
-                if _is_factor(k) else shape for k, shape in layout.items()}
 
     @classmethod
     def refusal(cls, cfg: RunConfig) -> str | None:
@@ -122,7 +102,8 @@ class Flora(FedPeftStrategy):
             raise RuntimeError("flora: initial_global() must run before aggregate()")
         return fresh
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],
+                  round_rank: int | None = None) -> State:
         states, weights = stack_uploads(updates)
         fresh = self._fresh_state()
         shared = [{k: v for k, v in st.items() if not _is_factor(k)} for st in states]

@@ -9,11 +9,11 @@ base class logs is measured against exactly that sent state, so the correction s
 
 The server needs each client's own factors, so the strategy declares
 ``needs_individual_updates``: it cannot sit behind secure aggregation or user-level central
-DP noise (the DP wrapper refuses that combination). Under sample-level DP-SGD it is
+DP noise (the user-dp pipeline stage combines the cohort, so the run is refused). Under sample-level DP-SGD it is
 post-processing and allowed.
 
-Options are constructor keywords (the server builds strategies as ``cls(adapter, sampler)``,
-so the defaults are what a run uses until config wiring passes them): ``solver`` ``"sgd"``
+Options are constructor keywords (:meth:`LoraFair.from_config` passes ``--fair-solver`` and
+``--fair-lambda``): ``solver`` ``"sgd"``
 (paper: Adam descent on the cosine objective) or ``"ridge"`` (closed-form least squares),
 ``lam`` (λ, 0.01), ``steps`` (300, sgd only), ``lr`` (relative step size, sgd only).
 """
@@ -28,7 +28,7 @@ import torch
 from fedpeft.config import RunConfig
 from fedpeft.adapters.base import Adapter, State
 from fedpeft.aggregation import weighted_mean
-from fedpeft.strategy import ClientSampler, ClientUpdate, FedPeftStrategy, stack_uploads
+from fedpeft.strategy import ClientUpdate, FedPeftStrategy, stack_uploads
 from strategies.lora_math import SOLVERS, ResidualSolve, Solver, lora_fair_residual
 from fedpeft.strategy import STRATEGIES
 
@@ -56,12 +56,12 @@ class LoraFair(FedPeftStrategy):
     needs_individual_updates = True
 
     @classmethod
-    def _from_config(cls, adapter: Adapter, sampler: ClientSampler, cfg: RunConfig) -> LoraFair:
-        return cls(adapter, sampler, solver=cfg.fair_solver, lam=cfg.fair_lambda)
+    def from_config(cls, adapter: Adapter, cfg: RunConfig) -> LoraFair:
+        return cls(adapter, solver=cfg.fair_solver, lam=cfg.fair_lambda)
 
-    def __init__(self, adapter: Adapter, sampler: ClientSampler, *, solver: Solver = "sgd",
+    def __init__(self, adapter: Adapter, *, solver: Solver = "sgd",
                  lam: float = 0.01, steps: int = 300, lr: float = 0.05) -> None:
-        super().__init__(adapter, sampler)
+        super().__init__(adapter)
         if solver not in SOLVERS:
             raise ValueError(f"unknown LoRA-FAIR solver {solver!r}; allowed: {', '.join(SOLVERS)}")
         if lam < 0 or steps < 0 or lr <= 0:
@@ -73,9 +73,10 @@ class LoraFair(FedPeftStrategy):
         #: Per-layer results of the last :meth:`aggregate` (B key -> solve), for diagnostics.
         self.last_solves: dict[str, ResidualSolve] = {}
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate]) -> State:
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],
+                  round_rank: int | None = None) -> State:
         states, weights = stack_uploads(updates)
-        new = self.adapter.merge(global_state, weighted_mean(states, weights), self._round_rank)
+        new = self.adapter.merge(global_state, weighted_mean(states, weights), round_rank)
         uploaded = set().union(*(u.state for u in updates))
         views = [self.adapter.client_view(global_state, u.state) for u in updates]
         self.last_solves = {}

@@ -1,19 +1,24 @@
 """One client's round as a plain function (the ClientApp is a thin Flower wrapper on it).
 
-How a client trains depends on the run's privacy level (``--dp``), looked up in
-:data:`TRAINING_MODES` — no if-chain over names: ``none`` and ``user`` (DP-FedAvg clips and
-noises on the server, SPEC §3.1) train plainly; ``sample`` runs Opacus DP-SGD with the
-client's persistent accountant (SPEC §3.2, :mod:`fedpeft.training.dp_sgd`).
+The client builds the run's update pipeline from the run config (:mod:`fedpeft.pipeline`,
+the same stages the server undoes) and:
 
-Strategies that keep some tensors on the clients (FedSA-LoRA's ``B``: a ``client_local``
-predicate on the strategy class, :mod:`fedpeft.federation.local_params`) get them loaded
-over the broadcast, saved after training, left out of the upload, and a personalized
-evaluation of the client's own model (:mod:`fedpeft.training.personal_eval`); other
-strategies pay nothing for this.
+1. trains in the mode its stages ask for, looked up in :data:`TRAINING_MODES` — no if-chain
+   over names: ``none`` trains plainly (user-level DP clips and noises on the server,
+   SPEC §3.1); ``sample`` (the ``dp-sgd`` stage) runs Opacus DP-SGD with the client's
+   persistent accountant (SPEC §3.2, :mod:`fedpeft.training.dp_sgd`);
+2. passes the adapter's upload through the client halves of the stages (drop client-local
+   tensors, truncate to the client's rank, compress with error feedback).
+
+Strategies that keep some tensors on the clients (FedSA-LoRA's ``B``: the ``client-local``
+stage, :mod:`fedpeft.stages.client_local`) also get them loaded over the broadcast, saved
+after training, and a personalized evaluation of the client's own model
+(:mod:`fedpeft.training.personal_eval`); other strategies pay nothing for this.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import zlib
 from collections.abc import Callable
@@ -24,18 +29,18 @@ import numpy as np
 import torch
 
 from fedpeft.adapters import State
-from fedpeft.adapters.base import StepHook, truncate_state
+from fedpeft.adapters.base import StepHook
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import shuffled_batches
 from fedpeft.federation.local_params import (
     LOCAL_PARAMS_DIR,
     ClientLocal,
     LocalParamStore,
-    client_local_of,
     local_only,
     shared_only,
 )
 from fedpeft.federation.workspace import Workspace
+from fedpeft.pipeline import BuildEnv, ClientContext, Pipeline
 from fedpeft.registry import Registry
 from fedpeft.training.local import LocalResult, train_local
 
@@ -77,13 +82,14 @@ class LocalTask:
 
 @dataclass(frozen=True)
 class ClientOutcome:
+    #: what is sent, after the pipeline's client stages (a compressed upload is one payload)
     upload: State
     result: LocalResult
     #: Mode-specific reply metrics (sample-level DP: epsilon, noise-multiplier, dp-steps).
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-#: ``mode(task) -> (LocalResult, extra reply metrics)``, keyed by ``--dp``.
+#: ``mode(task) -> (LocalResult, extra reply metrics)``, keyed by the pipeline's ``training``.
 TrainingMode = Callable[[LocalTask], tuple[LocalResult, dict[str, float]]]
 TRAINING_MODES: Registry[TrainingMode] = Registry("training mode")
 
@@ -97,7 +103,6 @@ def client_seed(cfg: RunConfig, rnd: ClientRound) -> list[int]:
 
 
 @TRAINING_MODES.register("none")
-@TRAINING_MODES.register("user")
 def train_plain(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
     """Non-private local AdamW (user-level DP protects the update on the server side)."""
     ws, cfg = task.ws, task.cfg
@@ -157,11 +162,18 @@ def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
                     "dp-sample-rate": plan.sample_rate}
 
 
-def strategy_client_local(strategy: str) -> ClientLocal | None:
-    """Which tensors the run's strategy keeps on the clients (None: it keeps none)."""
+@functools.lru_cache(maxsize=8)
+def client_pipeline(cfg: RunConfig) -> Pipeline:
+    """The run's update pipeline as a client builds it (the server builds the same stages)."""
     from fedpeft.strategy import STRATEGIES
 
-    return client_local_of(STRATEGIES.get(strategy))
+    return Pipeline.build(BuildEnv(cfg, STRATEGIES.get(cfg.strategy), "client"))
+
+
+def client_local(pipeline: Pipeline) -> ClientLocal | None:
+    """Which tensors stay on this client (the ``client-local`` stage's), or None."""
+    stage = pipeline.find("client-local")
+    return getattr(stage, "is_local", None)
 
 
 def local_test_seed(cfg: RunConfig, rnd: ClientRound) -> list[int]:
@@ -204,15 +216,6 @@ def _after_every_step(hook: StepHook | None, after: Callable[[], None]) -> StepH
     return wrapped
 
 
-def _upload(ws: Workspace, rnd: ClientRound, rank_cap: int | None, is_local: ClientLocal | None) -> State:
-    """What the model in ``ws`` sends: the adapter's upload, cut to the client's rank cap,
-    without the tensors the strategy keeps on the clients."""
-    upload = ws.adapter.upload(ws.model, rnd.round_rank)
-    if rank_cap is not None:
-        upload = truncate_state(upload, rank_cap)
-    return shared_only(upload, is_local)
-
-
 def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: State,
                  state_dir: Path) -> ClientOutcome:
     """Load the broadcast into the cached model, train this client's rows in the run's
@@ -226,30 +229,35 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
     rows = parts.indices(rnd.client_id)
     if cfg.max_client_examples:
         rows = rows[: cfg.max_client_examples]
-    is_local = strategy_client_local(cfg.strategy)
+    pipeline = client_pipeline(cfg)
+    is_local = client_local(pipeline)
+    ctx = ClientContext(client_id=rnd.identity, key=rnd.key, server_round=rnd.server_round,
+                        round_rank=rnd.round_rank, broadcast=broadcast, state_dir=Path(state_dir))
     ws.adapter.load_state(ws.model, broadcast)
     rank_cap = cfg.client_rank(rnd.identity)
     if len(rows) == 0:
         # no data: a valid zero update (the broadcast's own coordinates), so the server checks
         # and sums this reply like any other; nothing was trained, so nothing is accounted
-        return ClientOutcome(_upload(ws, rnd, rank_cap, is_local),
-                             LocalResult(mean_loss=float("nan"), steps=0, examples=0))
+        upload, stage_metrics = pipeline.on_client(ws.adapter.upload(ws.model, rnd.round_rank), ctx)
+        return ClientOutcome(upload, LocalResult(mean_loss=float("nan"), steps=0, examples=0),
+                             stage_metrics)
     store = LocalParamStore(Path(state_dir) / LOCAL_PARAMS_DIR) if is_local else None
     if store is not None:
         own = store.load(rnd.key, rnd.server_round)
         ws.adapter.load_state(ws.model, own if own is not None else local_only(ws.initial_state, is_local))
-    mode = TRAINING_MODES.get(cfg.dp or "none")
+    mode = TRAINING_MODES.get(pipeline.training)
     rng = np.random.default_rng(client_seed(cfg, rnd))
     torch.manual_seed(int(rng.integers(2**31)))
     hook = ws.adapter.step_hook(ws.model, rng, rnd.round_rank)
     if rank_cap is not None:  # --client-ranks: this client is a rank-r_i LoRA
         hook = _after_every_step(hook, ws.adapter.limit_rank(ws.model, rank_cap))
     result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
-    upload = _upload(ws, rnd, rank_cap, is_local)
+    # before the personalized evaluation, which loads the broadcast's shared tensors back
+    upload, stage_metrics = pipeline.on_client(ws.adapter.upload(ws.model, rnd.round_rank), ctx)
     if store is not None:
         store.save(rnd.key, local_only(ws.adapter.trainable_state(ws.model), is_local), rnd.server_round)
         metrics = {**metrics, **personalized_metrics(ws, cfg, rnd, rows, broadcast, is_local)}
     return ClientOutcome(upload,
                          LocalResult(mean_loss=result.mean_loss, steps=result.steps,
                                      examples=len(rows)),
-                         metrics)
+                         {**metrics, **stage_metrics})

@@ -105,8 +105,8 @@ def train(msg: Message, context: Context) -> Message:
 
     from fedpeft.federation.client import ClientRound, train_client
     from fedpeft.federation.faults import check_dropout, simulated_latency
-    from fedpeft.federation.records import from_record
-    from fedpeft.federation.upload import client_state_dir, encode_upload
+    from fedpeft.federation.client_state import client_state_dir
+    from fedpeft.federation.records import from_record, to_record
     from fedpeft.federation.workspace import builds_in_process, get_workspace
 
     clock.lap("imports")
@@ -141,8 +141,7 @@ def train(msg: Message, context: Context) -> Message:
                             "train-loss": result.mean_loss if result.examples else 0.0,
                             "steps": result.steps, "simulated-latency": latency,
                             "worker-node": _worker_node(), **out.metrics})
-    arrays = (encode_upload(cfg, client_id, broadcast, upload, state_dir)
-              if upload else ArrayRecord())
+    arrays = to_record(upload) if upload else ArrayRecord()  # already through the pipeline
     reply = Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
     clock.lap("reply")
     how = (f"workspace built #{ws.build_number} ("

@@ -2,7 +2,8 @@
 
 One class per level, selected by name through :data:`PRIVACY_LEVELS`: it chooses where the
 run's privacy randomness comes from (a secret key under DP, :mod:`fedpeft.privacy.randomness`),
-wraps the strategy (user level: :class:`fedpeft.federation.dp_user.UserLevelDP`), adds keys to every
+calibrates what the privacy stages of the update pipeline are built from (user level: the
+noise multiplier of :class:`fedpeft.stages.user_dp.UserLevelDP`), adds keys to every
 round's config (sample level: the run's δ), decides whether the next round would pass the
 budget, turns round metrics into the ε spent so far, and fills the privacy fields of
 ``results.json``.
@@ -16,10 +17,10 @@ from typing import Any
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
 from fedpeft.federation.workspace import Workspace
-from fedpeft.privacy import AdaptiveClipConfig, default_delta, make_accountant, noise_multiplier_for
+from fedpeft.privacy import default_delta, noise_multiplier_for
 from fedpeft.privacy.randomness import SEEDED_WARNING, RandomStreams, SecretStreams, SeededStreams
 from fedpeft.registry import Registry
-from fedpeft.strategy import FedPeftStrategy
+from fedpeft.pipeline import Pipeline
 
 PRIVACY_LEVELS: Registry[type[PrivacyLevel]] = Registry("privacy level")
 
@@ -58,8 +59,8 @@ class PrivacyLevel:
         """Why this run's guarantee is weaker than its ε says, or None."""
         return SEEDED_WARNING if self.private and self.cfg.insecure_reproducible_noise else None
 
-    def wrap(self, strategy: FedPeftStrategy) -> Any:
-        return strategy
+    def bind(self, pipeline: Pipeline) -> None:
+        """Called once the run's pipeline is built (levels that read a stage keep it)."""
 
     def plan(self) -> dict[str, Any]:
         return {"dp_level": self.level}
@@ -72,7 +73,7 @@ class PrivacyLevel:
     def round_config(self) -> dict[str, float]:
         return {}
 
-    def stop_reason(self, strategy: Any) -> str | None:
+    def stop_reason(self) -> str | None:
         """Why the next round must not run (budget), or None."""
         return None
 
@@ -86,7 +87,7 @@ class PrivacyLevel:
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side privacy bookkeeping for checkpoints (the accountant lives in the
-        user-level strategy wrapper, client accountants in the client state directory)."""
+        user-dp stage of the pipeline, client accountants in the client state directory)."""
         return {"epsilon": self.epsilon}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -113,36 +114,30 @@ class UserLevel(PrivacyLevel):
             assert cfg.epsilon is not None  # validated in config
             self.noise_multiplier = noise_multiplier_for(cfg.epsilon, self.delta, sample_rate,
                                                          cfg.rounds, cfg.accountant)
-        self.strategy: Any = None
+        self.stage: Any = None  # the user-dp stage, set by bind()
 
-    def wrap(self, strategy: FedPeftStrategy) -> Any:
-        from fedpeft.federation.local_params import client_local_of
-        from fedpeft.federation.validation import honest_upload_layout
-        from fedpeft.federation.dp_user import UserLevelDP
+    def bind(self, pipeline: Pipeline) -> None:
+        from fedpeft.stages.user_dp import UserLevelDP
 
-        # clients of strategies with client-local tensors (FedSA-LoRA's B) never upload them:
-        # only the shared coordinates are clipped and noised
-        upload_layout = honest_upload_layout(self.ws.adapter, self.ws.model, client_local_of(strategy))
-        adaptive = (AdaptiveClipConfig(target_quantile=self.cfg.target_quantile, clip_lr=self.cfg.clip_lr)
-                    if self.cfg.adaptive_clip else None)
-        self.strategy = UserLevelDP(strategy, self.noise_multiplier, self.cfg.clip, self.cfg.cohort,
-                                    self.sample_rate, make_accountant(self.cfg.accountant), self.delta,
-                                    streams=self.streams, adaptive=adaptive, upload_layout=upload_layout)
-        return self.strategy
+        stage = pipeline.find(UserLevelDP.name)
+        if not isinstance(stage, UserLevelDP):
+            raise ValueError("a user-level DP run needs the user-dp stage in its pipeline")
+        self.stage = stage
 
     def plan(self) -> dict[str, Any]:
         return {"dp_level": "user", "epsilon_target": self.cfg.epsilon, "delta": self.delta,
                 "sample_rate": self.sample_rate, "rounds": self.cfg.rounds,
                 "noise_multiplier": self.noise_multiplier,
-                "update_noise_multiplier": getattr(self.strategy, "update_noise_multiplier", None),
+                "update_noise_multiplier": getattr(self.stage, "update_noise_multiplier", None),
                 "clip": self.cfg.clip, "adaptive_clip": self.cfg.adaptive_clip,
                 "accountant": self.cfg.accountant, "expected_cohort": self.cfg.cohort,
                 **self.randomness_fields()}
 
-    def stop_reason(self, strategy: Any) -> str | None:
-        if self.cfg.epsilon is not None and strategy.exceeds_budget_next_round(self.cfg.epsilon):
+    def stop_reason(self) -> str | None:
+        stage = self.stage
+        if self.cfg.epsilon is not None and stage.exceeds_budget_next_round(self.cfg.epsilon):
             return (f"the next round would take ε past the target {self.cfg.epsilon} "
-                    f"(spent {strategy.epsilon():.4f}); stopping")
+                    f"(spent {stage.epsilon():.4f}); stopping")
         return None
 
     def observe_round(self, metrics: dict[str, float]) -> float | None:
@@ -150,7 +145,7 @@ class UserLevel(PrivacyLevel):
         return self.epsilon
 
     def final_fields(self) -> dict[str, Any]:
-        eps = self.strategy.epsilon() if self.strategy is not None else None
+        eps = self.stage.epsilon() if self.stage is not None else None
         return {"epsilon": eps, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "accountant": self.cfg.accountant, "dp_level": "user", **self.randomness_fields()}
 

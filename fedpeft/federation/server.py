@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from logging import WARNING
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,13 +31,16 @@ from fedpeft.federation.central_eval import Evaluator, local_evaluator
 from fedpeft.federation.checkpoint import Checkpoint, restore_client_state, save_checkpoint
 from fedpeft.federation.downlink import build_downlink
 from fedpeft.federation.privacy_plan import build_privacy
-from fedpeft.federation.upload import client_state_dir, codec_for
-from fedpeft.federation.local_params import client_local_of
+from fedpeft.federation.client_state import client_state_dir
+from fedpeft.federation.round import RoundStrategy
 from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import Cohorts, PoissonSampler, Roster, discover_clients
 from fedpeft.federation.workspace import Workspace, get_workspace
+from fedpeft.pipeline import BuildEnv, Pipeline
 from fedpeft.planning import config_plan
+from fedpeft.server_optim import build_server_optimizer
+from fedpeft.stages.compression import codec_for
 from fedpeft.privacy.publication import DiagnosticsWriter, Publication
 from fedpeft.reporting import Reporter
 from fedpeft.results import FinalRecord, RoundRecord
@@ -55,6 +59,18 @@ class RunOutcome:
 def _dense_bytes(state: dict[str, torch.Tensor]) -> int:
     """Serialized size of ``state`` sent uncompressed (what Flower ships)."""
     return payload_bytes(to_record(state))
+
+
+def round_state(strategy: RoundStrategy) -> dict[str, Any]:
+    """The strategy's and the stages' checkpointable state (the user-dp accountant, ...)."""
+    return {"strategy": strategy.strategy.state_dict(), "stages": strategy.pipeline.state_dict()}
+
+
+def load_round_state(strategy: RoundStrategy, state: dict[str, Any]) -> None:
+    if "accountant" in state:  # checkpoints written before the update pipeline (2026-11-30)
+        state = {"stages": {"user-dp": state}}
+    strategy.strategy.load_state_dict(dict(state.get("strategy", {})))
+    strategy.pipeline.load_state_dict(dict(state.get("stages", {})))
 
 
 def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
@@ -85,19 +101,26 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     unfiltered: list[Reporter] = ([DiagnosticsWriter(cfg.output, privacy.private)]
                                   if cfg.diagnostics and cfg.output else [])
     sampler = Cohorts(PoissonSampler(cfg.clients, rate, streams), roster)
-    inner = STRATEGIES.get(cfg.strategy).from_config(ws.adapter, sampler, cfg)
-    inner.upload_layout = honest_upload_layout(ws.adapter, ws.model)
-    # what an honest client uploads, without the tensors the strategy keeps on the clients
-    shared_layout = honest_upload_layout(ws.adapter, ws.model, client_local_of(inner))
+    strategy_cls = STRATEGIES.get(cfg.strategy)
+    pipeline = Pipeline.build(BuildEnv(cfg, strategy_cls, "server", privacy))
+    privacy.bind(pipeline)
+    strategy = RoundStrategy(
+        strategy_cls.from_config(ws.adapter, cfg), pipeline, sampler,
+        upload_layout=honest_upload_layout(ws.adapter, ws.model),
+        server_opt=build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum,
+                                          cfg.server_beta2, cfg.server_tau),
+        max_upload_bytes=cfg.max_upload_bytes or 2 * _dense_bytes(ws.adapter.upload(ws.model, None)),
+        deadline_s=cfg.deadline)
+    # what an honest client uploads after its stages (e.g. without FedSA-LoRA's local B)
+    shared_layout = strategy.shared_layout
     dense_up: dict[int | None, int] = {}  # round rank -> bytes of one dense upload
-    inner.max_upload_bytes = cfg.max_upload_bytes or 2 * _dense_bytes(ws.adapter.upload(ws.model, None))
-    inner.deadline_s = cfg.deadline
-    strategy = privacy.wrap(inner)
     plan = {"clients": cfg.clients, "expected_cohort": cfg.cohort, "sample_rate": rate,
             "rounds": cfg.rounds, "adapter": cfg.adapter, "strategy": cfg.strategy,
             "trainable_parameters": sum(v.numel() for v in ws.initial_state.values()),
             "train_examples": len(ws.train), "test_examples": len(ws.test),
             "num_labels": ws.splits.num_labels, "privacy": privacy.plan(),
+            "pipeline": pipeline.describe(cfg.strategy, cfg.server_opt,
+                                          f"{cfg.compression} with error feedback" if cfg.compress_down else "dense"),
             "utility": config_plan(cfg, shared_layout(None), len(ws.train), privacy.delta,
                                    privacy.noise_multiplier).as_dict()}
     for r in reporters:
@@ -107,7 +130,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
 
     # a FLoRA run in this process may have folded updates into the cached model's base
     ws.adapter.load_state(ws.model, ws.frozen_base)
-    global_state = inner.initial_global(ws.initial_state, ws.frozen_base)
+    global_state = strategy.strategy.initial_global(ws.initial_state, ws.frozen_base)
     downlink = build_downlink(cfg.compress_down, codec_for(cfg) if cfg.compress_down else None,
                               global_state)
     records: list[RoundRecord] = []  # full records: server-private (checkpoint, diagnostics)
@@ -119,11 +142,11 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         global_state = {k: v.clone() for k, v in resume.global_state.items()}
         records = list(resume.records)
         published = list(resume.published) if resume.published is not None else list(records)
-        strategy.load_state_dict(resume.strategy_state)
+        load_round_state(strategy, resume.strategy_state)
         privacy.load_state_dict(resume.privacy_state)
         downlink.load_state_dict(resume.downlink_state, resume.downlink_tensors)
         if resume.server_opt_state:
-            inner.server_opt.load_state_dict(resume.server_opt_state, resume.server_opt_tensors)
+            strategy.server_opt.load_state_dict(resume.server_opt_state, resume.server_opt_tensors)
         restore_client_state(Path(cfg.output or "."), client_state)
         for full, public in zip(records, published):
             for r in reporters:
@@ -137,7 +160,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         os.chmod(client_state, 0o700)
     evaluate_global = (evaluator or local_evaluator)(ws)
     for server_round in range(len(records) + 1, cfg.rounds + 1):
-        stop = privacy.stop_reason(strategy)
+        stop = privacy.stop_reason()
         if stop is not None:
             log(WARNING, "round %d not run: %s", server_round, stop)
             break
@@ -157,7 +180,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                 log(WARNING, "round %d: %d of %d sampled clients failed or timed out; "
                     "aggregating the %d replies", server_round, failed, len(messages),
                     len(messages) - failed)
-            for client, why in inner.rejections:
+            for client, why in strategy.rejections:
                 log(WARNING, "rejected update of client %d: %s", client, why)
         if arrays is not None:
             global_state = downlink.absorb(global_state, sent, from_record(arrays))
@@ -173,15 +196,15 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)) if bytes_down is None else bytes_down,
             aggregation_error=m.get("aggregation-error"), epsilon=privacy.observe_round(m),
             rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
-            clients_failed=failed, stragglers=int(m.get("late", 0)), rejected=len(inner.rejections),
-            rejections=[f"client {c}: {why}" for c, why in inner.rejections],
+            clients_failed=failed, stragglers=int(m.get("late", 0)), rejected=len(strategy.rejections),
+            rejections=[f"client {c}: {why}" for c, why in strategy.rejections],
             personalized_accuracy=m.get("personalized-accuracy"),
             personalized_majority=m.get("personalized-majority"),
             worker_nodes=int(m["worker-nodes"]) if "worker-nodes" in m else None,
         )
         if rank not in dense_up:
             dense_up[rank] = _dense_bytes({k: torch.zeros(s) for k, s in shared_layout(rank).items()})
-        public = publication.round(record, dense_up=dense_up[rank], dense_down=inner.broadcast_bytes)
+        public = publication.round(record, dense_up=dense_up[rank], dense_down=strategy.broadcast_bytes)
         records.append(record)
         published.append(public)
         for r in reporters:
@@ -189,10 +212,10 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         for r in unfiltered:
             r.on_round(record)
         if cfg.checkpoint_every and cfg.output and server_round % cfg.checkpoint_every == 0:
-            opt_state, opt_tensors = inner.server_opt.state_dict()
+            opt_state, opt_tensors = strategy.server_opt.state_dict()
             save_checkpoint(Path(cfg.output), Checkpoint(
                 round=server_round, global_state=global_state, records=records,
-                strategy_state=strategy.state_dict(), privacy_state=privacy.state_dict(),
+                strategy_state=round_state(strategy), privacy_state=privacy.state_dict(),
                 downlink_state=downlink.state_dict(), downlink_tensors=downlink.tensors(),
                 streams=streams, published=published,
                 server_opt_state=opt_state, server_opt_tensors=opt_tensors), client_state)

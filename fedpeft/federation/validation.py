@@ -43,19 +43,14 @@ def check_update(state: Mapping[str, torch.Tensor], expected: Layout | None) -> 
     return None
 
 
-def honest_upload_layout(adapter, model,  # noqa: ANN001, ANN201 - Adapter, nn.Module
-                         client_local: Callable[[str], bool] | None = None):
-    """``round_rank -> layout`` of what an honest client uploads (computed, not trained).
-
-    ``client_local`` names the tensors the strategy keeps on the clients (FedSA-LoRA's ``B``,
-    :mod:`fedpeft.federation.local_params`); an honest upload leaves them out.
-    """
+def honest_upload_layout(adapter, model) -> Callable[[int | None], Layout]:  # noqa: ANN001 - Adapter, nn.Module
+    """``round_rank -> layout`` of what the adapter uploads (computed, not trained), before
+    the update pipeline's stages (:meth:`fedpeft.pipeline.Pipeline.client_layout`)."""
     cache: dict[int | None, Layout] = {}
 
     def layout(round_rank: int | None) -> Layout:
         if round_rank not in cache:
-            full = layout_of(adapter.upload(model, round_rank))
-            cache[round_rank] = {k: s for k, s in full.items() if client_local is None or not client_local(k)}
+            cache[round_rank] = layout_of(adapter.upload(model, round_rank))
         return cache[round_rank]
 
     return layout

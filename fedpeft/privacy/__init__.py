@@ -1,6 +1,6 @@
 """Differential privacy for fedpeft (SPEC §3): accountants (Opacus RDP/PRV), calibration of
 the noise multiplier, the clip-and-noise mechanism of user-level DP-FedAvg and adaptive
-clipping — pure functions over tensors; the strategy wrapper lives in ``fedpeft.federation.dp_user``."""
+clipping — pure functions over tensors; the server stage lives in ``fedpeft.stages.user_dp``."""
 
 from fedpeft.privacy.accounting import ACCOUNTANTS, RDP_ORDERS, Accountant, make_accountant
 from fedpeft.privacy.adaptive_clipping import (

@@ -89,7 +89,7 @@ def dp_fedavg_aggregate(clipped_updates: Sequence[State], noise_multiplier: floa
     The denominator is the EXPECTED cohort ``q·N``, not the number of replies: the actual
     count depends on who was sampled and would itself leak (McMahan et al. 2018, the
     fixed-denominator estimator ``f̃_f``). ``template`` gives keys and shapes when no
-    client replied; the noise is still added then (see ``fedpeft.federation.dp_user``).
+    client replied; the noise is still added then (see ``fedpeft.stages.user_dp``).
     The caller must have clipped every update to ``clip`` (:func:`clip_by_l2`).
     """
     if not expected_cohort > 0:

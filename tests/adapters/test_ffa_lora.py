@@ -18,6 +18,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedpeft.adapters import AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
 from fedpeft.federation.client import ClientRound, train_client
+from fedpeft.federation.round import RoundStrategy
+from fedpeft.federation.validation import honest_upload_layout
+from fedpeft.pipeline import Pipeline
 from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.federation.workspace import Workspace, frozen_fingerprint, get_workspace
 from fedpeft.model.loading import load_classifier
@@ -96,7 +99,8 @@ class _AllNodes:
 def federated_round(ws: Workspace, global_state: State, client_ids: list[int],
                     server_round: int) -> tuple[State, dict[str, float], list[State], list[int]]:
     """One FedAvg round through the real strategy code path (configure -> clients -> aggregate)."""
-    strategy = STRATEGIES.get("fedavg")(ws.adapter, _AllNodes(len(client_ids)))
+    strategy = RoundStrategy(STRATEGIES.get("fedavg")(ws.adapter), Pipeline([]), _AllNodes(len(client_ids)),
+                             upload_layout=honest_upload_layout(ws.adapter, ws.model))
     config = ConfigRecord({"server-round": server_round, "round-rank": 0})
     messages = list(strategy.configure_train(server_round, to_record(global_state), config, grid=None))
     replies, uploads, examples = [], [], []

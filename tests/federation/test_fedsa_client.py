@@ -20,7 +20,9 @@ from fedpeft.federation import client as client_mod
 from fedpeft.federation.client import ClientRound, train_client, train_plain
 from fedpeft.federation.local_params import LOCAL_PARAMS_DIR, LocalParamStore
 from fedpeft.federation.records import payload_bytes, to_record
+from fedpeft.federation.round import RoundStrategy
 from fedpeft.federation.validation import check_update, honest_upload_layout
+from fedpeft.pipeline import BuildEnv, Pipeline
 from fedpeft.federation.workspace import get_workspace
 from fedpeft.errors import UsageError
 from fedpeft.privacy.publication import DIAGNOSTICS_FILE
@@ -134,11 +136,15 @@ def test_fedavg_clients_upload_b_and_keep_no_local_state(ws, tmp_path):
     assert not (tmp_path / LOCAL_PARAMS_DIR).exists()
 
 
+def _server_round(ws, cfg, privacy=None) -> RoundStrategy:
+    """The round strategy server.py builds for ``cfg`` (FedSA-LoRA behind its pipeline)."""
+    pipeline = Pipeline.build(BuildEnv(cfg, FedSaLora, "server", privacy))
+    return RoundStrategy(FedSaLora(ws.adapter), pipeline, sampler=None,
+                         upload_layout=honest_upload_layout(ws.adapter, ws.model))
+
+
 def test_server_layouts_exclude_b_so_a_b_upload_is_rejected(ws):
-    layout = honest_upload_layout(ws.adapter, ws.model)
-    strategy = FedSaLora(ws.adapter, sampler=None)
-    strategy.upload_layout = layout  # as server.py sets it
-    expected = strategy.upload_layout(None)
+    expected = _server_round(ws, CFG).expected_layout(client_id=3)
     assert set(expected) == {k for k in ws.initial_state if not is_lora_b(k)}
     shared = {k: v for k, v in ws.initial_state.items() if not is_lora_b(k)}
     assert check_update(shared, expected) is None
@@ -147,11 +153,19 @@ def test_server_layouts_exclude_b_so_a_b_upload_is_rejected(ws):
 
 def test_user_level_dp_clips_and_noises_only_the_shared_coordinates(ws):
     from fedpeft.federation.privacy_plan import UserLevel
+    from fedpeft.pipeline import ServerContext
 
     cfg = dataclasses.replace(CFG, dp="user", noise_multiplier=1.0)
-    wrapped = UserLevel(cfg, ws, 0.25).wrap(FedSaLora(ws.adapter, sampler=None))
-    layout = wrapped._upload_layout(None)
-    assert set(layout) == {k for k in ws.initial_state if not is_lora_b(k)}
+    privacy = UserLevel(cfg, ws, 0.25)
+    privacy.choose_streams()
+    rs = _server_round(ws, cfg, privacy)
+    assert [s.name for s in rs.pipeline.stages] == ["client-local", "user-dp"]
+    ctx = ServerContext(1, None, dict(ws.initial_state), rs.shared_layout(None))
+    (pseudo,), metrics = rs.pipeline.on_server([], ctx)   # nobody replied: noise only
+    shared = {k for k in ws.initial_state if not is_lora_b(k)}
+    assert set(pseudo.state) == shared
+    assert all(not torch.equal(pseudo.state[k], ws.initial_state[k]) for k in shared)
+    assert metrics["epsilon"] > 0
 
 
 def test_stale_local_params_from_a_later_round_are_refused(ws, tmp_path):

@@ -1,5 +1,6 @@
-"""fedpeft.federation.dp_user.UserLevelDP: user-level DP-FedAvg wrapped around a fedpeft strategy
-(SPEC §3.1), driven through the real Flower Strategy API with fake adapter and replies."""
+"""fedpeft.stages.user_dp.UserLevelDP: user-level DP-FedAvg as a stage of the update pipeline
+in front of a fedpeft strategy (SPEC §3.1), driven through the real Flower Strategy API
+(:class:`fedpeft.federation.round.RoundStrategy`) with a fake adapter and replies."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters.base import Adapter, AdapterSpec
+from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
 from fedpeft.federation.records import from_record, payload_bytes, to_record
+from fedpeft.federation.round import RoundStrategy
+from fedpeft.pipeline import Pipeline, layout_of, refusals
 from fedpeft.privacy.randomness import SecretStreams, SeededStreams
 from fedpeft.privacy.accounting import RDP_ORDERS, make_accountant
 from fedpeft.privacy.adaptive_clipping import AdaptiveClipConfig, update_noise_multiplier
-from fedpeft.federation.dp_user import UserLevelDP
+from fedpeft.stages.user_dp import UserLevelDP
 from strategies.fedavg import FedAvg
 
 A, B = "enc.0.query.lora_A.default.weight", "enc.0.query.lora_B.default.weight"
@@ -63,16 +67,31 @@ def global_state(rank: int = 8, d: int = 64, seed: int = 0) -> dict[str, torch.T
             HEAD: torch.randn(2, d, generator=g)}
 
 
-def make_dp(nodes: list[int], z: float = 1.0, clip: float = 1.0, cohort: float = 4.0,
-            q: float = 0.1, seed: int | None = 0, **kw) -> UserLevelDP:
+def make_stage(z: float = 1.0, clip: float = 1.0, cohort: float = 4.0, q: float = 0.1,
+               seed: int | None = 0, **kw) -> UserLevelDP:
     """``seed=None``: the production default (a fresh secret key)."""
-    inner = FedAvg(FakeAdapter(AdapterSpec()), FixedSampler(nodes))
     streams = SeededStreams(seed) if seed is not None else None
-    return UserLevelDP(inner, noise_multiplier=z, clip=clip, expected_cohort=cohort, sample_rate=q,
+    return UserLevelDP(noise_multiplier=z, clip=clip, expected_cohort=cohort, sample_rate=q,
                        accountant=make_accountant("rdp"), delta=1e-5, streams=streams, **kw)
 
 
-def run_round(dp: UserLevelDP, server_round: int, glob: dict[str, torch.Tensor],
+def make_dp(nodes: list[int], z: float = 1.0, clip: float = 1.0, cohort: float = 4.0,
+            q: float = 0.1, seed: int | None = 0, layout: dict | None = None, **kw) -> RoundStrategy:
+    """FedAvg behind the user-dp stage; ``layout``: the honest upload (default: every tensor
+    of :func:`global_state`)."""
+    layout = layout if layout is not None else layout_of(global_state())
+    stage = make_stage(z, clip, cohort, q, seed, **kw)
+    return RoundStrategy(FedAvg(FakeAdapter(AdapterSpec())), Pipeline([stage]), FixedSampler(nodes),
+                         upload_layout=lambda rank: layout)
+
+
+def dp_of(rs: RoundStrategy) -> UserLevelDP:
+    stage = rs.pipeline.find("user-dp")
+    assert isinstance(stage, UserLevelDP)
+    return stage
+
+
+def run_round(dp: RoundStrategy, server_round: int, glob: dict[str, torch.Tensor],
               uploads: list[dict[str, torch.Tensor] | None], rank: int = 0,
               examples: list[int] | None = None, losses: list[float] | None = None):
     """Configure, answer each message with its upload (None: an error reply), aggregate."""
@@ -105,15 +124,18 @@ def shifted(glob, scale: float, seed: int, keys=None, shape_of=None):
 
 
 def test_refuses_a_strategy_that_needs_individual_updates():
-    inner = FairLike(FakeAdapter(AdapterSpec()), FixedSampler([1]))
-    with pytest.raises(UsageError, match="fair-like.*individual update.*user-level DP"):
-        UserLevelDP(inner, 1.0, 1.0, 4.0, 0.1, make_accountant("rdp"), 1e-5)
+    cfg = RunConfig(strategy="fair-like", dp="user", epsilon=1.0)
+    reason = refusals(cfg, FairLike)
+    assert reason is not None and "fair-like needs every client's individual update" in reason
+    assert "user-dp" in reason and "--dp sample" in reason
+    assert refusals(RunConfig(strategy="fair-like", dp="sample", epsilon=1.0), FairLike) is None
+    assert refusals(cfg, FedAvg) is None
 
 
 def test_noised_mean_update_has_fixed_denominator_and_noise_std_z_s_over_m():
     glob = global_state(rank=16, d=512)            # 16·512·2 + 2·512 = 17,408 coordinates
     z, clip, m = 1.2, 0.5, 4.0
-    dp = make_dp([11, 12, 13], z=z, clip=clip, cohort=m)
+    dp = make_dp([11, 12, 13], z=z, clip=clip, cohort=m, layout=layout_of(glob))
     uploads = [shifted(glob, 3.0, 1), shifted(glob, 0.2, 2), shifted(glob, 7.0, 3)]
     new, metrics, _, _ = run_round(dp, 1, glob, uploads)
     # independent hand computation of the signal: each Δ scaled to min(1, S/‖Δ‖), sum / m
@@ -145,13 +167,13 @@ def test_metrics_carry_the_base_keys_and_epsilon_matches_an_independent_accounta
     google.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.1)), 2))
     assert metrics["epsilon"] == pytest.approx(google.get_epsilon(1e-5), rel=0.05)
-    assert dp.accountant.history == [(1.1, 0.1, 2)]
+    assert dp_of(dp).accountant.history == [(1.1, 0.1, 2)]
 
 
 def test_rank_prefix_uploads_touch_only_the_prefix_coordinates():
     glob = global_state(rank=8, d=32)
     shapes = {A: (3, 32), B: (32, 3), HEAD: (2, 32)}   # DP-DyLoRA round rank 3
-    dp = make_dp([1, 2], z=1.0)
+    dp = make_dp([1, 2], z=1.0, layout=shapes)
     ups = [shifted(glob, 0.5, s, shape_of=shapes) for s in (1, 2)]
     new, _, _, _ = run_round(dp, 1, glob, ups, rank=3)
     assert torch.equal(new[A][3:], glob[A][3:]) and torch.equal(new[B][:, 3:], glob[B][:, 3:])
@@ -161,7 +183,7 @@ def test_rank_prefix_uploads_touch_only_the_prefix_coordinates():
 
 def test_uploaded_keys_only_are_noised():
     glob = global_state()
-    dp = make_dp([1, 2])
+    dp = make_dp([1, 2], layout={B: tuple(glob[B].shape), HEAD: tuple(glob[HEAD].shape)})
     ups = [shifted(glob, 0.5, s, keys=[B, HEAD]) for s in (1, 2)]    # FFA-LoRA: A stays frozen
     new, _, _, _ = run_round(dp, 1, glob, ups)
     assert torch.equal(new[A], glob[A])
@@ -171,25 +193,15 @@ def test_uploaded_keys_only_are_noised():
 def test_round_without_clients_still_noises_and_is_accounted():
     glob = global_state()
     layout = {B: tuple(glob[B].shape), HEAD: tuple(glob[HEAD].shape)}
-    dp = make_dp([], z=1.0, clip=2.0, cohort=5.0, upload_layout=lambda rank: layout)
+    dp = make_dp([], z=1.0, clip=2.0, cohort=5.0, layout=layout)
     new, metrics, _, messages = run_round(dp, 1, glob, [])
     assert messages == []
-    assert dp.accountant.steps == 1 and metrics["epsilon"] > 0
+    assert dp_of(dp).accountant.steps == 1 and metrics["epsilon"] > 0
     assert torch.equal(new[A], glob[A])
     noise = (new[B].double() - glob[B].double()).flatten()
     assert float(noise.abs().max()) > 0
     assert float(noise.std()) == pytest.approx(1.0 * 2.0 / 5.0, rel=0.5)   # 512 draws, loose
     assert metrics["clients-replied"] == 0 and "fraction-clipped" not in metrics
-
-
-def test_round_without_clients_reuses_the_last_upload_layout():
-    glob = global_state()
-    dp = make_dp([1])
-    run_round(dp, 1, glob, [shifted(glob, 0.5, 1, keys=[B])])
-    dp.inner.sampler.nodes = []
-    new, _, _, _ = run_round(dp, 2, glob, [])
-    assert torch.equal(new[A], glob[A]) and torch.equal(new[HEAD], glob[HEAD])
-    assert not torch.equal(new[B], glob[B])
 
 
 def test_seeded_streams_reproduce_the_noise_other_seeds_do_not():
@@ -221,7 +233,7 @@ def test_same_secret_key_draws_the_same_noise():
     key = SecretStreams.fresh()
     dps = [make_dp([1], seed=None) for _ in range(2)]
     for dp in dps:
-        dp.streams = key
+        dp_of(dp).streams = key
     a, _, _, _ = run_round(dps[0], 4, glob, ups)
     b, _, _, _ = run_round(dps[1], 4, glob, ups)
     assert all(torch.equal(a[k], b[k]) for k in glob)
@@ -254,23 +266,24 @@ def test_adaptive_clipping_noises_the_update_with_z_delta_and_accounts_z():
     cfg = AdaptiveClipConfig(count_noise_std=count_std)
     z_delta = update_noise_multiplier(z, count_std)          # (1 − 1/1.21)^(−1/2) ≈ 2.40
     assert z_delta == pytest.approx((1 - 1 / 1.21) ** -0.5)
-    dp = make_dp([1, 2, 3], z=z, clip=clip, cohort=m, adaptive=cfg)
+    dp = make_dp([1, 2, 3], z=z, clip=clip, cohort=m, adaptive=cfg, layout=layout_of(glob))
     ups = [shifted(glob, 0.01, s) for s in (1, 2, 3)]          # all far below C
     new, metrics, _, _ = run_round(dp, 1, glob, ups)
     signal = {k: sum((u[k] - glob[k]).double() for u in ups) / m for k in glob}
     resid = torch.cat([(new[k].double() - glob[k].double() - signal[k]).flatten() for k in glob])
     ratio = float(resid.var()) / (z_delta * clip / m) ** 2
     assert abs(ratio - 1) < 6 * math.sqrt(2 / (resid.numel() - 1)), ratio
-    assert dp.accountant.history == [(z, 0.1, 1)]
+    stage = dp_of(dp)
+    assert stage.accountant.history == [(z, 0.1, 1)]
     # all three below C: b̃ = 1 + N(0, (σ_b/m)²) → C·exp(−0.2(b̃ − 0.5)) (6-sigma band)
     band = 6 * count_std / m * 0.2
-    assert math.exp(-0.1 - band) <= dp.clip / clip <= math.exp(-0.1 + band)
-    assert dp.clip < clip and metrics["clip-norm"] == clip
+    assert math.exp(-0.1 - band) <= stage.clip / clip <= math.exp(-0.1 + band)
+    assert stage.clip < clip and metrics["clip-norm"] == clip
 
 
 def test_adaptive_clipping_refuses_a_count_noise_too_small_for_z():
     with pytest.raises(UsageError, match="count noise"):
-        make_dp([1], z=1.5, cohort=10.0, adaptive=AdaptiveClipConfig())   # 2σ_b = 1 < 1.5
+        make_stage(z=1.5, cohort=10.0, adaptive=AdaptiveClipConfig())   # 2σ_b = 1 < 1.5
 
 
 def test_state_dict_round_trip_restores_epsilon_and_clip():
@@ -278,10 +291,10 @@ def test_state_dict_round_trip_restores_epsilon_and_clip():
     dp = make_dp([1, 2], adaptive=AdaptiveClipConfig(count_noise_std=1.0))
     for rnd in (1, 2, 3):
         run_round(dp, rnd, glob, [shifted(glob, 5.0, rnd), shifted(glob, 0.1, rnd + 10)])
-    restored = make_dp([1, 2], adaptive=AdaptiveClipConfig(count_noise_std=1.0))
-    restored.load_state_dict(json.loads(json.dumps(dp.state_dict())))
-    assert restored.epsilon() == dp.epsilon() > 0
-    assert restored.clip == dp.clip != 1.0
+    restored = make_stage(adaptive=AdaptiveClipConfig(count_noise_std=1.0))
+    restored.load_state_dict(json.loads(json.dumps(dp_of(dp).state_dict())))
+    assert restored.epsilon() == dp_of(dp).epsilon() > 0
+    assert restored.clip == dp_of(dp).clip != 1.0
 
 
 def test_budget_check_stops_before_the_round_that_would_exceed_it():
@@ -292,7 +305,7 @@ def test_budget_check_stops_before_the_round_that_would_exceed_it():
             dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.5)), k))
         eps.append(google.get_epsilon(1e-5))
     target = (eps[0] + eps[1]) / 2             # allows exactly 4 rounds
-    dp = make_dp([1], z=1.5, q=0.1)
+    dp = make_stage(z=1.5, q=0.1)
     rounds = 0
     while not dp.exceeds_budget_next_round(target):
         dp.accountant.step(dp.noise_multiplier, dp.sample_rate)
@@ -300,13 +313,14 @@ def test_budget_check_stops_before_the_round_that_would_exceed_it():
     assert rounds == 4 and dp.epsilon() <= target
 
 
-def test_registered_lora_fair_is_refused_and_fedavg_accepted():
+def test_registered_lora_fair_and_flora_are_refused_and_fedavg_accepted():
     from strategies import STRATEGIES
 
-    assert "lora-fair" in STRATEGIES
-    adapter, sampler = FakeAdapter(AdapterSpec()), FixedSampler([1])
-    with pytest.raises(UsageError, match="lora-fair"):
-        UserLevelDP(STRATEGIES.get("lora-fair")(adapter, sampler), 1.0, 1.0, 4.0, 0.1,
-                    make_accountant("rdp"), 1e-5)
-    UserLevelDP(STRATEGIES.get("fedavg")(adapter, sampler), 1.0, 1.0, 4.0, 0.1,
-                make_accountant("rdp"), 1e-5)
+    for name in ("lora-fair", "flora"):
+        reason = refusals(RunConfig(strategy=name, dp="user", epsilon=1.0), STRATEGIES.get(name))
+        assert reason is not None and name in reason
+    assert refusals(RunConfig(strategy="fedavg", dp="user", epsilon=1.0), STRATEGIES.get("fedavg")) is None
+    with pytest.raises(UsageError, match="lora-fair needs every client's individual update"):
+        from fedpeft.settings import resolve
+
+        resolve({"strategy": "lora-fair", "epsilon": 2.0})

@@ -32,7 +32,7 @@ def test_weighted_mean_matches_hand_computation():
 
 
 def test_fedavg_of_identical_updates_returns_that_update():
-    strat = STRATEGIES.get("fedavg")(_NoInject(AdapterSpec()), sampler=None)
+    strat = STRATEGIES.get("fedavg")(_NoInject(AdapterSpec()))
     same = {"x.lora_A.default.weight": torch.randn(2, 5), "x.lora_B.default.weight": torch.randn(4, 2)}
     glob = {k: torch.zeros_like(v) for k, v in same.items()}
     out = strat.aggregate(glob, [_update(same, 3), _update(dict(same), 7)])
@@ -43,7 +43,7 @@ def test_fedavg_of_identical_updates_returns_that_update():
 
 
 def test_fedavg_respects_example_weights():
-    strat = STRATEGIES.get("fedavg")(_NoInject(AdapterSpec()), sampler=None)
+    strat = STRATEGIES.get("fedavg")(_NoInject(AdapterSpec()))
     glob = {"h": torch.zeros(3)}
     out = strat.aggregate(glob, [_update({"h": torch.ones(3)}, 1), _update({"h": torch.full((3,), 5.0)}, 3)])
     torch.testing.assert_close(out["h"], torch.full((3,), (1 * 1 + 3 * 5) / 4))

@@ -33,7 +33,7 @@ def _client(seed: int, n: int) -> ClientUpdate:
 def test_fedsa_averages_a_and_head_and_leaves_global_b_untouched():
     glob = {A: torch.zeros(2, 6), B: torch.full((5, 2), 7.0), HEAD: torch.zeros(3, 6)}
     c1, c2 = _client(1, 1), _client(2, 3)
-    out = STRATEGIES.get("fedsa-lora")(_NoInject(AdapterSpec()), sampler=None).aggregate(glob, [c1, c2])
+    out = STRATEGIES.get("fedsa-lora")(_NoInject(AdapterSpec())).aggregate(glob, [c1, c2])
     assert set(out) == set(glob)
     assert torch.equal(out[B], glob[B])  # bit-identical: B never leaves the clients' control
     for key in (A, HEAD):
@@ -44,8 +44,8 @@ def test_fedsa_differs_from_fedavg_only_in_b():
     glob = {A: torch.zeros(2, 6), B: torch.zeros(5, 2), HEAD: torch.zeros(3, 6)}
     ups = [_client(3, 2), _client(4, 5)]
     adapter = _NoInject(AdapterSpec())
-    fedsa = STRATEGIES.get("fedsa-lora")(adapter, sampler=None).aggregate(glob, ups)
-    fedavg = STRATEGIES.get("fedavg")(adapter, sampler=None).aggregate(glob, ups)
+    fedsa = STRATEGIES.get("fedsa-lora")(adapter).aggregate(glob, ups)
+    fedavg = STRATEGIES.get("fedavg")(adapter).aggregate(glob, ups)
     changed = {k for k in glob if not torch.equal(fedsa[k], fedavg[k])}
     assert changed == {B}
 
@@ -55,13 +55,24 @@ def test_lora_b_key_recognition():
     assert not is_lora_b("m.lora_B_extra.weight")
 
 
-def test_fedsa_honest_upload_layout_has_no_b_whoever_sets_it():
-    strategy = FedSaLora(_NoInject(AdapterSpec()), sampler=None)
-    assert strategy.upload_layout is None
-    strategy.upload_layout = lambda rank: {A: (2, 6), B: (5, 2), HEAD: (3, 6)}
-    assert strategy.upload_layout(None) == {A: (2, 6), HEAD: (3, 6)}
+def test_fedsa_pipeline_drops_b_from_uploads_and_from_the_honest_layout():
+    from pathlib import Path
+
+    from fedpeft.config import RunConfig
+    from fedpeft.pipeline import BuildEnv, ClientContext, Pipeline
+
+    cfg = RunConfig(strategy="fedsa-lora")
+    pipeline = Pipeline.build(BuildEnv(cfg, FedSaLora, "server"))
+    assert [s.name for s in pipeline.stages] == ["client-local"]
+    assert pipeline.client_layout({A: (2, 6), B: (5, 2), HEAD: (3, 6)}, 7) == {A: (2, 6), HEAD: (3, 6)}
+    upload = {A: torch.ones(2, 6), B: torch.ones(5, 2), HEAD: torch.ones(3, 6)}
+    ctx = ClientContext(7, "7", 1, None, {}, Path("."))
+    sent, _ = Pipeline.build(BuildEnv(cfg, FedSaLora, "client")).on_client(upload, ctx)
+    assert set(sent) == {A, HEAD}
     assert FedSaLora.client_local(B) and not FedSaLora.client_local(A)
-    assert getattr(STRATEGIES.get("fedavg"), "client_local", None) is None  # others keep nothing local
+    # other strategies keep nothing local: no such stage in their pipeline
+    fedavg = STRATEGIES.get("fedavg")
+    assert Pipeline.build(BuildEnv(RunConfig(), fedavg, "client")).find("client-local") is None
 
 
 def test_fedsa_personalized_accuracy_is_weighted_by_local_test_size():
@@ -69,20 +80,20 @@ def test_fedsa_personalized_accuracy_is_weighted_by_local_test_size():
     ups[0].metrics = {"personalized-accuracy": 1.0, "personalized-examples": 30.0}
     ups[1].metrics = {"personalized-accuracy": 0.5, "personalized-examples": 10.0}
     ups[2].metrics = {"personalized-accuracy": 0.0, "personalized-examples": 50.0}  # no training data
-    metrics = FedSaLora(_NoInject(AdapterSpec()), sampler=None).round_metrics([], ups)
+    metrics = FedSaLora(_NoInject(AdapterSpec())).round_metrics(ups)
     assert metrics["personalized-accuracy"] == pytest.approx((30 * 1.0 + 10 * 0.5) / 40)
-    assert "personalized-accuracy" not in FedSaLora(_NoInject(AdapterSpec()), None).round_metrics([], ups[:0])
+    assert "personalized-accuracy" not in FedSaLora(_NoInject(AdapterSpec())).round_metrics(ups[:0])
 
 
 def test_fedsa_reports_no_aggregation_error():
     # each client keeps its own B: there is no global product B A to measure an error of
     glob = {A: torch.zeros(2, 6), B: torch.zeros(5, 2), HEAD: torch.zeros(3, 6)}
-    strategy = FedSaLora(_NoInject(AdapterSpec()), sampler=None)
+    strategy = FedSaLora(_NoInject(AdapterSpec()))
     updates = [_client(1, 1), _client(2, 3)]
     assert strategy.aggregation_error(glob, updates, strategy.aggregate(glob, updates)) is None
 
 
 def test_fedsa_broadcast_leaves_out_the_constant_global_b():
     glob = {A: torch.zeros(2, 6), B: torch.zeros(5, 2), HEAD: torch.zeros(3, 6)}
-    strategy = FedSaLora(_NoInject(AdapterSpec()), sampler=None)
+    strategy = FedSaLora(_NoInject(AdapterSpec()))
     assert set(strategy.broadcast_state(glob, None)) == {A, HEAD}

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fedpeft.adapters import AdapterSpec, build_adapter
-from fedpeft.adapters.base import truncate_state
 from fedpeft.settings import resolve
 from fedpeft.errors import UsageError
 from fedpeft.simulation import simulate
@@ -45,7 +44,7 @@ def test_base_key_names_peft_base_layer():
 
 def test_fold_is_the_weighted_sum_of_client_products(setup):
     adapter, initial, w0, updates = setup
-    flora = Flora(adapter, sampler=None)
+    flora = Flora(adapter)
     g = flora.initial_global(initial, {W: w0})
     assert set(g) == {A, B, HEAD, W} and torch.equal(g[W], w0)
     new = flora.aggregate(g, updates)
@@ -60,9 +59,9 @@ def test_fold_is_the_weighted_sum_of_client_products(setup):
 
 def test_flora_is_exact_where_fedavg_is_not(setup):
     adapter, initial, w0, updates = setup
-    flora = Flora(adapter, sampler=None)
+    flora = Flora(adapter)
     g = flora.initial_global(initial, {W: w0})
-    fedavg = FedAvg(adapter, sampler=None)
+    fedavg = FedAvg(adapter)
     avg_err = fedavg.aggregation_error(initial, updates, fedavg.aggregate(initial, updates))
     assert avg_err > 0.1
     assert flora.aggregation_error(g, updates, flora.aggregate(g, updates)) < 1e-12
@@ -99,17 +98,25 @@ def test_flora_run_end_to_end(tmp_path, adapter):
 
 
 def test_heterogeneous_ranks_fold_exactly_and_expect_prefix_uploads(setup):
+    from pathlib import Path
+
+    from fedpeft.config import RunConfig
+    from fedpeft.pipeline import ClientContext
+    from fedpeft.stages.rank_cap import RankCap
+
     adapter, initial, w0, updates = setup
     ranks = {0: 1, 1: 2, 2: 3}
-    flora = Flora(adapter, sampler=None, client_rank=ranks.get)
+    stage = RankCap(RunConfig(strategy="flora", client_ranks="1,2,3"))   # client i: ranks[i mod 3]
+    flora = Flora(adapter)
     g = flora.initial_global(initial, {W: w0})
-    flora.upload_layout = lambda _rank: {A: (R, D_IN), B: (D_OUT, R), HEAD: (2, D_OUT)}
+    full = {A: (R, D_IN), B: (D_OUT, R), HEAD: (2, D_OUT)}
     cut = []
     for u in updates:
         r = ranks[u.client_id]
-        assert flora.expected_layout(u.client_id) == {A: (r, D_IN), B: (D_OUT, r), HEAD: (2, D_OUT)}
-        state = truncate_state(u.state, r)
+        assert stage.client_layout(full, u.client_id) == {A: (r, D_IN), B: (D_OUT, r), HEAD: (2, D_OUT)}
+        state, _ = stage.on_client(u.state, ClientContext(u.client_id, str(u.client_id), 1, None, {}, Path(".")))
         assert state[A].shape == (r, D_IN) and state[B].shape == (D_OUT, r)
+        assert torch.equal(state[A], u.state[A][:r]) and torch.equal(state[B], u.state[B][:, :r])
         cut.append(ClientUpdate(u.node_id, u.client_id, u.num_examples, state, 0.0, 0))
     new = flora.aggregate(g, cut)
     p = torch.tensor([10, 30, 60], dtype=torch.float64) / 100

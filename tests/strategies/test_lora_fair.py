@@ -70,8 +70,8 @@ def test_lora_fair_is_registered_and_needs_individual_updates():
 def test_lora_fair_global_has_lower_aggregation_error_than_fedavg(solver):
     adapter = _NoInject(AdapterSpec())
     glob, updates = _heterogeneous_clients(seed=0)
-    fedavg = STRATEGIES.get("fedavg")(adapter, sampler=None).aggregate(glob, updates)
-    fair = STRATEGIES.get("lora-fair")(adapter, sampler=None, solver=solver).aggregate(glob, updates)
+    fedavg = STRATEGIES.get("fedavg")(adapter).aggregate(glob, updates)
+    fair = STRATEGIES.get("lora-fair")(adapter, solver=solver).aggregate(glob, updates)
     err_avg, err_fair = _error(adapter, glob, updates, fedavg), _error(adapter, glob, updates, fair)
     assert err_avg > 0.1  # heterogeneous clients: FedAvg is clearly inexact
     assert err_fair < 0.9 * err_avg, (err_fair, err_avg)
@@ -81,7 +81,7 @@ def test_lora_fair_keeps_a_bar_and_head_and_corrects_only_b():
     adapter = _NoInject(AdapterSpec())
     glob, updates = _heterogeneous_clients(seed=1)
     p = np.asarray(EXAMPLES, dtype=np.float64) / sum(EXAMPLES)
-    strategy = STRATEGIES.get("lora-fair")(adapter, sampler=None, solver="ridge", lam=0.01)
+    strategy = STRATEGIES.get("lora-fair")(adapter, solver="ridge", lam=0.01)
     fair = strategy.aggregate(glob, updates)
     assert set(fair) == set(glob)
     for key in fair:
@@ -106,7 +106,7 @@ def test_lora_fair_on_identical_clients_changes_nothing():
     glob, updates = _heterogeneous_clients(seed=2)
     same = [ClientUpdate(node_id=u.node_id, client_id=u.client_id, num_examples=u.num_examples,
                          state=dict(updates[0].state), train_loss=0.0, bytes_up=0) for u in updates]
-    out = STRATEGIES.get("lora-fair")(adapter, sampler=None).aggregate(glob, same)
+    out = STRATEGIES.get("lora-fair")(adapter).aggregate(glob, same)
     for key, value in updates[0].state.items():
         torch.testing.assert_close(out[key], value, rtol=1e-5, atol=1e-6)
 
@@ -114,7 +114,7 @@ def test_lora_fair_on_identical_clients_changes_nothing():
 @pytest.mark.parametrize("kwargs", [{"solver": "newton"}, {"lam": -1.0}, {"lr": 0.0}])
 def test_lora_fair_rejects_bad_options(kwargs):
     with pytest.raises(ValueError):
-        LoraFair(_NoInject(AdapterSpec()), sampler=None, **kwargs)
+        LoraFair(_NoInject(AdapterSpec()), **kwargs)
 
 
 # -- through the Flower Strategy API ------------------------------------------------------------
@@ -136,7 +136,12 @@ def flower_identity(monkeypatch):
 def _round_metrics(name: str, glob: State, updates: list[ClientUpdate]) -> tuple[State, dict]:
     from fedpeft.federation.records import from_record
 
-    strategy = STRATEGIES.get(name)(_NoInject(AdapterSpec()), _AllNodes(len(updates)))
+    from fedpeft.federation.round import RoundStrategy
+    from fedpeft.pipeline import Pipeline, layout_of
+
+    layout = layout_of(updates[0].state)
+    strategy = RoundStrategy(STRATEGIES.get(name)(_NoInject(AdapterSpec())), Pipeline([]),
+                             _AllNodes(len(updates)), upload_layout=lambda rank: layout)
     config = ConfigRecord({"server-round": 1, "round-rank": 0})
     messages = list(strategy.configure_train(1, to_record(glob), config, grid=None))
     replies = [Message(RecordDict({"arrays": to_record(u.state), "metrics": MetricRecord(
@@ -162,7 +167,7 @@ def test_lora_fair_restores_the_torch_thread_setting():
     try:
         torch.set_num_threads(3)
         glob, updates = _heterogeneous_clients(seed=4)
-        STRATEGIES.get("lora-fair")(_NoInject(AdapterSpec()), sampler=None, steps=5).aggregate(glob, updates)
+        STRATEGIES.get("lora-fair")(_NoInject(AdapterSpec()), steps=5).aggregate(glob, updates)
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

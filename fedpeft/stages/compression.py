@@ -1,0 +1,66 @@
+"""Error-feedback compression of the upload (``--compression compeft|stc``, SPEC §2.3).
+
+The client sends ``C(τ + e)`` with ``τ = upload − broadcast`` as one byte payload (a single
+``uint8`` tensor under :data:`fedpeft.compression.wire.WIRE_KEY`) and keeps the residual
+``e`` in a per-client file (compact state: only clients ever sampled have one). The server
+half rebuilds ``global + decode(payload)`` before any check or later stage sees it, so
+user-level DP clips exactly what was received (the compressed value, SPEC §2.3/§3.1).
+
+It runs last on the client: whatever earlier stages removed (client-local tensors, rank
+components) is never encoded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedpeft.compression import Codec, DiskResidualStore, ErrorFeedback, build_codec, decode_payload, wire
+from fedpeft.pipeline import STAGES, BuildEnv, ClientContext, Metrics, ServerContext, Stage, State
+from fedpeft.updates import apply_update, client_delta
+
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
+    from fedpeft.strategy import FedPeftStrategy
+
+RESIDUALS_DIR = "residuals"
+
+
+def codec_for(cfg: RunConfig) -> Codec:
+    """The ``--compression`` codec with its options (STC has no ``gamma``)."""
+    options = {"density": cfg.density} if cfg.compression == "stc" else {"density": cfg.density, "gamma": cfg.gamma}
+    return build_codec(cfg.compression, **options)
+
+
+@STAGES.register("compression")
+class ErrorFeedbackCompression(Stage):
+    name = "compression"
+    order = 50
+
+    def __init__(self, codec: Codec, label: str) -> None:
+        self.codec = codec
+        self.label = label
+
+    @classmethod
+    def active(cls, cfg: RunConfig, strategy: type[FedPeftStrategy]) -> bool:
+        return cfg.compression != "none"
+
+    @classmethod
+    def create(cls, env: BuildEnv) -> ErrorFeedbackCompression:
+        return cls(codec_for(env.cfg), f"{env.cfg.compression} (density {env.cfg.density:g}) with error feedback")
+
+    def on_client(self, update: State, ctx: ClientContext) -> tuple[State, Metrics]:
+        if not update:
+            return update, {}
+        feedback = ErrorFeedback(self.codec, DiskResidualStore(ctx.state_dir / RESIDUALS_DIR))
+        payload, _sent = feedback.encode(ctx.key, client_delta(ctx.broadcast, update))
+        return {wire.WIRE_KEY: torch.from_numpy(wire.to_wire(payload))}, {}
+
+    def decode(self, update: State, ctx: ServerContext) -> State:
+        if wire.WIRE_KEY not in update:
+            return update
+        return apply_update(ctx.global_state, decode_payload(wire.from_wire(update[wire.WIRE_KEY])))
+
+    def describe(self) -> str:
+        return self.label

@@ -1,0 +1,29 @@
+"""Sample-level DP (``--dp sample``, SPEC §3.2): every client trains with Opacus DP-SGD.
+
+This stage transforms no update: its mechanism is the training procedure itself
+(``fedpeft.federation.client``'s ``sample`` training mode: per-example clipping, Gaussian
+noise from the client's own secret, its persistent accountant). It sits in the pipeline so
+that the order printed before round 1 shows where the privacy comes from, and so that the
+client picks its training mode from the pipeline instead of from a privacy switch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedpeft.pipeline import STAGES, Stage
+
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
+    from fedpeft.strategy import FedPeftStrategy
+
+
+@STAGES.register("dp-sgd")
+class DpSgd(Stage):
+    name = "dp-sgd"
+    order = 0
+    training = "sample"
+
+    @classmethod
+    def active(cls, cfg: RunConfig, strategy: type[FedPeftStrategy]) -> bool:
+        return cfg.dp == "sample"
