@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedpeft.adapters.base import Adapter, State
+from fedpeft.adapters.base import Adapter, State, base_weight_key
 from fedpeft.config import RunConfig
 from fedpeft.model.loading import load_tokenizer, resolve_model_path, resolve_pooling
 from fedpeft.model.mean_pool import BACKBONE_NAME
@@ -69,7 +69,6 @@ ADAPTER_FILE = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_NAME = "default"
 #: peft's name of an adapted layer's frozen weight, where FLoRA keeps its folded updates
-_BASE_WEIGHT = ".base_layer.weight"
 _LOG = logging.getLogger(__name__)
 
 
@@ -138,9 +137,7 @@ ADAPTER_NOTES: dict[str, str] = {
 ADAPTER_NOTES["dp-dylora"] = ADAPTER_NOTES["dylora"].replace("DyLoRA", "DP-DyLoRA")
 
 
-def base_key(a_key: str) -> str:
-    """``<layer>.lora_A.<name>.weight`` -> ``<layer>.base_layer.weight``."""
-    return a_key.split(".lora_A.", 1)[0] + _BASE_WEIGHT
+base_key = base_weight_key
 
 
 @dataclass(frozen=True)

@@ -194,9 +194,10 @@ class Pipeline:
 
     def describe(self, strategy: str, server_opt: str = "none", downlink: str = "dense") -> str:
         """The whole update path in the order it runs (printed before round 1)."""
-        client = ["train" + (f" ({self.training})" if self.training != "none" else "")]
+        trainers = [s.describe() for s in self.stages if s.training is not None]
+        client = ["train" + (f" with {trainers[0]}" if trainers else "")]
         client += [s.describe() for s in self.stages if type(s).on_client is not Stage.on_client]
-        server = [s.describe() + " (decode)" for s in reversed(self.stages) if type(s).decode is not Stage.decode]
+        server = ["decode " + s.describe() for s in reversed(self.stages) if type(s).decode is not Stage.decode]
         server.append("check")
         server += [s.describe() for s in self.stages if type(s).on_server is not Stage.on_server]
         server.append(f"aggregate ({strategy})")

@@ -43,19 +43,17 @@ What differs from the paper, or is not meaningful here:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from fedpeft.adapters.base import State
+from fedpeft.adapters.base import State, lora_factor
 from fedpeft.aggregation import weighted_mean
 from fedpeft.strategy import ClientUpdate, FedPeftStrategy, stack_uploads
 from fedpeft.strategy import STRATEGIES
 
-_LORA_B = re.compile(r"^.+\.lora_B\.[^.]+\.weight$")
 
 def is_lora_b(key: str) -> bool:
     """True for a peft LoRA ``B`` parameter name (``...lora_B.<adapter>.weight``)."""
-    return _LORA_B.match(key) is not None
+    return lora_factor(key) == "B"
 
 
 def shared_part(state: State) -> State:

@@ -34,19 +34,14 @@ from collections.abc import Sequence
 
 import torch
 
-from fedpeft.adapters.base import State
+from fedpeft.adapters.base import State, base_weight_key, lora_factor
 from fedpeft.config import RunConfig
 from fedpeft.aggregation import normalized_weights, weighted_mean
 from fedpeft.strategy import ClientUpdate, FedPeftStrategy, stack_uploads
 from strategies.lora_math import stack_lora_factors
 from fedpeft.strategy import STRATEGIES
 
-_BASE = ".base_layer.weight"
-
-
-def base_key(a_key: str) -> str:
-    """``<layer>.lora_A.<name>.weight`` -> ``<layer>.base_layer.weight``."""
-    return a_key.split(".lora_A.", 1)[0] + _BASE
+base_key = base_weight_key  # where the layer's stacked product is folded
 
 
 def fold_stacked_update(w0: torch.Tensor, a_list: Sequence[torch.Tensor],
@@ -64,7 +59,7 @@ def fold_stacked_update(w0: torch.Tensor, a_list: Sequence[torch.Tensor],
 
 
 def _is_factor(key: str) -> bool:  # a LoRA factor: folded into the base, not averaged
-    return ".lora_A." in key or ".lora_B." in key
+    return lora_factor(key) is not None
 
 
 @STRATEGIES.register("flora")

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpeft.updates import prefix_slice
+
 State = dict[str, torch.Tensor]
 #: ``hook(step)`` runs before a local optimizer step and may return an ``after()`` callable.
 StepHook = Callable[[int], Callable[[], None] | None]
@@ -26,11 +28,44 @@ _LORA_A = re.compile(r"^(?P<layer>.+)\.lora_A\.(?P<name>[^.]+)\.weight$")
 _LORA_B = re.compile(r"^(?P<layer>.+)\.lora_B\.(?P<name>[^.]+)\.weight$")
 
 
+_BASE_WEIGHT = ".base_layer.weight"
+
+
+def lora_factor(key: str) -> str | None:
+    """``"A"`` or ``"B"`` for a peft LoRA factor (``<layer>.lora_A.<adapter>.weight``), else
+    None: the one place where peft parameter names are parsed."""
+    if _LORA_A.match(key):
+        return "A"
+    if _LORA_B.match(key):
+        return "B"
+    return None
+
+
+def base_weight_key(factor_key: str) -> str:
+    """``<layer>.lora_A.<name>.weight`` -> ``<layer>.base_layer.weight``, the frozen weight
+    the factor adapts (FLoRA folds into it; export writes it)."""
+    match = _LORA_A.match(factor_key) or _LORA_B.match(factor_key)
+    if match is None:
+        raise ValueError(f"{factor_key!r} is not a peft LoRA factor name")
+    return match.group("layer") + _BASE_WEIGHT
+
+
+def truncate_shape(key: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """The shape :func:`truncate_factor` leaves of a tensor of ``shape``."""
+    factor = lora_factor(key)
+    if factor == "A":
+        return (min(rank, shape[0]), *shape[1:])
+    if factor == "B":
+        return (shape[0], min(rank, shape[1]), *shape[2:])
+    return tuple(shape)
+
+
 def truncate_factor(key: str, value: torch.Tensor, rank: int) -> torch.Tensor:
     """The first ``rank`` components of a LoRA factor: ``A[:rank]`` or ``B[:, :rank]``."""
-    if ".lora_A." in key:
+    factor = lora_factor(key)
+    if factor == "A":
         return value[:rank]
-    if ".lora_B." in key:
+    if factor == "B":
         return value[:, :rank]
     return value
 
@@ -86,7 +121,7 @@ class Adapter(ABC):
                 if value.shape == target.shape:
                     target.copy_(value)
                 else:  # a rank prefix (DyLoRA): copy into the leading block
-                    target[tuple(slice(0, s) for s in value.shape)].copy_(value)
+                    target[prefix_slice(value.shape)].copy_(value)
 
     def broadcast(self, global_state: State, round_rank: int | None) -> State:
         """What the server sends to a sampled client (default: the whole trainable state)."""
@@ -104,7 +139,7 @@ class Adapter(ABC):
                 new[key] = value.clone()
             else:
                 t = new[key].clone()
-                t[tuple(slice(0, s) for s in value.shape)] = value
+                t[prefix_slice(value.shape)] = value
                 new[key] = t
         return new
 

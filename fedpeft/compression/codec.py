@@ -129,6 +129,9 @@ class Codec(ABC):
     """Encodes one update to bytes and back (SPEC §2.3)."""
 
     name: ClassVar[str]
+    #: The run settings (``RunConfig`` field names) passed to the constructor; a payload is
+    #: decoded without them, so each must have a default.
+    options: ClassVar[tuple[str, ...]] = ()
 
     def encode(self, update: State) -> bytes:
         layout = Layout.of(update)

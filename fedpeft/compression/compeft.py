@@ -63,6 +63,7 @@ class ComPEFTCodec(Codec):
     """Top-k by magnitude over the whole update, kept entries ``±γσ(τ)``."""
 
     name = "compeft"
+    options = ("density", "gamma")
 
     def __init__(self, density: float = 0.2, gamma: float = 1.0) -> None:
         if not 0.0 <= density <= 1.0:
@@ -126,6 +127,7 @@ class STCCodec(ComPEFTCodec):
     """Sparse ternary compression: kept entries ``±mean|kept entries|`` (``gamma`` unused)."""
 
     name = "stc"
+    options = ("density",)
 
     def magnitude(self, flat: np.ndarray, positions: np.ndarray) -> np.float32:
         if positions.size == 0:

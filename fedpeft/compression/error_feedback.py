@@ -31,7 +31,6 @@ storage only that client's process reads). Clipping does not feed back into ``e_
 from __future__ import annotations
 
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,11 +40,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
 from fedpeft.atomic import atomic_write_bytes
+from fedpeft.client_files import client_file
+from fedpeft.updates import prefix_slice
 from fedpeft.compression.codec import Codec, State
 
 ClientId = int | str
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SUFFIX = ".safetensors"
 
 
@@ -108,10 +108,7 @@ class DiskResidualStore(ResidualStore):
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, client_id: ClientId) -> Path:
-        name = str(client_id)
-        if not _SAFE_ID.match(name):
-            raise ValueError(f"client id {name!r} is not usable as a file name")
-        return self.directory / f"{name}{_SUFFIX}"
+        return client_file(self.directory, client_id, _SUFFIX)
 
     def get(self, client_id: ClientId) -> State | None:
         path = self.path(client_id)
@@ -139,7 +136,7 @@ class DiskResidualStore(ResidualStore):
 
 # -- the error-feedback step ---------------------------------------------------------------
 def _block(shape: torch.Size | tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(0, s) for s in shape)
+    return prefix_slice(shape)
 
 
 def _grown(residual: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -17,7 +17,6 @@ SPEC §4), replaced atomically like the error-feedback residuals.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
 from fedpeft.atomic import atomic_write_bytes
+from fedpeft.client_files import client_file
 from fedpeft.errors import UsageError
 
 State = dict[str, torch.Tensor]
@@ -35,7 +35,6 @@ ClientLocal = Callable[[str], bool]
 V = TypeVar("V")
 
 LOCAL_PARAMS_DIR = "local_params"
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _ROUND = "server_round"  # safetensors metadata: the round that wrote the file
 
 
@@ -66,9 +65,7 @@ class LocalParamStore:
         self.directory = Path(directory)
 
     def path(self, key: str) -> Path:
-        if not _SAFE_KEY.match(key):
-            raise ValueError(f"client key {key!r} is not usable as a file name")
-        return self.directory / f"{key}.safetensors"
+        return client_file(self.directory, key, ".safetensors")
 
     def load(self, key: str, server_round: int) -> State | None:
         """The client's local tensors as saved in an earlier round, or None if never saved."""

@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fedpeft.atomic import atomic_write_text
+from fedpeft.client_files import client_file
 from fedpeft.errors import UsageError
 from fedpeft.privacy.accounting import Accountant, make_accountant
 from fedpeft.privacy.calibration import noise_multiplier_for
@@ -34,10 +35,7 @@ class ClientAccountantStore:
         self.accountant = accountant
 
     def path(self, client_id: int | str) -> Path:
-        name = str(client_id)
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError(f"client id {name!r} cannot name a file")
-        return self.root / f"{name}.json"
+        return client_file(self.root, client_id, ".json")
 
     def load(self, client_id: int | str) -> Accountant:
         """The client's accountant with its full history (empty if it never trained)."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedpeft.compression import Codec, DiskResidualStore, ErrorFeedback, build_codec, decode_payload, wire
+from fedpeft.compression import CODECS, Codec, DiskResidualStore, ErrorFeedback, build_codec, decode_payload, wire
 from fedpeft.pipeline import STAGES, BuildEnv, ClientContext, Metrics, ServerContext, Stage, State
 from fedpeft.updates import apply_update, client_delta
 
@@ -28,9 +28,8 @@ RESIDUALS_DIR = "residuals"
 
 
 def codec_for(cfg: RunConfig) -> Codec:
-    """The ``--compression`` codec with its options (STC has no ``gamma``)."""
-    options = {"density": cfg.density} if cfg.compression == "stc" else {"density": cfg.density, "gamma": cfg.gamma}
-    return build_codec(cfg.compression, **options)
+    """The ``--compression`` codec with the run settings it declares (``Codec.options``)."""
+    return build_codec(cfg.compression, **{name: getattr(cfg, name) for name in CODECS.get(cfg.compression).options})
 
 
 @STAGES.register("compression")

@@ -24,6 +24,9 @@ class DpSgd(Stage):
     order = 0
     training = "sample"
 
+    def describe(self) -> str:
+        return "DP-SGD (per-example clip + noise, Opacus)"
+
     @classmethod
     def active(cls, cfg: RunConfig, strategy: type[FedPeftStrategy]) -> bool:
         return cfg.dp == "sample"

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedpeft.adapters.base import truncate_state
+from fedpeft.adapters.base import truncate_shape, truncate_state
 from fedpeft.pipeline import STAGES, BuildEnv, ClientContext, Layout, Metrics, Stage, State
 
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
     from fedpeft.strategy import FedPeftStrategy
-
-
-def _is_factor(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
 
 
 @STAGES.register("rank-cap")
@@ -58,8 +54,7 @@ class RankCap(Stage):
         rank = None if client_id is None else self.cfg.client_rank(client_id)
         if rank is None:
             return layout
-        return {k: ((rank, *shape[1:]) if ".lora_A." in k else (shape[0], rank, *shape[2:]))
-                if _is_factor(k) else shape for k, shape in layout.items()}
+        return {k: truncate_shape(k, shape, rank) for k, shape in layout.items()}
 
     def describe(self) -> str:
         return f"truncate to client rank ({self.cfg.client_ranks})"
