@@ -47,7 +47,9 @@ class ErrorFeedbackCompression(Stage):
 
     @classmethod
     def create(cls, env: BuildEnv) -> ErrorFeedbackCompression:
-        return cls(codec_for(env.cfg), f"{env.cfg.compression} (density {env.cfg.density:g}) with error feedback")
+        cfg = env.cfg
+        options = ", ".join(f"{o} {getattr(cfg, o):g}" for o in CODECS.get(cfg.compression).options)
+        return cls(codec_for(cfg), f"{cfg.compression}{f' ({options})' if options else ''} with error feedback")
 
     def on_client(self, update: State, ctx: ClientContext) -> tuple[State, Metrics]:
         if not update:
