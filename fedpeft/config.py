@@ -120,6 +120,12 @@ class RunConfig:
         """Flat, None-free form for Flower ConfigRecords / run_config (keys use dashes)."""
         return {k.replace("_", "-"): v for k, v in self.to_dict().items() if v is not None}
 
+    def to_client_flat(self) -> dict[str, bool | int | float | str]:
+        """:meth:`to_flat` without the :data:`SERVER_ONLY` settings: what every train message
+        carries (a client rebuilds its config with :meth:`from_flat`; what it is not sent
+        stays at the default, which no client code reads)."""
+        return {k: v for k, v in self.to_flat().items() if k.replace("-", "_") not in SERVER_ONLY}
+
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_flat`; unknown keys are ignored (Flower adds its own)."""
@@ -150,6 +156,17 @@ class RunConfig:
         clients both derive it from the client's identity, so nothing extra is sent."""
         ranks = self.client_rank_list
         return ranks[client_id % len(ranks)] if ranks else None
+
+
+#: Settings only the server reads (aggregation, server optimiser, user-level DP, round control,
+#: reporting). They are never sent to clients; ``tests/test_config_split.py`` checks that no
+#: client-side module reads one.
+SERVER_ONLY: frozenset[str] = frozenset({
+    "clients", "cohort", "fair_solver", "fair_lambda", "server_opt", "server_lr", "server_momentum",
+    "server_beta2", "server_tau", "eval_every", "clip", "adaptive_clip", "target_quantile", "clip_lr",
+    "diagnostics", "compress_down", "deadline", "max_upload_bytes", "checkpoint_every",
+    "round_timeout", "backend", "ray_address", "planned",
+})
 
 
 def _types(annotation: str) -> tuple[type, ...]:
@@ -195,4 +212,4 @@ def normalize_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-__all__ = ["RunConfig", "load_toml", "read_toml", "normalize_keys", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]
+__all__ = ["SERVER_ONLY", "RunConfig", "load_toml", "read_toml", "normalize_keys", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]

@@ -46,7 +46,7 @@ def sharded_evaluator(grid: Grid, cfg: RunConfig, ws: Workspace, timeout: float)
     client's values there) or when a worker fails."""
     workers = list(grid.get_node_ids())
     trainable = set(ws.adapter.trainable_state(ws.model))
-    flat = cfg.to_flat()
+    flat = cfg.to_client_flat()
     local = local_evaluator(ws)
 
     def run(state: State) -> EvalResult:

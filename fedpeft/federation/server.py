@@ -166,7 +166,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             break
         t_round = time.perf_counter()
         rank = ws.adapter.round_rank(np.random.default_rng([cfg.seed, 0xD1, server_round]))
-        config = ConfigRecord({**cfg.to_flat(), **privacy.round_config(),
+        config = ConfigRecord({**cfg.to_client_flat(), **privacy.round_config(),
                                "server-round": server_round, "round-rank": rank or 0})
         sent = downlink.prepare(global_state, server_round)
         messages = list(strategy.configure_train(server_round, to_record(sent), config, grid))
