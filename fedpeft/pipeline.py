@@ -16,7 +16,7 @@ compression or DP, and a stage nothing about the strategy beyond its declared fl
 
 A new stage is one file in :mod:`fedpeft.stages` (or any package imported before the run)
 registering a subclass in :data:`STAGES`; it switches itself on from the run config in
-:meth:`Stage.build` (default: when its name is listed in ``--stage``).
+:meth:`Stage.active` (default: when its name is listed in ``--stages``).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Stage:
 
     @classmethod
     def active(cls, cfg: RunConfig, strategy: type[FedPeftStrategy]) -> bool:
-        """Whether the run uses this stage (default: its name is listed in ``--stage``)."""
+        """Whether the run uses this stage (default: its name is listed in ``--stages``)."""
         return cls.name in cfg.stage_list
 
     @classmethod

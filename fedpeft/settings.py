@@ -43,7 +43,6 @@ def validate(cfg: RunConfig) -> RunConfig:
            "an integer >= 0 (0 = no cap)")
     _check(cfg.adapter in ADAPTERS, "adapter", cfg.adapter, ", ".join(ADAPTERS.names()))
     _check(cfg.strategy in STRATEGIES, "strategy", cfg.strategy, ", ".join(STRATEGIES.names()))
-    _check(cfg.fair_solver in ("sgd", "ridge"), "fair_solver", cfg.fair_solver, "sgd, ridge")
     from fedpeft.server_optim import build_server_optimizer
 
     build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.server_beta2,
@@ -51,7 +50,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.server_opt != "none" and not STRATEGIES.get(cfg.strategy).supports_server_optimizer:
         raise UsageError(f"--server-opt {cfg.server_opt} cannot drive --strategy {cfg.strategy} (its global "
                          "state is rebuilt every round); allowed: --server-opt none")
-    _check(math.isfinite(cfg.fair_lambda) and cfg.fair_lambda >= 0, "fair_lambda", cfg.fair_lambda, "a finite number >= 0")
     _check(cfg.partition in PARTITIONERS, "partition", cfg.partition, ", ".join(PARTITIONERS.names()))
     _check(1 <= cfg.rank <= 1024, "rank", cfg.rank, "an integer in 1..1024")
     _check(1 <= cfg.min_rank <= cfg.rank, "min_rank", cfg.min_rank, f"1..--rank ({cfg.rank})")
@@ -100,7 +98,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 < cfg.cpus_per_client <= 64, "cpus_per_client", cfg.cpus_per_client, "a number in (0, 64]")
     _check_privacy(cfg)
     _check_compression(cfg)
+    from fedpeft.compression import CODECS
+    from fedpeft.options import check_options
     from fedpeft.pipeline import STAGES, refusals
+
+    # the settings each strategy, codec and stage declares as its own (fedpeft.options)
+    check_options([*(r.get(n) for r in (STRATEGIES, CODECS, STAGES) for n in r.names())], cfg)
 
     _check(all(name in STAGES for name in cfg.stage_list), "stages", cfg.stages,
            f"comma-separated stage names: {', '.join(STAGES.names())}")
@@ -139,10 +142,6 @@ def _check_privacy(cfg: RunConfig) -> None:
                cfg.noise_multiplier, "a finite number > 0")
     if cfg.delta is not None:
         _check(math.isfinite(cfg.delta) and 0 < cfg.delta < 1, "delta", cfg.delta, "a number in (0, 1/N)")
-    _check(math.isfinite(cfg.clip) and cfg.clip > 0, "clip", cfg.clip, "a finite number > 0")
-    _check(math.isfinite(cfg.sample_clip) and cfg.sample_clip > 0, "sample_clip", cfg.sample_clip, "a finite number > 0")
-    _check(0 < cfg.target_quantile < 1, "target_quantile", cfg.target_quantile, "a number in (0, 1)")
-    _check(math.isfinite(cfg.clip_lr) and cfg.clip_lr > 0, "clip_lr", cfg.clip_lr, "a finite number > 0")
     if cfg.dp == "user":
         from fedpeft.privacy import default_delta
 
@@ -154,8 +153,6 @@ def _check_compression(cfg: RunConfig) -> None:
     from fedpeft.compression import CODECS
 
     _check(cfg.compression in CODECS, "compression", cfg.compression, ", ".join(CODECS.names()))
-    _check(0 < cfg.density <= 1, "density", cfg.density, "a number in (0, 1]")
-    _check(math.isfinite(cfg.gamma) and cfg.gamma > 0, "gamma", cfg.gamma, "a finite number > 0")
     if cfg.compress_down and cfg.compression == "none":
         raise UsageError("--compress-down compresses the broadcast with the --compression codec, "
                          "but --compression is none; allowed: --compression compeft or stc")

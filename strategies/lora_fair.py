@@ -29,6 +29,7 @@ from fedpeft.config import RunConfig
 from fedpeft.adapters.base import Adapter, State
 from fedpeft.aggregation import weighted_mean
 from fedpeft.strategy import ClientUpdate, FedPeftStrategy, stack_uploads
+from fedpeft.options import choice, non_negative
 from strategies.lora_math import SOLVERS, ResidualSolve, Solver, lora_fair_residual
 from fedpeft.strategy import STRATEGIES
 
@@ -54,6 +55,7 @@ def _single_threaded() -> Iterator[None]:
 class LoraFair(FedPeftStrategy):
     name = "lora-fair"
     needs_individual_updates = True
+    options = (choice("fair_solver", *SOLVERS), non_negative("fair_lambda"))
 
     @classmethod
     def from_config(cls, adapter: Adapter, cfg: RunConfig) -> LoraFair:

@@ -171,7 +171,7 @@ def test_an_unknown_extra_stage_is_a_one_line_error():
 
 
 def test_a_stage_registered_elsewhere_is_switched_on_by_name(monkeypatch, tmp_path):
-    """A plug-in stage in one place: register it, name it in --stage, and both sides build it."""
+    """A plug-in stage in one place: register it, name it in --stages, and both sides build it."""
 
     class HalveUpdates(Stage):
         name = "halve"

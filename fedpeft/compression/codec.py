@@ -29,6 +29,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from fedpeft.options import Option
 from fedpeft.registry import Registry
 
 State = dict[str, torch.Tensor]
@@ -129,9 +130,9 @@ class Codec(ABC):
     """Encodes one update to bytes and back (SPEC §2.3)."""
 
     name: ClassVar[str]
-    #: The run settings (``RunConfig`` field names) passed to the constructor; a payload is
-    #: decoded without them, so each must have a default.
-    options: ClassVar[tuple[str, ...]] = ()
+    #: The run settings passed to the constructor (:class:`fedpeft.options.Option`); a payload
+    #: is decoded without them, so each must have a default.
+    options: ClassVar[tuple[Option, ...]] = ()
 
     def encode(self, update: State) -> bytes:
         layout = Layout.of(update)

@@ -33,6 +33,7 @@ import struct
 import numpy as np
 
 from fedpeft.compression import golomb
+from fedpeft.options import Option, positive
 from fedpeft.compression.codec import CODECS, Codec
 
 _BODY = struct.Struct("<fQQQ")
@@ -63,7 +64,7 @@ class ComPEFTCodec(Codec):
     """Top-k by magnitude over the whole update, kept entries ``±γσ(τ)``."""
 
     name = "compeft"
-    options = ("density", "gamma")
+    options = (Option("density", lambda v: 0 < v <= 1, "a number in (0, 1]"), positive("gamma"))
 
     def __init__(self, density: float = 0.2, gamma: float = 1.0) -> None:
         if not 0.0 <= density <= 1.0:
@@ -127,7 +128,7 @@ class STCCodec(ComPEFTCodec):
     """Sparse ternary compression: kept entries ``±mean|kept entries|`` (``gamma`` unused)."""
 
     name = "stc"
-    options = ("density",)
+    options = (Option("density", lambda v: 0 < v <= 1, "a number in (0, 1]"),)
 
     def magnitude(self, flat: np.ndarray, positions: np.ndarray) -> np.float32:
         if positions.size == 0:

@@ -29,7 +29,7 @@ RESIDUALS_DIR = "residuals"
 
 def codec_for(cfg: RunConfig) -> Codec:
     """The ``--compression`` codec with the run settings it declares (``Codec.options``)."""
-    return build_codec(cfg.compression, **{name: getattr(cfg, name) for name in CODECS.get(cfg.compression).options})
+    return build_codec(cfg.compression, **{o.name: getattr(cfg, o.name) for o in CODECS.get(cfg.compression).options})
 
 
 @STAGES.register("compression")
@@ -48,7 +48,7 @@ class ErrorFeedbackCompression(Stage):
     @classmethod
     def create(cls, env: BuildEnv) -> ErrorFeedbackCompression:
         cfg = env.cfg
-        options = ", ".join(f"{o} {getattr(cfg, o):g}" for o in CODECS.get(cfg.compression).options)
+        options = ", ".join(f"{o.name} {getattr(cfg, o.name):g}" for o in CODECS.get(cfg.compression).options)
         return cls(codec_for(cfg), f"{cfg.compression}{f' ({options})' if options else ''} with error feedback")
 
     def on_client(self, update: State, ctx: ClientContext) -> tuple[State, Metrics]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fedpeft.options import positive
 from fedpeft.pipeline import STAGES, Stage
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 class DpSgd(Stage):
     name = "dp-sgd"
     order = 0
+    options = (positive("sample_clip"),)
     training = "sample"
 
     def describe(self) -> str:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedpeft.options import Option, positive
 from fedpeft.pipeline import STAGES, BuildEnv, Metrics, ServerContext, Stage
 from fedpeft.privacy.accounting import Accountant, make_accountant
 from fedpeft.privacy.adaptive_clipping import (
@@ -74,6 +75,8 @@ class UserLevelDP(Stage):
 
     name = "user-dp"
     order = 40
+    options = (positive("clip"), Option("target_quantile", lambda v: 0 < v < 1, "a number in (0, 1)"),
+               positive("clip_lr"))
     combines_updates = True
     sides = ("server",)
 
