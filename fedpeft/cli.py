@@ -19,12 +19,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedpeft.errors import UsageError
+from fedpeft.registry import declared_names
 from fedpeft.results import FinalRecord, ResultsWriter, RoundRecord
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Federated, differentially private fine-tuning of PEFT adapters.")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
+
+
+def _names(package: str, registry: str) -> str:
+    """The plug-in names a ``--flag`` accepts, for its help (read from source, not imported)."""
+    return ", ".join(declared_names(package, registry))
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -136,14 +142,14 @@ def simulate(
     local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help="Local epochs per round. [default: 1]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Local batch size. [default: 8]"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Client AdamW learning rate. [default: 3e-3]"),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter: lora, ffa-lora (frozen shared A; a larger --alpha is recommended), dylora, dp-dylora. [default: lora]"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=f"Adapter: {_names('fedpeft.adapters', 'ADAPTERS')} (ffa-lora freezes the shared A: a larger --alpha is recommended). [default: lora]"),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (r_max for dylora/dp-dylora). [default: 8]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (scale alpha/r). [default: 16]"),
     min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest rank, drawn uniformly in [min-rank, rank] per step (dylora) or per round by the server (dp-dylora). [default: 1]"),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt. [default: query,value]"),
     lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="Encoder layers that get LoRA, e.g. 5 or 4,5 (the top k of the default's 6); fewer coordinates, less DP noise. [default: all]"),
     client_ranks: Optional[str] = typer.Option(None, "--client-ranks", help="Per-client LoRA ranks, e.g. 2,4,8 (client i trains ranks[i mod len]; flora only). [default: --rank for all]"),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="Server strategy: fedavg, lora-fair, flora, fedsa-lora. [default: fedavg]"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help=f"Server strategy: {_names('strategies', 'STRATEGIES')}. [default: fedavg]"),
     fair_solver: Optional[str] = typer.Option(None, "--fair-solver", help="LoRA-FAIR residual solver: sgd (paper) or ridge (closed form). [default: sgd]"),
     fair_lambda: Optional[float] = typer.Option(None, "--fair-lambda", help="LoRA-FAIR regulariser λ. [default: 0.01]"),
     server_opt: Optional[str] = typer.Option(None, "--server-opt", help="Server optimiser on the (noised) aggregate: none, fedavgm (server momentum), fedadam, fedyogi (Reddi et al. 2021). [default: none]"),
@@ -171,11 +177,11 @@ def simulate(
     accountant: Optional[str] = typer.Option(None, "--accountant", help="rdp or prv (Opacus). [default: rdp]"),
     insecure_reproducible_noise: Optional[bool] = typer.Option(None, "--insecure-reproducible-noise", help="Research only: derive DP noise, cohorts and DP-SGD batches from --seed so runs repeat exactly. The privacy guarantee then does NOT hold against anyone who knows the seed (recorded in results.json). [default: secret randomness]"),
     diagnostics: Optional[bool] = typer.Option(None, "--diagnostics", help="Also write the statistics a DP run does not publish (client train loss, realised cohort, rejections, compressed sizes, timings) to diagnostics_NOT_COVERED_BY_DP.json."),
-    compression: Optional[str] = typer.Option(None, "--compression", help="Upload codec: none, compeft, stc. [default: none]"),
-    density: Optional[float] = typer.Option(None, "--density", help="Fraction of update entries kept by compeft/stc. [default: 0.2]"),
+    compression: Optional[str] = typer.Option(None, "--compression", help=f"Upload codec: {_names('fedpeft.compression', 'CODECS')}. [default: none]"),
+    density: Optional[float] = typer.Option(None, "--density", help="Fraction of update entries kept by the sparsifying codecs (compeft, stc). [default: 0.2]"),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="ComPEFT magnitude scale γ (values ±γ·σ). [default: 1]"),
     compress_down: Optional[bool] = typer.Option(None, "--compress-down/--no-compress-down", help="Also compress the server broadcast."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="Extra update-pipeline stages by name, comma-separated (plug-ins registered in fedpeft.pipeline.STAGES; the built-in ones follow --compression, --dp, --strategy). [default: none]"),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Plug-in update-pipeline stages to switch on, comma-separated (see README, 'The update pipeline'; the built-in stages switch on from --compression, --dp, --strategy, --client-ranks). [default: none]"),
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Held-out fraction of a dataset without a test split. [default: 0.1]"),
     max_test_examples: Optional[int] = typer.Option(None, "--max-test-examples", help="Cap on held-out test examples evaluated. [default: 2000]"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate the global model every K rounds (always after the last). [default: 1]"),

@@ -99,6 +99,11 @@ class Stage:
         return cls.name in cfg.stage_list
 
     @classmethod
+    def switched_by_name(cls) -> bool:
+        """True when ``--stages`` turns this stage on (it does not override :meth:`active`)."""
+        return getattr(cls.active, "__func__", None) is Stage.active.__func__
+
+    @classmethod
     def create(cls, env: BuildEnv) -> Stage:
         """This stage configured for the run (called only when :meth:`active`)."""
         return cls()

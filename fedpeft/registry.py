@@ -7,8 +7,11 @@ is the only way fedpeft's core reaches a plug-in package, and what keeps its imp
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from fedpeft.errors import UsageError
@@ -57,3 +60,22 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def declared_names(package: str, registry: str) -> list[str]:
+    """The names registered as ``@<registry>.register("name")`` in ``package``'s modules, read
+    from their source without importing them (CLI help stays fast and never goes stale when a
+    plug-in file is added; ``tests/test_architecture.py`` checks it against the registry)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    names = set()
+    for directory in spec.submodule_search_locations:
+        for path in sorted(Path(directory).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "register" and isinstance(node.func.value, ast.Name)
+                        and node.func.value.id == registry and node.args
+                        and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                    names.add(node.args[0].value)
+    return sorted(names)

@@ -105,8 +105,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     # the settings each strategy, codec and stage declares as its own (fedpeft.options)
     check_options([*(r.get(n) for r in (STRATEGIES, CODECS, STAGES) for n in r.names())], cfg)
 
-    _check(all(name in STAGES for name in cfg.stage_list), "stages", cfg.stages,
-           f"comma-separated stage names: {', '.join(STAGES.names())}")
+    by_name = [n for n in STAGES.names() if STAGES.get(n).switched_by_name()]
+    _check(all(name in by_name for name in cfg.stage_list), "stages", cfg.stages,
+           f"comma-separated names of plug-in stages ({', '.join(by_name) or 'none registered'}); "
+           "the built-in stages switch on from their own settings")
     # every strategy and stage refusal (e.g. LoRA-FAIR behind user-level DP), in one place
     refusal = refusals(cfg, STRATEGIES.get(cfg.strategy))
     if refusal is not None:

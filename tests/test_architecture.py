@@ -41,3 +41,19 @@ def test_the_strategy_registry_loads_its_plugins_on_first_use():
             "names = STRATEGIES.names(); print(before, 'strategies.fedavg' in sys.modules, 'fedavg' in names)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["False", "True", "True"]
+
+
+def test_cli_help_lists_exactly_the_registered_plug_ins():
+    """The help names come from the plug-in sources without importing them; they must be what
+    the registries hold at run time (a new plug-in file shows up in --help by itself)."""
+    from fedpeft.adapters import ADAPTERS
+    from fedpeft.compression import CODECS
+    from fedpeft.pipeline import STAGES
+    from fedpeft.registry import declared_names
+    from fedpeft.strategy import STRATEGIES
+
+    for package, variable, registry in (("strategies", "STRATEGIES", STRATEGIES),
+                                        ("fedpeft.compression", "CODECS", CODECS),
+                                        ("fedpeft.adapters", "ADAPTERS", ADAPTERS),
+                                        ("fedpeft.stages", "STAGES", STAGES)):
+        assert declared_names(package, variable) == registry.names(), package

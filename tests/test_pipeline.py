@@ -166,8 +166,11 @@ def test_refusals_are_declared_by_the_stage_and_checked_once_by_validation():
 
 
 def test_an_unknown_extra_stage_is_a_one_line_error():
-    with pytest.raises(UsageError, match="--stages 'no-such' is invalid; allowed: comma-separated stage names: "):
+    with pytest.raises(UsageError, match=r"--stages 'no-such' is invalid; allowed: comma-separated names of "
+                                         r"plug-in stages \(none registered\); the built-in stages switch on"):
         resolve({"stages": "no-such"})
+    with pytest.raises(UsageError, match="--stages 'user-dp' is invalid"):   # switched on by --dp user
+        resolve({"stages": "user-dp"})
 
 
 def test_a_stage_registered_elsewhere_is_switched_on_by_name(monkeypatch, tmp_path):
@@ -181,6 +184,7 @@ def test_a_stage_registered_elsewhere_is_switched_on_by_name(monkeypatch, tmp_pa
             return {k: ctx.broadcast[k] + (v - ctx.broadcast[k]) / 2 for k, v in update.items()}, {"halved": 1.0}
 
     monkeypatch.setitem(STAGES._items, "halve", HalveUpdates)
+    assert HalveUpdates.switched_by_name() and not UserLevelDP.switched_by_name()
     cfg = resolve({"stages": "halve", "compression": "compeft"})
     client = Pipeline.build(BuildEnv(cfg, STRATEGIES.get("fedavg"), "client"))
     assert [s.name for s in client.stages] == ["halve", "compression"]
