@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedpeft.adapters.base import Adapter, State, base_weight_key
+from fedpeft.adapters.base import Adapter, State, base_weight_key, lora_factor
 from fedpeft.config import RunConfig
 from fedpeft.model.loading import load_tokenizer, resolve_model_path, resolve_pooling
 from fedpeft.model.mean_pool import BACKBONE_NAME
@@ -169,7 +169,7 @@ def _lora_of_folded(adapter: Adapter, state: State, pretrained: State) -> LoraTe
     factors = {pair: svd_factors(d) for pair, d in deltas.items()}
     rank = max([1, *(a.shape[0] for a, _ in factors.values())])
     folded = {base_key(a) for a, _ in deltas}
-    out = {k: v for k, v in state.items() if k not in folded and ".lora_" not in k}
+    out = {k: v for k, v in state.items() if k not in folded and lora_factor(k) is None}
     for (a_key, b_key), (a, b) in factors.items():
         out[a_key] = torch.zeros(rank, a.shape[1], dtype=torch.float32)
         out[a_key][: a.shape[0]] = a
@@ -270,6 +270,7 @@ def build_export(ws: Workspace, global_state: State, cfg: RunConfig) -> Export:
     backbone = (layout.fedpeft_backbone, stock.base_model_prefix) if layout.fedpeft_backbone else None
     tensors = {saved_name(k, backbone): v for k, v in lora.tensors.items()}
     if lora.zero_factors:
+        # peft's file names drop the adapter name (``...lora_A.weight``)
         tensors.update({k: torch.zeros(shape) for k, shape in expected.items() if ".lora_" in k})
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
@@ -290,7 +291,7 @@ def _lora_of(adapter: Adapter, state: State, pretrained: State,
     factors as they are, and a zero no-op when only the head was trained."""
     if any(base_key(a) in state for a, _ in adapter.lora_pairs(set(state))):
         return _lora_of_folded(adapter, state, pretrained)
-    if any(".lora_" in k for k in state):
+    if any(lora_factor(k) is not None for k in state):
         return _lora_as_trained(adapter, state)
     return _no_op_lora(_first_encoder_linear(stock), state)
 

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedpeft.adapters.base import Adapter, AdapterSpec, State
+from fedpeft.adapters.base import Adapter, AdapterSpec, State, lora_factor
 from fedpeft.adapters.lora import inject_lora
 from fedpeft.adapters.registry import ADAPTERS
-
-_FROZEN_FACTOR = ".lora_A."
-
 
 def freeze_lora_a(model: nn.Module) -> State:
     """Stop gradients to every ``lora_A`` weight; return copies of them (the shared ``A``)."""
     frozen: State = {}
     for name, param in model.named_parameters():
-        if _FROZEN_FACTOR in name:
+        if lora_factor(name) == "A":
             param.requires_grad_(False)
             frozen[name] = param.detach().clone()
     return frozen

@@ -89,10 +89,3 @@ class LocalParamStore:
         data = save_bytes({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
                           metadata={_ROUND: str(server_round)})
         atomic_write_bytes(path, data)
-
-    def keys(self) -> list[str]:
-        """Keys of the clients with saved local parameters."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(p.name[: -len(".safetensors")] for p in self.directory.glob("*.safetensors")
-                      if not p.name.startswith("."))
