@@ -159,12 +159,14 @@ def export_job(pc: PeerConfig, seed: int, out_dir: Path, max_client_examples: in
 
 
 def fedpeft_cmd(pc: PeerConfig, seed: int, lr: float, out: Path, max_client_examples: int,
-                max_test_examples: int) -> list[str]:
+                max_test_examples: int, backend: str = "ray") -> list[str]:
     cmd = [FEDPEFT, "simulate", "--clients", str(pc.clients), "--cohort", str(pc.cohort), "--rounds", str(pc.rounds),
            "--adapter", "lora", "--rank", "8", "--alpha", "16", "--target-modules", "query,value",
            "--pooling", "mean", "--strategy", "fedavg", "--local-epochs", "1", "--batch-size", "8", "--lr", str(lr),
            "--max-client-examples", str(max_client_examples),
            "--max-test-examples", str(max_test_examples), "--seed", str(seed), "--output", str(out)]
+    if backend != "ray":  # ray: fedpeft's default, no flag (the command of the earlier runs)
+        cmd += ["--backend", backend]
     if pc.epsilon is not None:
         # --diagnostics: the realised cohorts and round times, which a DP run does not publish
         cmd += ["--epsilon", str(pc.epsilon), "--delta", str(pc.delta), "--accountant", "rdp",
@@ -188,13 +190,20 @@ def _pfl_env(workers: int) -> tuple[dict[str, str], str]:
     return env, tag
 
 
+def side_name(backend: str) -> str:
+    """Result key of a fedpeft side: ``fedpeft`` (Ray backend, the key of earlier runs) or
+    ``fedpeft-<backend>``."""
+    return "fedpeft" if backend == "ray" else f"fedpeft-{backend}"
+
+
 def run_fedpeft(pc: PeerConfig, seed: int, lr: float, tmp: Path, tag_name: str, mce: int,
-                mte: int) -> dict[str, Any]:
-    out = tmp / f"fedpeft-{tag_name}"
+                mte: int, backend: str = "ray") -> dict[str, Any]:
+    out = tmp / f"{side_name(backend)}-{tag_name}"
+    log = tmp / f"{side_name(backend)}-{tag_name}.log"
     env, tag = bench_env()
-    res = run_measured(fedpeft_cmd(pc, seed, lr, out, mce, mte), env=env, tag=tag, log=tmp / f"fedpeft-{tag_name}.log")
+    res = run_measured(fedpeft_cmd(pc, seed, lr, out, mce, mte, backend), env=env, tag=tag, log=log)
     if res["returncode"] != 0:
-        raise SystemExit(f"fedpeft run {tag_name} failed; log: {tmp / f'fedpeft-{tag_name}.log'}")
+        raise SystemExit(f"fedpeft run {tag_name} failed; log: {log}")
     doc = json.loads((out / "results.json").read_text())
     diagnostics = out / "diagnostics_NOT_COVERED_BY_DP.json"
     rounds = json.loads(diagnostics.read_text())["rounds"] if diagnostics.exists() else doc["rounds"]
@@ -203,6 +212,15 @@ def run_fedpeft(pc: PeerConfig, seed: int, lr: float, tmp: Path, tag_name: str, 
             "clients_sampled": [r["clients_sampled"] for r in rounds],
             "in_run_wall_s": doc["final"].get("wall_s"), "noise_multiplier": doc["final"].get("noise_multiplier"),
             "epsilon": doc["final"].get("epsilon"), "delta": doc["final"].get("delta")}
+
+
+def fedpeft_source() -> str:
+    """Where the fedpeft CLI's package comes from under the benchmark's environment (a worktree
+    on ``PYTHONPATH`` wins over the venv's install): which code was measured."""
+    env, _ = bench_env()
+    probe = subprocess.run([PYTHON, "-c", "import fedpeft; print(fedpeft.__file__)"], env=env,
+                           capture_output=True, text=True, check=False)
+    return probe.stdout.strip() or probe.stderr.strip()[-200:]
 
 
 def run_pfl(job: Path, tmp: Path, tag_name: str, workers: int) -> dict[str, Any]:
@@ -225,15 +243,42 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def summarise(fed: list[dict[str, Any]], pfl: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("wall_s", "tree_cpu_s", "peak_rss_gib", "peak_pss_gib", "final_accuracy")
-    out: dict[str, Any] = {"fedpeft_median": {k: _median(fed, k) for k in keys},
-                           "pfl_median": {k: _median(pfl, k) for k in keys}}
-    # per-repetition ratios (both sides of a repetition ran back to back), then their median
-    out["pfl_over_fedpeft_wall"] = statistics.median(p["wall_s"] / f["wall_s"] for f, p in zip(fed, pfl))
-    out["pfl_over_fedpeft_cpu"] = statistics.median(p["tree_cpu_s"] / f["tree_cpu_s"] for f, p in zip(fed, pfl))
-    out["pfl_over_fedpeft_rss"] = statistics.median(p["peak_rss_gib"] / f["peak_rss_gib"] for f, p in zip(fed, pfl))
-    out["load_average_1min"] = [r["load_average_before"][0] for r in fed + pfl]
+_KEYS = ("wall_s", "tree_cpu_s", "peak_rss_gib", "peak_pss_gib", "final_accuracy")
+
+
+def side_summary(fed: list[dict[str, Any]], pfl: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fedpeft side against pfl: medians, per-repetition ratios and issue #15's targets
+    (wall <= 0.75x pfl's, peak RSS <= pfl's, own max/min wall over the repetitions <= 1.2)."""
+    walls = [f["wall_s"] for f in fed]
+    # per-repetition ratios (the sides of a repetition ran back to back), then their median
+    over_pfl_wall = statistics.median(f["wall_s"] / p["wall_s"] for f, p in zip(fed, pfl))
+    over_pfl_rss = statistics.median(f["peak_rss_gib"] / p["peak_rss_gib"] for f, p in zip(fed, pfl))
+    spread = max(walls) / min(walls)
+    return {"median": {k: _median(fed, k) for k in _KEYS},
+            "pfl_over_fedpeft_wall": statistics.median(p["wall_s"] / f["wall_s"] for f, p in zip(fed, pfl)),
+            "pfl_over_fedpeft_cpu": statistics.median(p["tree_cpu_s"] / f["tree_cpu_s"] for f, p in zip(fed, pfl)),
+            "pfl_over_fedpeft_rss": statistics.median(p["peak_rss_gib"] / f["peak_rss_gib"] for f, p in zip(fed, pfl)),
+            "fedpeft_over_pfl_wall": over_pfl_wall, "fedpeft_over_pfl_rss": over_pfl_rss,
+            "wall_max_over_min": spread,
+            "targets_met": {"wall_le_0.75x_pfl": over_pfl_wall <= 0.75, "rss_le_pfl": over_pfl_rss <= 1.0,
+                            "spread_le_1.2": spread <= 1.2},
+            "load_average_1min": [r["load_average_before"][0] for r in fed]}
+
+
+def summarise(fed: list[dict[str, Any]], pfl: list[dict[str, Any]],
+              others: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """``fed``: the Ray-backend side (the fields of earlier runs keep their meaning); ``others``:
+    further fedpeft sides by name (``fedpeft-inprocess``), each summarised under its name."""
+    out: dict[str, Any] = {"pfl_median": {k: _median(pfl, k) for k in _KEYS}}
+    sides = {**({"fedpeft": fed} if fed else {}), **(others or {})}
+    for name, runs in sides.items():
+        s = side_summary(runs, pfl)
+        if name == "fedpeft":
+            out["fedpeft_median"] = s.pop("median")
+            out.update({k: s[k] for k in ("pfl_over_fedpeft_wall", "pfl_over_fedpeft_cpu", "pfl_over_fedpeft_rss")})
+        out[name] = s
+    out["pfl_wall_max_over_min"] = max(p["wall_s"] for p in pfl) / min(p["wall_s"] for p in pfl)
+    out["load_average_1min"] = [r["load_average_before"][0] for runs in [*sides.values(), pfl] for r in runs]
     return out
 
 
@@ -241,11 +286,15 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="A,B,C", help="comma-separated subset of A,B,C")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps-for", default="", help="per-config repetitions overriding --reps, e.g. C=2")
     ap.add_argument("--rounds", type=int, default=None, help="override every config's rounds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-client-examples", type=int, default=0, help="cap per client (0 = all; smoke tests)")
     ap.add_argument("--max-test-examples", type=int, default=2000, help="test split cap (default: fedpeft's)")
     ap.add_argument("--pfl-workers", type=int, default=2, help="torchrun processes (1 = one process, 2 threads)")
+    ap.add_argument("--fedpeft-backends", default="ray",
+                    help="comma-separated fedpeft sides: ray (Ray actors, fedpeft's default) and/or inprocess "
+                         "(one process, all cores); every side runs in every repetition")
     ap.add_argument("--quick", action="store_true", help="config A, 2 rounds, 1 repetition")
     ap.add_argument("--setup-venv", action="store_true", help="create/update the pfl venv and exit")
     ap.add_argument("--out", default=None)
@@ -259,6 +308,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.quick:
         args.configs, args.reps, args.rounds = "A", 1, args.rounds or 2
     names = [n.strip().upper() for n in args.configs.split(",") if n.strip()]
+    backends = [b.strip() for b in args.fedpeft_backends.split(",") if b.strip()]
+    reps_for = {k.strip().upper(): int(v) for k, v in (x.split("=") for x in args.reps_for.split(",") if x.strip())}
+    if not backends or not set(backends) <= {"ray", "inprocess"}:
+        raise SystemExit(f"--fedpeft-backends {args.fedpeft_backends!r}: allowed ray, inprocess")
     tmp = Path(tempfile.mkdtemp(prefix="fedpeft-pflpeer-"))
     results: dict[str, Any] = {}
     for name in names:
@@ -267,44 +320,67 @@ def main(argv: list[str] | None = None) -> Path | None:
         cdir = tmp / name
         cdir.mkdir()
         job = export_job(pc, args.seed, cdir, args.max_client_examples, args.max_test_examples)
-        fed_runs: list[dict[str, Any]] = []
+        runs: dict[str, list[dict[str, Any]]] = {side_name(b): [] for b in backends}
         pfl_runs: list[dict[str, Any]] = []
-        for rep in range(args.reps):
-            order = ("fedpeft", "pfl") if rep % 2 == 0 else ("pfl", "fedpeft")
+        sides = [*(side_name(b) for b in backends), "pfl"]
+        for rep in range(reps_for.get(name, args.reps)):
+            # each side takes each position in turn (two sides: they alternate, as before)
+            order = sides[rep % len(sides):] + sides[: rep % len(sides)]
             for side in order:
-                if side == "fedpeft":
+                if side != "pfl":
+                    backend = "ray" if side == "fedpeft" else side.removeprefix("fedpeft-")
                     r = run_fedpeft(pc, args.seed, job["lr"], cdir, str(rep), args.max_client_examples,
-                                    args.max_test_examples)
-                    fed_runs.append(r)
+                                    args.max_test_examples, backend)
+                    runs[side].append(r)
                 else:
                     r = run_pfl(cdir / "job.json", cdir, str(rep), args.pfl_workers)
                     pfl_runs.append(r)
-                print(f"[{name} rep {rep}] {side:7s}: {r['wall_s']:6.1f} s wall, {r['tree_cpu_s']:6.1f} CPU-s, "
+                print(f"[{name} rep {rep}] {side:17s}: {r['wall_s']:6.1f} s wall, {r['tree_cpu_s']:6.1f} CPU-s, "
                       f"{r['peak_rss_gib']:.2f} GiB RSS, accuracy {r['final_accuracy']:.4f} "
                       f"(load {r['load_average_before'][0]:.1f})", flush=True)
-        published = [c for c in fed_runs[0]["clients_sampled"] if c is not None]
+        fed_runs = runs.get("fedpeft", [])
+        first = next(iter(runs.values()))
+        published = [c for c in first[0]["clients_sampled"] if c is not None]
         same_cohorts = (published == job["cohort_sizes"]) if published else None
         if same_cohorts is False:
-            print(f"WARNING: fedpeft's cohorts {fed_runs[0]['clients_sampled']} differ from the exported "
+            print(f"WARNING: fedpeft's cohorts {first[0]['clients_sampled']} differ from the exported "
                   f"{job['cohort_sizes']} (did fedpeft's sampler change?)", flush=True)
         results[name] = {"config": {"clients": pc.clients, "expected_cohort": pc.cohort, "rounds": pc.rounds,
                                     "epsilon": pc.epsilon, "delta": pc.delta},
                          "job": job, "same_cohort_sizes_checked": same_cohorts,
-                         "fedpeft": fed_runs, "pfl": pfl_runs, "summary": summarise(fed_runs, pfl_runs)}
+                         **runs, "pfl": pfl_runs,
+                         "summary": summarise(fed_runs, pfl_runs, {k: v for k, v in runs.items() if k != "fedpeft"})}
+        if name != names[-1]:  # a long run keeps what it measured so far
+            write_result("pfl_peer", _payload(args, backends, reps_for, results, tmp), args.out, args.quick)
+    _print_summary(results)
+    return write_result("pfl_peer", _payload(args, backends, reps_for, results, tmp), args.out, args.quick)
+
+
+def _payload(args: argparse.Namespace, backends: list[str], reps_for: dict[str, int], results: dict[str, Any],
+             tmp: Path) -> dict[str, Any]:
     payload = {
         "what": "fedpeft simulate vs pfl-research (pfl 0.6.0, torchrun x2 gloo workers) on the same job: "
                 "MiniLM-L6 + LoRA r8 query,value + mean-pool head, fedpeft's partitions/cohorts/initial adapter, "
-                "end-to-end subprocesses back to back (order alternating per repetition)",
-        "pfl_workers": args.pfl_workers, "reps": args.reps, "configs": results,
-        "pfl_venv": str(PFL_VENV), "fedpeft_cli": FEDPEFT, "logs": str(tmp),
+                "end-to-end subprocesses back to back (the sides take turns going first); side 'fedpeft' = the Ray "
+                "backend (fedpeft's default), 'fedpeft-inprocess' = --backend inprocess (one process, all cores)",
+        "pfl_workers": args.pfl_workers, "reps": args.reps, "reps_for": reps_for, "fedpeft_backends": backends,
+        "configs": results,
+        "pfl_venv": str(PFL_VENV), "fedpeft_cli": FEDPEFT, "fedpeft_source": fedpeft_source(), "logs": str(tmp),
     }
+    return payload
+
+
+def _print_summary(results: dict[str, Any]) -> None:
     for name, r in results.items():
         s = r["summary"]
-        print(f"{name}: fedpeft {s['fedpeft_median']['wall_s']:.1f} s / acc {s['fedpeft_median']['final_accuracy']:.3f}; "
-              f"pfl {s['pfl_median']['wall_s']:.1f} s / acc {s['pfl_median']['final_accuracy']:.3f}; "
-              f"pfl/fedpeft wall {s['pfl_over_fedpeft_wall']:.2f}, CPU {s['pfl_over_fedpeft_cpu']:.2f}, "
-              f"RSS {s['pfl_over_fedpeft_rss']:.2f}")
-    return write_result("pfl_peer", payload, args.out, args.quick)
+        print(f"{name}: pfl {s['pfl_median']['wall_s']:.1f} s / acc {s['pfl_median']['final_accuracy']:.3f}")
+        for side in (k for k in s if k == "fedpeft" or k.startswith("fedpeft-")):
+            t = s[side]
+            med = s["fedpeft_median"] if side == "fedpeft" else t["median"]
+            print(f"  {side}: {med['wall_s']:.1f} s / acc {med['final_accuracy']:.3f}; "
+                  f"pfl/fedpeft wall {t['pfl_over_fedpeft_wall']:.2f}, CPU {t['pfl_over_fedpeft_cpu']:.2f}, "
+                  f"RSS {t['pfl_over_fedpeft_rss']:.2f}; own max/min {t['wall_max_over_min']:.2f}; "
+                  f"targets {t['targets_met']}")
 
 
 if __name__ == "__main__":

@@ -87,15 +87,30 @@ def rows(d: Path) -> list[tuple[str, str, str, str, str]]:
     if (pp := _load(d, "pfl_peer")):
         for name, cfg in pp["configs"].items():
             s, c = cfg["summary"], cfg["config"]
-            f, p = s["fedpeft_median"], s["pfl_median"]
+            p = s["pfl_median"]
             dp = f", ε {c['epsilon']:g}" if c.get("epsilon") else ""
-            reps = len(cfg["fedpeft"])
-            out.append((f"8{name}. pfl-research / fedpeft wall ({c['clients']} clients, cohort {c['expected_cohort']}, "
-                        f"{c['rounds']} rounds{dp}; {reps} rep{'s' if reps > 1 else ''})", "(report)",
-                        f"{s['pfl_over_fedpeft_wall']:.2f} (pfl {p['wall_s']:.0f} s vs fedpeft {f['wall_s']:.0f} s; "
-                        f"CPU-s {s['pfl_over_fedpeft_cpu']:.2f}, RSS {p['peak_rss_gib']:.2f} vs {f['peak_rss_gib']:.2f} GiB; "
-                        f"accuracy {p['final_accuracy']:.3f} vs {f['final_accuracy']:.3f})", "—",
-                        "–".join(f"{x:.1f}" for x in (min(s["load_average_1min"]), max(s["load_average_1min"])))))
+            if "fedpeft_median" in s:  # the Ray-backend side
+                f, reps = s["fedpeft_median"], len(cfg["fedpeft"])
+                out.append((f"8{name}. pfl-research / fedpeft wall ({c['clients']} clients, cohort {c['expected_cohort']}, "
+                          f"{c['rounds']} rounds{dp}; {reps} rep{'s' if reps > 1 else ''})", "(report)",
+                          f"{s['pfl_over_fedpeft_wall']:.2f} (pfl {p['wall_s']:.0f} s vs fedpeft {f['wall_s']:.0f} s; "
+                          f"CPU-s {s['pfl_over_fedpeft_cpu']:.2f}, RSS {p['peak_rss_gib']:.2f} vs {f['peak_rss_gib']:.2f} GiB; "
+                          f"accuracy {p['final_accuracy']:.3f} vs {f['final_accuracy']:.3f})", "—",
+                          "–".join(f"{x:.1f}" for x in (min(s["load_average_1min"]), max(s["load_average_1min"])))))
+            for side in (k for k in s if k.startswith("fedpeft-")):  # further fedpeft sides (--backend)
+                t, m = s[side], s[side]["median"]
+                met = t["targets_met"]
+                out.append((f"8{name}. fedpeft {side.removeprefix('fedpeft-')} / pfl-research wall, same run "
+                            f"({len(cfg[side])} rep{'s' if len(cfg[side]) > 1 else ''})",
+                            "≤ 0.75; RSS ≤ pfl; own max/min ≤ 1.2",
+                            f"{t['fedpeft_over_pfl_wall']:.2f} ({m['wall_s']:.0f} s vs pfl {p['wall_s']:.0f} s; CPU-s "
+                            f"{m['tree_cpu_s']:.0f} vs {p['tree_cpu_s']:.0f}; RSS {m['peak_rss_gib']:.2f} vs "
+                            f"{p['peak_rss_gib']:.2f} GiB; max/min {t['wall_max_over_min']:.2f} (pfl "
+                            f"{s['pfl_wall_max_over_min']:.2f}); accuracy {m['final_accuracy']:.3f} vs "
+                            f"{p['final_accuracy']:.3f})",
+                            "/".join("yes" if met[k] else "no" for k in ("wall_le_0.75x_pfl", "rss_le_pfl",
+                                                                          "spread_le_1.2")),
+                            "–".join(f"{x:.1f}" for x in (min(t["load_average_1min"]), max(t["load_average_1min"])))))
     if (ds := _load(d, "deploy_startup")):
         dep = ds["deployment"]
         if "warm" in dep:

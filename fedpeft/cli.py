@@ -21,6 +21,10 @@ from rich.table import Table
 from fedpeft.errors import UsageError
 from fedpeft.registry import declared_names
 from fedpeft.results import FinalRecord, ResultsWriter, RoundRecord
+from fedpeft.threads import passive_omp_wait
+
+# before anything imports torch: libgomp reads it once, when torch loads it (fedpeft/threads.py)
+passive_omp_wait()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Federated, differentially private fine-tuning of PEFT adapters.")

@@ -30,6 +30,7 @@ from flwr.common import log
 from fedpeft.config import RunConfig
 from fedpeft.federation.message_timing import PhaseClock, log_level
 from fedpeft.federation.messages import CLIENT_ID_KEY
+from fedpeft.threads import client_threads
 
 app = ClientApp()
 
@@ -79,7 +80,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     config = msg.content["config"]
     cfg = RunConfig.from_flat(dict(config))
-    torch.set_num_threads(max(1, int(cfg.cpus_per_client)))
+    torch.set_num_threads(client_threads(cfg))
     ev = evaluate_shard(get_workspace(cfg), from_record(msg.content["arrays"]),
                         (int(config[SHARD_KEY]), int(config[SHARDS_KEY])))
     metrics = MetricRecord({"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples})
@@ -112,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
     clock.lap("imports")
     config = msg.content["config"]
     cfg = RunConfig.from_flat(dict(config))
-    torch.set_num_threads(max(1, int(cfg.cpus_per_client)))
+    torch.set_num_threads(client_threads(cfg))
     client_id, num_partitions = _identity(context, config)
     cfg, part_index, part_count = node_data(cfg, context.node_config, client_id, num_partitions)
     check_dropout(cfg, int(config["server-round"]), client_id)

@@ -72,3 +72,37 @@ def test_eval_every_skips_intermediate_rounds(tmp_path):
     _, out = _run(tmp_path, "ev", clients=4, cohort=4, rounds=3, eval_every=2)
     assert [r.eval_accuracy is not None for r in out.rounds] == [False, True, True]
     assert out.final.accuracy == out.rounds[-1].eval_accuracy
+
+
+def test_inprocess_clients_and_evaluation_use_every_core_of_the_process(tmp_path, monkeypatch):
+    """In process nothing else trains beside the client: it (and the central evaluation after
+    it) gets the process' cores, not the 1 thread a Ray actor reserves (cpus_per_client)."""
+    import os
+
+    import torch
+
+    import fedpeft.federation.central_eval as central_eval
+    import fedpeft.federation.client as client
+
+    seen: dict[str, list[int]] = {"train": [], "eval": []}
+    train, evaluate = client.train_client, central_eval.evaluate
+
+    def spy_train(*a, **kw):
+        seen["train"].append(torch.get_num_threads())
+        return train(*a, **kw)
+
+    def spy_eval(*a, **kw):
+        seen["eval"].append(torch.get_num_threads())
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(client, "train_client", spy_train)
+    monkeypatch.setattr(central_eval, "evaluate", spy_eval)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _run(tmp_path, "threads", clients=4, cohort=4, rounds=2, cpus_per_client=1.0)
+    finally:
+        torch.set_num_threads(before)
+    cores = len(os.sched_getaffinity(0))
+    assert len(seen["train"]) >= 4 and len(seen["eval"]) == 2
+    assert set(seen["train"]) == {cores} and set(seen["eval"]) == {cores}

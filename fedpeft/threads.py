@@ -1,0 +1,45 @@
+"""How many torch threads a ClientApp message gets, and idle torch threads that do not spin.
+
+* A client in a Ray actor (or a SuperNode's process) shares the machine with the other
+  actors: it gets ``cpus_per_client`` threads, the CPUs Ray reserved for it.
+* A client that runs inside the driver (``--backend inprocess``: clients one after another,
+  then the central evaluation, in one process) has the process' cores to itself: it gets all
+  of them (``os.sched_getaffinity``), and so does the evaluation after it.
+
+torch's OpenMP runtime (libgomp) by default keeps idle threads spinning at every barrier; when
+another process holds one of the two cores of a shared machine, a 2-thread op then waits for a
+thread that is not running while its partner burns the other core: measured on the 2-core
+host under one competing process, 4 clients' training took 41–118 s with 2 spinning threads,
+12–14 s with 2 passive ones and 11–12 s with 1 (benchmarks/README.md, peer benchmark).
+:func:`passive_omp_wait` makes idle threads sleep; libgomp reads the setting when torch is
+loaded, so the CLI calls it before anything imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fedpeft.config import RunConfig
+
+WAIT_POLICY_VAR = "OMP_WAIT_POLICY"
+
+
+def passive_omp_wait() -> None:
+    """Idle OpenMP threads sleep instead of spinning (a user's own setting wins). Effective
+    only before torch is imported in this process; inherited by its subprocesses."""
+    os.environ.setdefault(WAIT_POLICY_VAR, "PASSIVE")
+
+
+def process_cores() -> int:
+    """CPUs this process may run on (its affinity mask; ``cpu_count`` where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def client_threads(cfg: RunConfig) -> int:
+    """torch threads for one client (or evaluation) message of ``cfg``'s run."""
+    if cfg.backend == "inprocess":
+        return process_cores()
+    return max(1, int(cfg.cpus_per_client))
