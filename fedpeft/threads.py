@@ -4,7 +4,9 @@
   actors: it gets ``cpus_per_client`` threads, the CPUs Ray reserved for it.
 * A client that runs inside the driver (``--backend inprocess``: clients one after another,
   then the central evaluation, in one process) has the process' cores to itself: it gets all
-  of them (``os.sched_getaffinity``), and so does the evaluation after it.
+  of them (``os.sched_getaffinity``), and so does the evaluation after it. The in-process grid
+  says so in the node config it gives each message (:data:`IN_PROCESS_KEY`); the run's
+  ``backend`` setting is server-only and never reaches a client.
 
 torch's OpenMP runtime (libgomp) by default keeps idle threads spinning at every barrier; when
 another process holds one of the two cores of a shared machine, a 2-thread op then waits for a
@@ -19,9 +21,14 @@ from __future__ import annotations
 
 import os
 
+from collections.abc import Mapping
+from typing import Any
+
 from fedpeft.config import RunConfig
 
 WAIT_POLICY_VAR = "OMP_WAIT_POLICY"
+#: node-config key the in-process grid sets: this client runs alone inside the driver process
+IN_PROCESS_KEY = "in-process"
 
 
 def passive_omp_wait() -> None:
@@ -38,8 +45,9 @@ def process_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def client_threads(cfg: RunConfig) -> int:
-    """torch threads for one client (or evaluation) message of ``cfg``'s run."""
-    if cfg.backend == "inprocess":
+def client_threads(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
+    """torch threads for one client (or evaluation) message of ``cfg``'s run on a node with
+    ``node_config``: every core in process, else the CPUs reserved per client."""
+    if node_config.get(IN_PROCESS_KEY):
         return process_cores()
     return max(1, int(cfg.cpus_per_client))

@@ -9,17 +9,32 @@ import sys
 import pytest
 
 from fedpeft.config import RunConfig
-from fedpeft.threads import client_threads, process_cores
+from fedpeft.threads import IN_PROCESS_KEY, client_threads, process_cores
 
 
 @pytest.mark.parametrize("cpus, expected", [(1.0, 1), (2.0, 2), (0.5, 1), (3.7, 3)])
 def test_a_ray_or_deployed_client_gets_the_cpus_reserved_for_it(cpus, expected):
-    assert client_threads(RunConfig(backend="ray", cpus_per_client=cpus)) == expected
+    assert client_threads(RunConfig(cpus_per_client=cpus), {"partition-id": 3, "num-partitions": 10}) == expected
 
 
 def test_an_inprocess_client_gets_every_core_of_the_process():
     assert process_cores() == len(os.sched_getaffinity(0))
-    assert client_threads(RunConfig(backend="inprocess", cpus_per_client=1.0)) == len(os.sched_getaffinity(0))
+    node = {"partition-id": 3, "num-partitions": 10, IN_PROCESS_KEY: True}
+    assert client_threads(RunConfig(cpus_per_client=1.0), node) == len(os.sched_getaffinity(0))
+
+
+def test_only_the_inprocess_grid_marks_its_nodes():
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fedpeft.federation.client_app import app
+    from fedpeft.federation.messages import CLIENT_ID_KEY
+    from fedpeft.federation.virtual_grid import InProcessGrid, VirtualClientGrid
+
+    grid = InProcessGrid(app, 5)  # sets the task identity a Message needs
+    msg = Message(RecordDict({"config": ConfigRecord({CLIENT_ID_KEY: 2})}), dst_node_id=1,
+                  message_type=MessageType.TRAIN)
+    assert grid.context_for(msg).node_config[IN_PROCESS_KEY] is True
+    assert IN_PROCESS_KEY not in VirtualClientGrid.node_extra  # Ray actors: cpus_per_client
 
 
 def _cli_env(**extra: str) -> dict[str, str]:

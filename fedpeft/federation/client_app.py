@@ -80,7 +80,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     config = msg.content["config"]
     cfg = RunConfig.from_flat(dict(config))
-    torch.set_num_threads(client_threads(cfg))
+    torch.set_num_threads(client_threads(cfg, context.node_config))
     ev = evaluate_shard(get_workspace(cfg), from_record(msg.content["arrays"]),
                         (int(config[SHARD_KEY]), int(config[SHARDS_KEY])))
     metrics = MetricRecord({"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples})
@@ -113,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
     clock.lap("imports")
     config = msg.content["config"]
     cfg = RunConfig.from_flat(dict(config))
-    torch.set_num_threads(client_threads(cfg))
+    torch.set_num_threads(client_threads(cfg, context.node_config))
     client_id, num_partitions = _identity(context, config)
     cfg, part_index, part_count = node_data(cfg, context.node_config, client_id, num_partitions)
     check_dropout(cfg, int(config["server-round"]), client_id)

@@ -24,7 +24,7 @@ import traceback
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, ClassVar
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
@@ -35,6 +35,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.sampling import WorkerPool
+from fedpeft.threads import IN_PROCESS_KEY
 
 #: Flower's error code for "the ClientApp raised"
 _CLIENT_EXCEPTION = 2
@@ -119,6 +120,9 @@ class InMemoryGrid(Grid):
 class VirtualClientGrid(InMemoryGrid):
     """A Grid of ``num_workers`` worker nodes serving ``num_clients`` logical clients."""
 
+    #: node config every message gets besides the client's identity
+    node_extra: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, client_app: ClientApp | None, num_clients: int, num_workers: int,
                  run_id: int = 1) -> None:
         if num_workers < 1:
@@ -143,7 +147,7 @@ class VirtualClientGrid(InMemoryGrid):
         config = msg.content["config"] if "config" in msg.content else {}
         if msg.metadata.message_type == MessageType.EVALUATE:  # central evaluation: no client
             return Context(run_id=self._run.run_id, node_id=msg.metadata.dst_node_id,
-                           node_config={"partition-id": -1, "num-partitions": self.num_clients},
+                           node_config={"partition-id": -1, "num-partitions": self.num_clients, **self.node_extra},
                            state=RecordDict(), run_config={})
         if CLIENT_ID_KEY not in config:
             raise ValueError(f"a {msg.metadata.message_type} message without '{CLIENT_ID_KEY}': a "
@@ -152,13 +156,17 @@ class VirtualClientGrid(InMemoryGrid):
         if not 0 <= client < self.num_clients:
             raise ValueError(f"client id {client} outside 0..{self.num_clients - 1}")
         return Context(run_id=self._run.run_id, node_id=msg.metadata.dst_node_id,
-                       node_config={"partition-id": client, "num-partitions": self.num_clients},
+                       node_config={"partition-id": client, "num-partitions": self.num_clients,
+                                    **self.node_extra},
                        state=RecordDict(), run_config={})
 
 
 class InProcessGrid(VirtualClientGrid):
     """Every message runs in this process, one after another (no Ray); ``num_workers`` only
-    names more worker nodes (tests of routing and sharded evaluation)."""
+    names more worker nodes (tests of routing and sharded evaluation). Its clients run alone
+    in this process: they (and evaluation) get every core (:mod:`fedpeft.threads`)."""
+
+    node_extra = {IN_PROCESS_KEY: True}
 
     def __init__(self, client_app: ClientApp, num_clients: int, num_workers: int = 1) -> None:
         super().__init__(client_app, num_clients, num_workers=num_workers)
