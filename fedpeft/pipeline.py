@@ -86,6 +86,9 @@ class Stage:
     #: True when :meth:`on_server` releases a combination of the cohort instead of the
     #: clients' own updates (central DP); strategies that need individual updates refuse it.
     combines_updates: ClassVar[bool] = False
+    #: For a stage that combines updates: the setting that keeps them individual instead,
+    #: offered when a strategy that needs them is refused (e.g. ``--dp sample``).
+    keeps_updates_instead: ClassVar[str] = ""
     #: The client training procedure this stage needs (``fedpeft.federation.client``'s
     #: ``TRAINING_MODES``), or None.
     training: ClassVar[str | None] = None
@@ -212,7 +215,8 @@ class Pipeline:
         return "client: " + " → ".join(client) + " | server: " + " → ".join(server)
 
     def state_dict(self) -> dict[str, Any]:
-        return {s.name: s.state_dict() for s in self.stages if s.state_dict()}
+        states = {s.name: s.state_dict() for s in self.stages}
+        return {name: state for name, state in states.items() if state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = set(state) - {s.name for s in self.stages}
@@ -237,7 +241,7 @@ def refusals(cfg: RunConfig, strategy: type[FedPeftStrategy]) -> str | None:
         if stage.combines_updates and strategy.needs_individual_updates:
             return (f"--strategy {cfg.strategy} needs every client's individual update, which the "
                     f"{stage.name} stage combines before aggregation; allowed: a strategy such as fedavg"
-                    + (", or --dp sample" if stage.training is None and cfg.dp == "user" else ""))
+                    + (f", or {stage.keeps_updates_instead}" if stage.keeps_updates_instead else ""))
     return None
 
 

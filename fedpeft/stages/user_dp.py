@@ -78,6 +78,7 @@ class UserLevelDP(Stage):
     options = (positive("clip"), Option("target_quantile", lambda v: 0 < v < 1, "a number in (0, 1)"),
                positive("clip_lr"))
     combines_updates = True
+    keeps_updates_instead = "--dp sample"
     sides = ("server",)
 
     def __init__(self, noise_multiplier: float, clip: float, expected_cohort: float,
