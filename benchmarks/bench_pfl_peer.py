@@ -253,15 +253,20 @@ def side_summary(fed: list[dict[str, Any]], pfl: list[dict[str, Any]]) -> dict[s
     # per-repetition ratios (the sides of a repetition ran back to back), then their median
     over_pfl_wall = statistics.median(f["wall_s"] / p["wall_s"] for f, p in zip(fed, pfl))
     over_pfl_rss = statistics.median(f["peak_rss_gib"] / p["peak_rss_gib"] for f, p in zip(fed, pfl))
+    # PSS charges a page shared by k processes 1/k to each: the process tree's real memory.
+    # Summed RSS counts it k times, so it overstates a forked pool (--backend processes),
+    # whose workers share the driver's model pages, and pfl's workers' shared libraries alike
+    over_pfl_pss = statistics.median(f["peak_pss_gib"] / p["peak_pss_gib"] for f, p in zip(fed, pfl))
     spread = max(walls) / min(walls)
     return {"median": {k: _median(fed, k) for k in _KEYS},
             "pfl_over_fedpeft_wall": statistics.median(p["wall_s"] / f["wall_s"] for f, p in zip(fed, pfl)),
             "pfl_over_fedpeft_cpu": statistics.median(p["tree_cpu_s"] / f["tree_cpu_s"] for f, p in zip(fed, pfl)),
             "pfl_over_fedpeft_rss": statistics.median(p["peak_rss_gib"] / f["peak_rss_gib"] for f, p in zip(fed, pfl)),
             "fedpeft_over_pfl_wall": over_pfl_wall, "fedpeft_over_pfl_rss": over_pfl_rss,
+            "fedpeft_over_pfl_pss": over_pfl_pss,
             "wall_max_over_min": spread,
             "targets_met": {"wall_le_0.75x_pfl": over_pfl_wall <= 0.75, "rss_le_pfl": over_pfl_rss <= 1.0,
-                            "spread_le_1.2": spread <= 1.2},
+                            "pss_le_pfl": over_pfl_pss <= 1.0, "spread_le_1.2": spread <= 1.2},
             "load_average_1min": [r["load_average_before"][0] for r in fed]}
 
 
@@ -293,8 +298,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     ap.add_argument("--max-test-examples", type=int, default=2000, help="test split cap (default: fedpeft's)")
     ap.add_argument("--pfl-workers", type=int, default=2, help="torchrun processes (1 = one process, 2 threads)")
     ap.add_argument("--fedpeft-backends", default="ray",
-                    help="comma-separated fedpeft sides: ray (Ray actors, fedpeft's default) and/or inprocess "
-                         "(one process, all cores); every side runs in every repetition")
+                    help="comma-separated fedpeft sides: ray (Ray actors, fedpeft's default), processes (forked "
+                         "workers sharing one model) and/or inprocess (one process, all cores); every side runs "
+                         "in every repetition")
     ap.add_argument("--quick", action="store_true", help="config A, 2 rounds, 1 repetition")
     ap.add_argument("--setup-venv", action="store_true", help="create/update the pfl venv and exit")
     ap.add_argument("--out", default=None)
@@ -310,8 +316,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     names = [n.strip().upper() for n in args.configs.split(",") if n.strip()]
     backends = [b.strip() for b in args.fedpeft_backends.split(",") if b.strip()]
     reps_for = {k.strip().upper(): int(v) for k, v in (x.split("=") for x in args.reps_for.split(",") if x.strip())}
-    if not backends or not set(backends) <= {"ray", "inprocess"}:
-        raise SystemExit(f"--fedpeft-backends {args.fedpeft_backends!r}: allowed ray, inprocess")
+    if not backends or not set(backends) <= {"ray", "inprocess", "processes"}:
+        raise SystemExit(f"--fedpeft-backends {args.fedpeft_backends!r}: allowed ray, inprocess, processes")
     tmp = Path(tempfile.mkdtemp(prefix="fedpeft-pflpeer-"))
     results: dict[str, Any] = {}
     for name in names:
@@ -362,7 +368,8 @@ def _payload(args: argparse.Namespace, backends: list[str], reps_for: dict[str, 
         "what": "fedpeft simulate vs pfl-research (pfl 0.6.0, torchrun x2 gloo workers) on the same job: "
                 "MiniLM-L6 + LoRA r8 query,value + mean-pool head, fedpeft's partitions/cohorts/initial adapter, "
                 "end-to-end subprocesses back to back (the sides take turns going first); side 'fedpeft' = the Ray "
-                "backend (fedpeft's default), 'fedpeft-inprocess' = --backend inprocess (one process, all cores)",
+                "backend (fedpeft's default), 'fedpeft-inprocess' = --backend inprocess (one process, all cores), "
+                "'fedpeft-processes' = --backend processes (forked workers sharing the driver's model)",
         "pfl_workers": args.pfl_workers, "reps": args.reps, "reps_for": reps_for, "fedpeft_backends": backends,
         "configs": results,
         "pfl_venv": str(PFL_VENV), "fedpeft_cli": FEDPEFT, "fedpeft_source": fedpeft_source(), "logs": str(tmp),
@@ -379,7 +386,7 @@ def _print_summary(results: dict[str, Any]) -> None:
             med = s["fedpeft_median"] if side == "fedpeft" else t["median"]
             print(f"  {side}: {med['wall_s']:.1f} s / acc {med['final_accuracy']:.3f}; "
                   f"pfl/fedpeft wall {t['pfl_over_fedpeft_wall']:.2f}, CPU {t['pfl_over_fedpeft_cpu']:.2f}, "
-                  f"RSS {t['pfl_over_fedpeft_rss']:.2f}; own max/min {t['wall_max_over_min']:.2f}; "
+                  f"RSS {t['pfl_over_fedpeft_rss']:.2f}, PSS 1/{t['fedpeft_over_pfl_pss']:.2f}; own max/min {t['wall_max_over_min']:.2f}; "
                   f"targets {t['targets_met']}")
 
 

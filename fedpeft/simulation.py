@@ -52,6 +52,27 @@ def _inprocess(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
     return run_federation(grid, cfg, reporters, resume, roster=grid.roster())
 
 
+@BACKENDS.register("processes")
+def _processes(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
+               resume: Checkpoint | None) -> RunOutcome:
+    """A pool of forked worker processes on this machine, one per ``cpus_per_client`` cores,
+    sharing the driver's one copy of the model (``federation/process_pool.py``)."""
+    from fedpeft.federation.central_eval import sharded_evaluator
+    from fedpeft.federation.client_app import app as client_app
+    from fedpeft.federation.process_pool import ProcessPoolGrid
+    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.threads import process_cores
+
+    get_workspace(cfg)  # built once, here, and inherited by every worker
+    workers = max(1, int(process_cores() // cfg.cpus_per_client))
+    grid = ProcessPoolGrid(client_app, cfg.clients, workers)
+    evaluator = (lambda ws: sharded_evaluator(grid, cfg, ws, cfg.round_timeout)) if workers > 1 else None
+    try:
+        return run_federation(grid, cfg, reporters, resume, roster=grid.roster(), evaluator=evaluator)
+    finally:
+        grid.close()
+
+
 def ray_backend_config(cfg: RunConfig, verbose: bool) -> dict:
     """Flower Ray-backend settings: one actor per ``cpus_per_client`` CPUs of the cluster."""
     address = ray_address(cfg)

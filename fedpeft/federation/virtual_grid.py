@@ -172,21 +172,14 @@ class InProcessGrid(VirtualClientGrid):
         super().__init__(client_app, num_clients, num_workers=num_workers)
 
 
-class RayGrid(VirtualClientGrid):
-    """Messages run on Flower's Ray backend: an actor pool sized by the cluster's resources
-    (``client_resources``), each actor keeping one workspace for every client it serves."""
+class PooledGrid(VirtualClientGrid):
+    """Messages run concurrently on a pool of workers, one dispatch thread per worker; a round
+    that stops waiting (``timeout``) drops the late replies. Subclasses say how one message
+    runs on a worker (:meth:`_execute`)."""
 
-    def __init__(self, client_app: ClientApp, num_clients: int, backend_config: dict[str, Any]) -> None:
-        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
-        self._backend = RayBackend(backend_config)
-        self._backend.build(_app_factory(client_app))
-        workers = self._backend.num_workers
-        if workers < 1:
-            raise RuntimeError(f"the Ray cluster has no room for one client "
-                               f"(client_resources {backend_config.get('client_resources')})")
-        super().__init__(None, num_clients, num_workers=workers)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedpeft-client")
+    def __init__(self, num_clients: int, num_workers: int) -> None:
+        super().__init__(None, num_clients, num_workers=num_workers)
+        self._executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="fedpeft-client")
         self._futures: dict[str, Future[None]] = {}
         #: ids of messages whose round stopped waiting: their late replies are dropped
         self._abandoned: set[str] = set()
@@ -195,12 +188,16 @@ class RayGrid(VirtualClientGrid):
     def num_workers(self) -> int:
         return len(self._workers)
 
+    @abstractmethod
+    def _execute(self, msg: Message, context: Context) -> Message:
+        """Run ``msg`` in ``context`` on a free worker; its reply (raise on failure)."""
+
     def _submit(self, mid: str, msg: Message) -> None:
         self._futures[mid] = self._executor.submit(self._run_one, mid, msg)
 
     def _run_one(self, mid: str, msg: Message) -> None:
         try:
-            reply, _ = self._backend.process_message(msg, self.context_for(msg))
+            reply = self._execute(msg, self.context_for(msg))
         except Exception as exc:  # noqa: BLE001 - a failing client is a reply with an error
             reply = self._error_reply(msg, exc)
         reply.metadata.__dict__["_message_id"] = str(uuid4())
@@ -227,6 +224,29 @@ class RayGrid(VirtualClientGrid):
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RayGrid(PooledGrid):
+    """Messages run on Flower's Ray backend: an actor pool sized by the cluster's resources
+    (``client_resources``), each actor keeping one workspace for every client it serves."""
+
+    def __init__(self, client_app: ClientApp, num_clients: int, backend_config: dict[str, Any]) -> None:
+        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+        self._backend = RayBackend(backend_config)
+        self._backend.build(_app_factory(client_app))
+        workers = self._backend.num_workers
+        if workers < 1:
+            raise RuntimeError(f"the Ray cluster has no room for one client "
+                               f"(client_resources {backend_config.get('client_resources')})")
+        super().__init__(num_clients, workers)
+
+    def _execute(self, msg: Message, context: Context) -> Message:
+        reply, _ = self._backend.process_message(msg, context)
+        return reply
+
+    def close(self) -> None:
+        super().close()
         self._backend.terminate()
 
 

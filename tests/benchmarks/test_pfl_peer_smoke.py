@@ -50,12 +50,14 @@ def test_pfl_peer_quick_runs_both_sides_on_the_same_job(tmp_path):
 
 def test_side_summary_ratios_and_targets_from_known_runs():
     peer = _load("bench_pfl_peer")
-    run = lambda wall, cpu, rss: {"wall_s": wall, "tree_cpu_s": cpu, "peak_rss_gib": rss,  # noqa: E731
-                                  "peak_pss_gib": rss, "final_accuracy": 0.7, "load_average_before": [1.0, 1.0, 1.0]}
-    pfl = [run(100, 120, 1.8), run(100, 120, 1.8), run(110, 130, 1.8)]
+    run = lambda wall, cpu, rss, pss=None: {  # noqa: E731
+        "wall_s": wall, "tree_cpu_s": cpu, "peak_rss_gib": rss, "peak_pss_gib": rss if pss is None else pss,
+        "final_accuracy": 0.7, "load_average_before": [1.0, 1.0, 1.0]}
+    pfl = [run(100, 120, 1.8, 1.6), run(100, 120, 1.8, 1.6), run(110, 130, 1.8, 1.6)]
     ray = [run(150, 130, 3.5), run(160, 130, 3.5), run(140, 130, 3.5)]
     fast = [run(70, 100, 1.1), run(80, 100, 1.1), run(77, 100, 1.1)]
-    s = peer.summarise(ray, pfl, {"fedpeft-inprocess": fast})
+    forked = [run(70, 100, 2.4, 1.3)] * 3  # summed RSS counts the shared model pages per worker
+    s = peer.summarise(ray, pfl, {"fedpeft-inprocess": fast, "fedpeft-processes": forked})
     # the Ray side keeps the fields of earlier result files
     assert s["fedpeft_median"]["wall_s"] == 150 and s["pfl_median"]["wall_s"] == 100
     assert s["pfl_over_fedpeft_wall"] == pytest.approx(100 / 150)
@@ -64,6 +66,11 @@ def test_side_summary_ratios_and_targets_from_known_runs():
     assert t["fedpeft_over_pfl_wall"] == pytest.approx(0.70)
     assert t["fedpeft_over_pfl_rss"] == pytest.approx(1.1 / 1.8)
     assert t["wall_max_over_min"] == pytest.approx(80 / 70)
-    assert t["targets_met"] == {"wall_le_0.75x_pfl": True, "rss_le_pfl": True, "spread_le_1.2": True}
-    assert s["fedpeft"]["targets_met"] == {"wall_le_0.75x_pfl": False, "rss_le_pfl": False, "spread_le_1.2": True}
+    assert t["targets_met"] == {"wall_le_0.75x_pfl": True, "rss_le_pfl": True, "pss_le_pfl": True,
+                                "spread_le_1.2": True}
+    assert s["fedpeft"]["targets_met"] == {"wall_le_0.75x_pfl": False, "rss_le_pfl": False, "pss_le_pfl": False,
+                                           "spread_le_1.2": True}
+    f = s["fedpeft-processes"]
+    assert f["fedpeft_over_pfl_rss"] == pytest.approx(2.4 / 1.8) and f["fedpeft_over_pfl_pss"] == pytest.approx(1.3 / 1.6)
+    assert f["targets_met"]["rss_le_pfl"] is False and f["targets_met"]["pss_le_pfl"] is True
     assert s["pfl_wall_max_over_min"] == pytest.approx(1.1)
