@@ -12,7 +12,11 @@ from functools import lru_cache
 
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+from fedpeft.data.lazy_plots import defer_flwr_datasets_plots
+
+defer_flwr_datasets_plots()
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner  # noqa: E402
 
 from fedpeft.registry import Registry
 

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +24,7 @@ from fedpeft.data.token_cache import cached_tokenize, tokenizer_identity
 from fedpeft.data.tokenized import TokenizedSplit
 from fedpeft.model.feature_head import FeatureClassifier, head_dropout
 from fedpeft.model.loading import load_classifier, load_tokenizer, resolve_model_path
+from fedpeft.model.packing import enable_packing
 
 # RunConfig fields that change what the workspace holds
 _KEY_FIELDS = ("model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
@@ -48,6 +50,8 @@ class Workspace:
     build_timings: dict[str, float] = field(default_factory=dict)
     #: 1 for the first workspace this process built, 2 for the next, ...
     build_number: int = 0
+    #: non-private training batches are packed (no padding tokens; fedpeft.model.packing)
+    packed: bool = False
 
     def partitions(self, scheme: str, num_partitions: int, dirichlet_alpha: float, seed: int) -> Partitions:
         key = (scheme, num_partitions, dirichlet_alpha)
@@ -117,12 +121,22 @@ def _build(cfg: RunConfig) -> Workspace:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t3 = time.perf_counter()
     timings["model"] = t3 - t2
+    packed = False
     if adapter.frozen_encoder:
         model, train, test = _frozen_features(cfg, model, train, test, int(pad_id))
         timings["features"] = time.perf_counter() - t3
+    elif len(train):
+        probe = np.arange(min(PACKING_PROBE, len(train)))
+        packed = enable_packing(model, [train.input_ids[i] for i in probe], train.labels[probe])
+        timings["packing-check"] = time.perf_counter() - t3
     return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,
                      test=test, initial_state=adapter.trainable_state(model),
-                     frozen_base=adapted_base_weights(model), _partitions={}, build_timings=timings)
+                     frozen_base=adapted_base_weights(model), _partitions={}, build_timings=timings,
+                     packed=packed)
+
+
+#: training rows the packed forward is checked on against the padded one
+PACKING_PROBE = 8
 
 
 FEATURE_BATCH = 64

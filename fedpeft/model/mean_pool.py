@@ -47,13 +47,18 @@ class MeanPoolClassifier(nn.Module):
         self.classifier = nn.Linear(self.config.hidden_size, num_labels)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs: Any) -> SequenceClassifierOutput:
+                labels: torch.Tensor | None = None, packing: Any = None, **kwargs: Any) -> SequenceClassifierOutput:
         kwargs = {k: v for k, v in kwargs.items() if k in ("token_type_ids", "inputs_embeds", "position_ids")}
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        if attention_mask is None:
-            attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if packing is not None:  # one packed row of real tokens (fedpeft.model.packing)
+            hidden = self.bert(input_ids=input_ids, packing=packing, **kwargs).last_hidden_state[0]
+            sums = hidden.new_zeros(packing.batch, hidden.shape[-1]).index_add(0, packing.segments, hidden)
+            pooled = sums / packing.counts[:, None].to(hidden.dtype)
+        else:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
