@@ -116,8 +116,8 @@ def _search_z(epsilon: float, delta: float, sample_rate: float, steps: int, acco
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' order-range notes while bisecting
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=cls.opacus_class.mechanism(),
-                                          epsilon_tolerance=0.05, **cls.epsilon_kwargs))
+                                          steps=steps, accountant=cls.opacus_class().mechanism(),
+                                          epsilon_tolerance=0.05, **cls.epsilon_kwargs()))
 
 
 def parse_planned(planned: str) -> dict[str, str]:

@@ -15,18 +15,32 @@ from __future__ import annotations
 
 import math
 from abc import ABC
-from typing import Any, ClassVar
-
-from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedpeft.registry import Registry
 
-#: RDP orders: Opacus' defaults (1.1 .. 63) extended to 512. Small sampling rates
-#: (q = cohort / clients ~ 1e-3) put the optimal order above Opacus' largest default
-#: order 63, which would overstate ε (SPEC §3.1: "extend RDP orders up to at least 256").
-RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + tuple(
-    float(a) for a in range(64, 513, 8)
-)
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
+
+# Opacus is imported on first use, not with this module: its package import costs ~1-2 s of
+# every process start (issue #15), and a non-private run never accounts anything.
+
+
+@lru_cache(maxsize=1)
+def rdp_orders() -> tuple[float, ...]:
+    """RDP orders: Opacus' defaults (1.1 .. 63) extended to 512. Small sampling rates
+    (q = cohort / clients ~ 1e-3) put the optimal order above Opacus' largest default order
+    63, which would overstate ε (SPEC §3.1: "extend RDP orders up to at least 256")."""
+    from opacus.accountants import RDPAccountant
+
+    return tuple(RDPAccountant.DEFAULT_ALPHAS) + tuple(float(a) for a in range(64, 513, 8))
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - PEP 562: RDP_ORDERS, computed on first use
+    if name == "RDP_ORDERS":
+        return rdp_orders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: One event of the history: (noise multiplier z, sample rate q, number of steps).
 Event = tuple[float, float, int]
@@ -35,18 +49,28 @@ Event = tuple[float, float, int]
 class Accountant(ABC):
     """Tracks the composition of Poisson-sampled Gaussian mechanisms and reports ε(δ).
 
-    Subclasses only choose the Opacus accountant (:attr:`opacus_class`) and the keyword
-    arguments its ``get_epsilon`` needs (:attr:`epsilon_kwargs`); calibration
+    Subclasses only choose the Opacus accountant (:attr:`opacus_name`, a class of
+    ``opacus.accountants``) and the keyword arguments its ``get_epsilon`` needs
+    (:meth:`epsilon_kwargs`); calibration
     (:func:`fedpeft.privacy.calibration.noise_multiplier_for`) uses the same ones, so the
     z it returns reproduces the target ε under this accountant.
     """
 
     name: ClassVar[str]
-    opacus_class: ClassVar[type[IAccountant]]
-    epsilon_kwargs: ClassVar[dict[str, Any]] = {}
+    opacus_name: ClassVar[str]
+
+    @classmethod
+    def opacus_class(cls) -> type[IAccountant]:
+        import opacus.accountants
+
+        return getattr(opacus.accountants, cls.opacus_name)
+
+    @classmethod
+    def epsilon_kwargs(cls) -> dict[str, Any]:
+        return {}
 
     def __init__(self) -> None:
-        self._opacus = self.opacus_class()
+        self._opacus = self.opacus_class()()
 
     # -- events -------------------------------------------------------------------------
     def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
@@ -94,7 +118,7 @@ class Accountant(ABC):
             raise ValueError(f"delta {delta} outside (0, 1)")
         if not self._opacus.history:
             return 0.0
-        return float(self._opacus.get_epsilon(delta=delta, **self.epsilon_kwargs))
+        return float(self._opacus.get_epsilon(delta=delta, **self.epsilon_kwargs()))
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -122,11 +146,14 @@ ACCOUNTANTS: Registry[type[Accountant]] = Registry("accountant")
 @ACCOUNTANTS.register("rdp")
 class RdpAccountant(Accountant):
     """Rényi DP (Mironov 2017; Mironov et al. 2019 for the sampled Gaussian) via Opacus,
-    converted to (ε, δ) over :data:`RDP_ORDERS`."""
+    converted to (ε, δ) over :func:`rdp_orders`."""
 
     name = "rdp"
-    opacus_class = RDPAccountant
-    epsilon_kwargs = {"alphas": list(RDP_ORDERS)}
+    opacus_name = "RDPAccountant"
+
+    @classmethod
+    def epsilon_kwargs(cls) -> dict[str, Any]:
+        return {"alphas": list(rdp_orders())}
 
 
 @ACCOUNTANTS.register("prv")
@@ -135,7 +162,7 @@ class PrvAccountant(Accountant):
     upper bound on ε (Opacus returns the upper end of its ``eps_error`` window)."""
 
     name = "prv"
-    opacus_class = PRVAccountant
+    opacus_name = "PRVAccountant"
 
 
 def make_accountant(name: str) -> Accountant:
@@ -143,5 +170,5 @@ def make_accountant(name: str) -> Accountant:
     return ACCOUNTANTS.get(name)()
 
 
-__all__ = ["ACCOUNTANTS", "Accountant", "Event", "PrvAccountant", "RDP_ORDERS", "RdpAccountant",
-           "make_accountant"]
+__all__ = ["ACCOUNTANTS", "Accountant", "Event", "PrvAccountant", "RdpAccountant",
+           "make_accountant", "rdp_orders"]

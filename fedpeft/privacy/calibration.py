@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 import warnings
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from fedpeft.errors import UsageError
 from fedpeft.privacy.accounting import ACCOUNTANTS, Accountant
 
@@ -58,6 +56,8 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
         raise ValueError(f"sample rate {sample_rate} outside (0, 1]")
     if steps < 1:
         raise ValueError(f"steps {steps} must be >= 1")
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         # The bisection probes very large z, where the best RDP order is the largest one;
         # that says nothing about the z finally returned.
@@ -65,7 +65,7 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
         try:
             return float(get_noise_multiplier(
                 target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                steps=int(steps), accountant=cls.opacus_class.mechanism(), **cls.epsilon_kwargs,
+                steps=int(steps), accountant=cls.opacus_class().mechanism(), **cls.epsilon_kwargs(),
             ))
         except ValueError as exc:  # Opacus: "The privacy budget is too low."
             raise UsageError(f"--epsilon {epsilon!r} is too small for {steps} steps at sample rate "
