@@ -164,9 +164,8 @@ def fedpeft_cmd(pc: PeerConfig, seed: int, lr: float, out: Path, max_client_exam
            "--adapter", "lora", "--rank", "8", "--alpha", "16", "--target-modules", "query,value",
            "--pooling", "mean", "--strategy", "fedavg", "--local-epochs", "1", "--batch-size", "8", "--lr", str(lr),
            "--max-client-examples", str(max_client_examples),
-           "--max-test-examples", str(max_test_examples), "--seed", str(seed), "--output", str(out)]
-    if backend != "ray":  # ray: fedpeft's default, no flag (the command of the earlier runs)
-        cmd += ["--backend", backend]
+           "--max-test-examples", str(max_test_examples), "--seed", str(seed), "--output", str(out),
+           "--backend", backend]  # explicit: the default (auto) is processes on Linux since 2026-11-30
     if pc.epsilon is not None:
         # --diagnostics: the realised cohorts and round times, which a DP run does not publish
         cmd += ["--epsilon", str(pc.epsilon), "--delta", str(pc.delta), "--accountant", "rdp",

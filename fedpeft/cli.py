@@ -191,7 +191,7 @@ def simulate(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate the global model every K rounds (always after the last). [default: 1]"),
     max_client_examples: Optional[int] = typer.Option(None, "--max-client-examples", help="Cap on examples a client trains on per round (0 = all). [default: 0]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed. [default: 0]"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="ray (Flower's Ray backend; joins --ray-address), processes (forked workers on this machine sharing one model copy: least memory, fastest on one machine) or inprocess (no workers, clients one after another). [default: ray]"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="auto (ray with --ray-address or $RAY_ADDRESS, else processes on Linux), ray (Flower's Ray backend), processes (forked workers on this machine sharing one model copy) or inprocess (no workers, clients one after another). [default: auto]"),
     cpus_per_client: Optional[float] = typer.Option(None, "--cpus-per-client", help="Ray CPUs per client actor. [default: 1]"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (host:port or auto) so clients run on its nodes; the round loop stays here. [default: $RAY_ADDRESS, else a local Ray on 127.0.0.1]"),
     output: Optional[str] = typer.Option(None, "--output", help="Run directory. [default: runs/<timestamp>]"),

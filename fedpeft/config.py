@@ -104,7 +104,7 @@ class RunConfig:
     #: seconds a round waits for replies. A crashed SuperNode is reported by the SuperLink after
     #: 2 missed heartbeats (about a minute); this bounds a node that is alive but stuck.
     round_timeout: float = 1800.0
-    backend: str = "ray"  # ray (Flower simulation engine) | processes (forked pool) | inprocess (sequential)
+    backend: str = "auto"  # auto | ray (Flower simulation engine) | processes (forked pool) | inprocess (sequential)
     cpus_per_client: float = 1.0
     #: Ray cluster to join ("host:port", "auto"); empty: $RAY_ADDRESS, else a local Ray on 127.0.0.1
     ray_address: str = ""

@@ -89,10 +89,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(math.isfinite(cfg.round_timeout) and 1 <= cfg.round_timeout <= 86400, "round_timeout",
            cfg.round_timeout, "seconds a round waits for replies, in [1, 86400]")
 
-    _check(cfg.backend in BACKENDS, "backend", cfg.backend, ", ".join(BACKENDS.names()))
+    from fedpeft.backends import AUTO, choose_backend
     from fedpeft.ray_cluster import check_reachable, ray_address
 
     address = ray_address(cfg)
+    if cfg.backend == AUTO:  # results.json records the backend that ran
+        cfg = dataclasses.replace(cfg, backend=choose_backend(address))
+    _check(cfg.backend in BACKENDS, "backend", cfg.backend, ", ".join([AUTO, *BACKENDS.names()]))
     if cfg.backend == "ray" and address:
         check_reachable(address)
     _check(0 < cfg.cpus_per_client <= 64, "cpus_per_client", cfg.cpus_per_client, "a number in (0, 64]")

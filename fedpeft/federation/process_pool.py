@@ -102,6 +102,7 @@ class ProcessPoolGrid(PooledGrid):
         gc.freeze()  # the workers' GC must not write to (and so copy) the driver's objects
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
+        self._closed = False
         for _ in range(num_workers):  # before PooledGrid starts any thread
             self._add_worker()
         super().__init__(num_clients, num_workers)
@@ -122,14 +123,15 @@ class ProcessPoolGrid(PooledGrid):
         finally:
             if worker.alive:
                 self._idle.put(worker)
-            else:  # replace it: the pool keeps its size
+            elif not self._closed:  # replace it: the pool keeps its size
                 worker.stop()
                 self._all.remove(worker)
                 self._add_worker()
 
     def close(self) -> None:
+        self._closed = True
         super().close()
-        for worker in self._all:
+        for worker in list(self._all):
             worker.stop()
         self._all.clear()
         gc.unfreeze()

@@ -40,7 +40,7 @@ def test_pfl_peer_quick_runs_both_sides_on_the_same_job(tmp_path):
     common.assert_positive(run, ["summary.fedpeft-inprocess.median.wall_s",
                                  "summary.fedpeft-inprocess.median.peak_rss_gib"])
     fed, pfl, inproc = run["fedpeft"][0], run["pfl"][0], run["fedpeft-inprocess"][0]
-    assert "--backend" not in fed["cmd"] and fed["cmd"][-2:] != ["--backend", "inprocess"]
+    assert fed["cmd"][-2:] == ["--backend", "ray"]
     assert inproc["cmd"][-2:] == ["--backend", "inprocess"]
     assert run["same_cohort_sizes_checked"] is True
     # same clients, rows, initial adapter and test examples: the two frameworks agree closely

@@ -102,3 +102,15 @@ def test_a_run_on_the_pool_matches_the_inprocess_backend(tmp_path):
             assert ra[key] == rb[key], key
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
         assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], rel=1e-4)
+
+
+def test_auto_backend_is_the_pool_on_one_linux_machine_and_ray_for_a_cluster(monkeypatch):
+    from fedpeft.backends import choose_backend
+    from fedpeft.settings import resolve
+
+    assert choose_backend(None, "linux") == "processes"
+    assert choose_backend("10.0.0.1:6379", "linux") == "ray"
+    assert choose_backend(None, "darwin") == "ray"  # fork is unsafe with macOS system libraries
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve({}).backend == choose_backend(None)  # results.json records what ran
+    assert resolve({"backend": "inprocess"}).backend == "inprocess"
