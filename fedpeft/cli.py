@@ -370,5 +370,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """Console-script entry: :func:`main`, then exit without the interpreter's teardown.
+
+    Tearing down torch, transformers, peft and datasets module by module took 1.1-1.2 s
+    after every run (measured: 0.05 s with ``os._exit``). Every ``atexit`` handler still
+    runs first (logging, temporary directories, multiprocessing), and output is flushed;
+    all fedpeft files are written and closed before :func:`main` returns.
+    """
+    import atexit
+    import os
+
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -98,7 +98,6 @@ class ProcessPoolGrid(PooledGrid):
     def __init__(self, client_app: ClientApp, num_clients: int, num_workers: int) -> None:
         self._ctx = mp.get_context("fork")
         self._client_app = client_app
-        gc.collect()
         gc.freeze()  # the workers' GC must not write to (and so copy) the driver's objects
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
