@@ -47,7 +47,10 @@ TIME_BUDGET_S = 180.0
 class CostModel:
     """Seconds on the 2-core build machine (Ray backend, 2 workers), measured: a head-only run
     of 5 rounds × 1000 clients took 107 s of federation time (≈ 0.02 s per client visit);
-    a LoRA r8 client step on batch 8 ≈ 0.4 s (≈ 0.05 s per example and epoch)."""
+    a LoRA r8 client step on batch 8 ≈ 0.4 s (≈ 0.05 s per example and epoch). The process
+    pool (the default backend on one machine since 2026-11-30) and padding-free batches are
+    faster, so on it these are upper bounds; the constants are kept so that a plan does not
+    change with the backend."""
 
     per_client_visit_s: float = 0.02
     per_example_epoch_s: dict[str, float] = field(default_factory=lambda: {"head": 2e-5})
