@@ -118,7 +118,12 @@ class Accountant(ABC):
             raise ValueError(f"delta {delta} outside (0, 1)")
         if not self._opacus.history:
             return 0.0
-        return float(self._opacus.get_epsilon(delta=delta, **self.epsilon_kwargs()))
+        key = (self.name, tuple(self.history), float(delta))
+        if key not in _EPSILONS:  # each round asks for the same ε twice (budget check, report)
+            if len(_EPSILONS) >= 1024:
+                _EPSILONS.clear()
+            _EPSILONS[key] = float(self._opacus.get_epsilon(delta=delta, **self.epsilon_kwargs()))
+        return _EPSILONS[key]
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -139,6 +144,9 @@ class Accountant(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.steps}, events={len(self._opacus.history)})"
 
+
+#: ε by (accountant, event history, δ): a pure function of its key, computed by Opacus once
+_EPSILONS: dict[tuple[str, tuple[Event, ...], float], float] = {}
 
 ACCOUNTANTS: Registry[type[Accountant]] = Registry("accountant")
 

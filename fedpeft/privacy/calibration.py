@@ -56,6 +56,32 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
         raise ValueError(f"sample rate {sample_rate} outside (0, 1]")
     if steps < 1:
         raise ValueError(f"steps {steps} must be >= 1")
+    import numpy as np
+
+    from fedpeft.disk_cache import cached_arrays
+
+    def search() -> dict[str, np.ndarray]:
+        return {"z": np.array([_search(cls, epsilon, delta, sample_rate, int(steps))])}
+
+    # Opacus' bisection evaluates ε over every RDP order ~20 times (2.5-3.5 s per DP run start,
+    # issue #15); its answer depends only on these public inputs, so it is kept on disk
+    return float(cached_arrays("calibration", _calibration_key(cls, epsilon, delta, sample_rate, int(steps)),
+                               search)["z"][0])
+
+
+def _calibration_key(cls: type[Accountant], epsilon: float, delta: float, sample_rate: float, steps: int) -> str:
+    import hashlib
+    import json
+
+    import opacus
+
+    inputs = {"accountant": cls.name, "epsilon": float(epsilon).hex(), "delta": float(delta).hex(),
+              "sample_rate": float(sample_rate).hex(), "steps": steps, "opacus": opacus.__version__,
+              "kwargs": repr(cls.epsilon_kwargs())}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _search(cls: type[Accountant], epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
@@ -65,7 +91,7 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
         try:
             return float(get_noise_multiplier(
                 target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                steps=int(steps), accountant=cls.opacus_class().mechanism(), **cls.epsilon_kwargs(),
+                steps=steps, accountant=cls.opacus_class().mechanism(), **cls.epsilon_kwargs(),
             ))
         except ValueError as exc:  # Opacus: "The privacy budget is too low."
             raise UsageError(f"--epsilon {epsilon!r} is too small for {steps} steps at sample rate "

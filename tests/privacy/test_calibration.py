@@ -106,3 +106,41 @@ def test_would_exceed_budget_flags_exactly_the_step_past_the_target():
     before = acc.state_dict()
     assert would_exceed_budget(acc, z, q, 2.0, 1e-5)
     assert acc.state_dict() == before  # the check does not spend anything
+
+
+def test_calibration_is_computed_once_per_machine_and_keyed_by_every_input(tmp_path, monkeypatch):
+    """Opacus' bisection runs once for given (accountant, ε, δ, q, steps); the cached z is the
+    one it returned, and any changed input searches again."""
+    import opacus.accountants.utils as utils
+
+    from fedpeft.privacy.calibration import noise_multiplier_for
+
+    monkeypatch.setenv("FEDPEFT_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = utils.get_noise_multiplier
+
+    def counting(**kw):  # noqa: ANN003, ANN202
+        calls.append(kw["steps"])
+        return real(**kw)
+
+    monkeypatch.setattr(utils, "get_noise_multiplier", counting)
+    z1 = noise_multiplier_for(2.0, 1e-5, 0.01, 3)
+    z2 = noise_multiplier_for(2.0, 1e-5, 0.01, 3)
+    assert z1 == z2 and calls == [3]
+    assert noise_multiplier_for(2.0, 1e-5, 0.01, 4) > z1 and calls == [3, 4]
+    assert noise_multiplier_for(2.0, 1e-5, 0.01, 3, accountant="prv") != z1 and len(calls) == 3
+    with pytest.raises(UsageError):  # a refusal is not cached as a value
+        noise_multiplier_for(1e-6, 1e-5, 1.0, 10_000)
+
+
+def test_epsilon_memo_follows_the_history():
+    acc = make_accountant("rdp")
+    acc.step(1.1, 0.01, 10)
+    e10 = acc.epsilon(1e-5)
+    assert acc.epsilon(1e-5) == e10
+    acc.step(1.1, 0.01, 10)
+    fresh = make_accountant("rdp")
+    fresh._opacus.history = list(acc._opacus.history)  # noqa: SLF001 - same history, new object
+    assert acc.epsilon(1e-5) > e10
+    assert acc.epsilon(1e-5) == pytest.approx(
+        fresh.opacus_accountant.get_epsilon(delta=1e-5, alphas=list(RDP_ORDERS)), rel=1e-12)
