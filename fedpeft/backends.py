@@ -22,13 +22,20 @@ Backend = Callable[["RunConfig", "list[Reporter]", bool, "Checkpoint | None"], "
 BACKENDS: Registry[Backend] = Registry("backend", plugins="fedpeft.simulation")
 
 
-def choose_backend(ray_address: str | None, platform: str | None = None) -> str:
+#: ``--cpus-per-client`` at or above which a client runs multi-threaded: the forked pool cannot
+#: (libgomp's OpenMP thread team does not survive ``fork``; a worker that opens a parallel
+#: region after the driver used one hangs — measured: a 2-thread worker never finished)
+POOL_MAX_CPUS_PER_CLIENT = 2
+
+
+def choose_backend(ray_address: str | None, platform: str | None = None, cpus_per_client: float = 1) -> str:
     """What ``--backend auto`` runs: Ray when a cluster is named (``--ray-address`` /
-    ``$RAY_ADDRESS``: client work spreads over its nodes); otherwise, on Linux, the forked
-    process pool (one machine: a third of Ray's memory, no Ray start-up, the fastest backend
-    in the peer benchmark); elsewhere (fork is unsafe on macOS) Ray."""
+    ``$RAY_ADDRESS``: client work spreads over its nodes) or clients are multi-threaded;
+    otherwise, on Linux, the forked process pool (one machine: a third of Ray's memory, no Ray
+    start-up, the fastest backend in the peer benchmark); elsewhere (fork is unsafe on macOS)
+    Ray."""
     import sys
 
-    if ray_address:
+    if ray_address or cpus_per_client >= POOL_MAX_CPUS_PER_CLIENT:
         return "ray"
     return "processes" if (platform or sys.platform).startswith("linux") else "ray"

@@ -89,12 +89,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(math.isfinite(cfg.round_timeout) and 1 <= cfg.round_timeout <= 86400, "round_timeout",
            cfg.round_timeout, "seconds a round waits for replies, in [1, 86400]")
 
-    from fedpeft.backends import AUTO, choose_backend
+    from fedpeft.backends import AUTO, POOL_MAX_CPUS_PER_CLIENT, choose_backend
     from fedpeft.ray_cluster import check_reachable, ray_address
 
     address = ray_address(cfg)
     if cfg.backend == AUTO:  # results.json records the backend that ran
-        cfg = dataclasses.replace(cfg, backend=choose_backend(address))
+        cfg = dataclasses.replace(cfg, backend=choose_backend(address, cpus_per_client=cfg.cpus_per_client))
+    _check(cfg.backend != "processes" or cfg.cpus_per_client < POOL_MAX_CPUS_PER_CLIENT, "cpus_per_client",
+           cfg.cpus_per_client, f"below {POOL_MAX_CPUS_PER_CLIENT} with --backend processes (its forked workers run "
+           "single-threaded: OpenMP's thread pool does not survive fork); --backend ray or inprocess for "
+           "multi-threaded clients")
     _check(cfg.backend in BACKENDS, "backend", cfg.backend, ", ".join([AUTO, *BACKENDS.names()]))
     if cfg.backend == "ray" and address:
         check_reachable(address)

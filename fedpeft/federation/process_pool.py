@@ -12,8 +12,9 @@ same ClientApp as a Ray actor, one message at a time, with ``cpus_per_client`` t
 
 Forking after torch is loaded is safe here because a worker never enters an OpenMP parallel
 region with more than one thread (libgomp's thread pool does not survive ``fork``; torch runs
-single-threaded ops inline), and because the driver forks before it starts any dispatch
-thread. ``gc.freeze()`` first keeps the workers' garbage collector from touching (and so
+single-threaded ops inline): settings refuse ``--cpus-per-client`` >= 2 on this backend (a
+2-thread worker hung when tried), and ``auto`` picks Ray for it. The driver forks before it
+starts any dispatch thread. ``gc.freeze()`` first keeps the workers' garbage collector from touching (and so
 copying) the pages of every object the driver built.
 
 Messages and replies cross a pipe pickled (an adapter's tensors: a few hundred kB). A worker

@@ -111,6 +111,18 @@ def test_auto_backend_is_the_pool_on_one_linux_machine_and_ray_for_a_cluster(mon
     assert choose_backend(None, "linux") == "processes"
     assert choose_backend("10.0.0.1:6379", "linux") == "ray"
     assert choose_backend(None, "darwin") == "ray"  # fork is unsafe with macOS system libraries
+    assert choose_backend(None, "linux", cpus_per_client=2) == "ray"  # multi-threaded clients
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert resolve({}).backend == choose_backend(None)  # results.json records what ran
     assert resolve({"backend": "inprocess"}).backend == "inprocess"
+
+
+def test_multi_threaded_clients_are_refused_on_the_pool():
+    """A forked worker that opens an OpenMP region after the driver used one hangs (libgomp's
+    thread team does not survive fork): refused up front, with what to use instead."""
+    from fedpeft.errors import UsageError
+    from fedpeft.settings import resolve
+
+    with pytest.raises(UsageError, match=r"--cpus-per-client 2(\.0)? is invalid.*--backend ray or inprocess"):
+        resolve({"backend": "processes", "cpus_per_client": 2})
+    assert resolve({"backend": "processes", "cpus_per_client": 0.5}).backend == "processes"
