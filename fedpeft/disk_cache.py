@@ -10,7 +10,9 @@ a truncated file; an unreadable entry (damaged by hand, a full disk) is computed
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
+import json
 import os
 import zipfile
 from collections.abc import Callable
@@ -19,6 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft.atomic import atomic_write_bytes
+
+
+def key_of(parts: dict[str, object], length: int = 32) -> str:
+    """A cache key: the SHA-256 of ``parts`` as sorted JSON (other values as ``str``)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def cache_root() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from fedpeft.config import RunConfig
 from fedpeft.federation.checkpoint import Checkpoint
@@ -17,6 +18,9 @@ from fedpeft.federation.server import RunOutcome, run_federation
 from fedpeft.backends import BACKENDS
 from fedpeft.ray_cluster import ray_address
 from fedpeft.reporting import Reporter
+
+if TYPE_CHECKING:
+    from fedpeft.federation.virtual_grid import PooledGrid
 
 
 def quiet_environment() -> None:
@@ -57,7 +61,6 @@ def _processes(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
                resume: Checkpoint | None) -> RunOutcome:
     """A pool of forked worker processes on this machine, one per ``cpus_per_client`` cores,
     sharing the driver's one copy of the model (``federation/process_pool.py``)."""
-    from fedpeft.federation.central_eval import sharded_evaluator
     from fedpeft.federation.client_app import app as client_app
     from fedpeft.federation.process_pool import ProcessPoolGrid
     from fedpeft.federation.workspace import get_workspace
@@ -65,8 +68,15 @@ def _processes(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
 
     get_workspace(cfg)  # built once, here, and inherited by every worker
     workers = max(1, int(process_cores() // cfg.cpus_per_client))
-    grid = ProcessPoolGrid(client_app, cfg.clients, workers)
-    evaluator = (lambda ws: sharded_evaluator(grid, cfg, ws, cfg.round_timeout)) if workers > 1 else None
+    return _run_pooled(ProcessPoolGrid(client_app, cfg.clients, workers), cfg, reporters, resume)
+
+
+def _run_pooled(grid: PooledGrid, cfg: RunConfig, reporters: list[Reporter],
+                resume: Checkpoint | None) -> RunOutcome:
+    """The round loop on a worker pool, central evaluation sharded over its workers; closes it."""
+    from fedpeft.federation.central_eval import sharded_evaluator
+
+    evaluator = (lambda ws: sharded_evaluator(grid, cfg, ws, cfg.round_timeout)) if grid.num_workers > 1 else None
     try:
         return run_federation(grid, cfg, reporters, resume, roster=grid.roster(), evaluator=evaluator)
     finally:
@@ -99,13 +109,8 @@ def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool, resume: Check
     if not ray_address(cfg):
         loopback_ray()
     started_here = not ray.is_initialized()
-    from fedpeft.federation.central_eval import sharded_evaluator
-
-    grid = RayGrid(client_app, cfg.clients, ray_backend_config(cfg, verbose))
-    evaluator = (lambda ws: sharded_evaluator(grid, cfg, ws, cfg.round_timeout)) if grid.num_workers > 1 else None
     try:
-        return run_federation(grid, cfg, reporters, resume, roster=grid.roster(), evaluator=evaluator)
+        return _run_pooled(RayGrid(client_app, cfg.clients, ray_backend_config(cfg, verbose)), cfg, reporters, resume)
     finally:
-        grid.close()
         if started_here:
             ray.shutdown()

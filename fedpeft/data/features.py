@@ -12,8 +12,6 @@ the first process computes, the others load.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 from torch import nn
 
 from fedpeft.data.tokenized import TokenizedSplit, eval_batches
-from fedpeft.disk_cache import cache_root, cached_arrays
+from fedpeft.disk_cache import cache_root, cached_arrays, key_of
 
 #: bump when the way features are computed changes (invalidates old cache files)
 FEATURE_VERSION = 1
@@ -62,7 +60,7 @@ def cache_key(parts: dict[str, object]) -> str:
             stat = p.stat()
             described[f"{name}_stat"] = [stat.st_size, int(stat.st_mtime)]
     described["version"] = FEATURE_VERSION
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return key_of(described, 24)
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ compute against padding to ``max_length``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,11 +52,13 @@ def collate(split, rows: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:  #
     }
 
 
-def shuffled_batches(split, rows: np.ndarray, batch_size: int,
-                     rng: np.random.Generator, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def shuffled_batches(split, rows: np.ndarray, batch_size: int, rng: np.random.Generator, pad_id: int,
+                     collate_fn: Callable[..., dict] = collate) -> Iterator[dict]:  # noqa: ANN001
+    """``rows`` in a random order, ``batch_size`` at a time, each batch made by ``collate_fn``
+    (padded by default; :func:`fedpeft.model.packing.collate_packed` packs the same rows)."""
     order = rng.permutation(rows)
     for start in range(0, len(order), batch_size):
-        yield collate(split, order[start : start + batch_size], pad_id)
+        yield collate_fn(split, order[start : start + batch_size], pad_id)
 
 
 def eval_batches(split, batch_size: int, pad_id: int,

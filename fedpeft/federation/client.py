@@ -31,8 +31,8 @@ import torch
 from fedpeft.adapters import State
 from fedpeft.adapters.base import StepHook
 from fedpeft.config import RunConfig
-from fedpeft.data.tokenized import shuffled_batches
-from fedpeft.model.packing import packed_batches
+from fedpeft.data.tokenized import collate, shuffled_batches
+from fedpeft.model.packing import collate_packed
 from fedpeft.federation.local_params import (
     LOCAL_PARAMS_DIR,
     ClientLocal,
@@ -110,11 +110,10 @@ def train_plain(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
     dp_sgd = sys.modules.get("fedpeft.training.dp_sgd")
     if dp_sgd is not None:  # this worker ran --dp sample clients before: back to plain autograd
         dp_sgd.release_grad_sample_module()
-    if ws.packed:  # same rows per batch, without the padding tokens (fedpeft.model.packing)
-        epochs = (packed_batches(ws.train, task.rows, cfg.batch_size, task.rng) for _ in range(cfg.local_epochs))
-    else:
-        epochs = (shuffled_batches(ws.train, task.rows, cfg.batch_size, task.rng, ws.pad_id)
-                  for _ in range(cfg.local_epochs))
+    # packed: the same rows per batch, without the padding tokens (fedpeft.model.packing)
+    make = collate_packed if ws.packed else collate
+    epochs = (shuffled_batches(ws.train, task.rows, cfg.batch_size, task.rng, ws.pad_id, make)
+              for _ in range(cfg.local_epochs))
     return train_local(ws.model, epochs, cfg.lr, before_step=task.hook), {}
 
 

@@ -124,8 +124,7 @@ def _build(cfg: RunConfig) -> Workspace:
         model, train, test = _frozen_features(cfg, model, train, test, int(pad_id))
         timings["features"] = time.perf_counter() - t3
     elif len(train):
-        probe = np.arange(min(PACKING_PROBE, len(train)))
-        packed = enable_packing(model, [train.input_ids[i] for i in probe], train.labels[probe])
+        packed = enable_packing(model, train, np.arange(min(PACKING_PROBE, len(train))), int(pad_id))
         timings["packing-check"] = time.perf_counter() - t3
     return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,
                      test=test, initial_state=adapter.trainable_state(model),

@@ -15,7 +15,7 @@ attention-dropout shape) as the padded batch. Mean pooling sums each sequence's 
 The result equals the padded forward up to float rounding for any encoder whose tokens
 interact only through attention and whose positions come from ``position_ids``; the
 workspace checks that on the model it built (:func:`enable_packing` compares logits and
-gradients against the padded batch) and keeps padded batches when it does not hold, or when
+gradients against :func:`fedpeft.data.tokenized.collate`'s padded batch) and keeps padded batches when it does not hold, or when
 the classifier is not fedpeft's mean-pooling one (a CLS head reads position 0 of the row).
 DP-SGD never packs: Opacus's per-sample gradients need one row per example.
 
@@ -25,7 +25,7 @@ packed run's numbers are not bit-identical to a padded run's (same distribution)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,13 +70,9 @@ def pack(seqs: Sequence[np.ndarray], labels: np.ndarray) -> dict[str, object]:
             "packing": packing, "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64))}
 
 
-def packed_batches(split, rows: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[dict]:  # noqa: ANN001
-    """Like :func:`fedpeft.data.tokenized.shuffled_batches` (same permutation, same rows per
-    batch), packed."""
-    order = rng.permutation(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        yield pack([split.input_ids[i] for i in chunk], split.labels[chunk])
+def collate_packed(split, rows: np.ndarray, pad_id: int = 0) -> dict[str, object]:  # noqa: ANN001, ARG001
+    """:func:`fedpeft.data.tokenized.collate`'s signature, packed (``pad_id`` unused: no padding)."""
+    return pack([split.input_ids[i] for i in rows], split.labels[rows])
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -124,38 +120,33 @@ def _encoder_config(model: nn.Module):  # noqa: ANN202 - a transformers config
     return inner.bert.config
 
 
-def enable_packing(model: nn.Module, probe: Sequence[np.ndarray], labels: np.ndarray,
+def enable_packing(model: nn.Module, split, rows: np.ndarray, pad_id: int,  # noqa: ANN001
                    tolerance: float = 1e-4) -> bool:
     """Switch ``model`` to packed training if it is fedpeft's mean-pooling classifier on an
-    encoder using the ``sdpa`` attention and a packed probe batch gives the padded batch's
-    logits and trainable gradients (eval mode: no dropout) within ``tolerance``; else leave
-    it as it was. Returns whether packing is on."""
+    encoder using the ``sdpa`` attention and the packed batch of ``split``'s ``rows`` gives
+    the padded batch's logits and trainable gradients (eval mode: no dropout) within
+    ``tolerance``; else leave it as it was. Returns whether packing is on."""
     config = _encoder_config(model)
     if config is None or getattr(config, "_attn_implementation", None) not in (_FALLBACK, ATTENTION):
         return False
     _register()
     config._attn_implementation = ATTENTION  # unpacked batches still run the wrapped sdpa
-    ok = _same_as_padded(model, probe, labels, tolerance)
+    ok = _same_as_padded(model, split, rows, pad_id, tolerance)
     if not ok:
         config._attn_implementation = _FALLBACK
     return ok
 
 
-def _same_as_padded(model: nn.Module, seqs: Sequence[np.ndarray], labels: np.ndarray, tolerance: float) -> bool:
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
-        mask[j, : len(s)] = 1
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+def _same_as_padded(model: nn.Module, split, rows: np.ndarray, pad_id: int, tolerance: float) -> bool:  # noqa: ANN001
+    from fedpeft.data.tokenized import collate
+
     params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.eval()
     try:
         results = []
-        for batch in ({"input_ids": ids, "attention_mask": mask, "labels": y}, pack(seqs, labels)):
-            out = model(**batch)
+        for make in (collate, collate_packed):
+            out = model(**make(split, rows, pad_id))
             grads = torch.autograd.grad(out.loss, params, allow_unused=True)
             results.append((out.logits.detach(), [g for g in grads if g is not None]))
     except (TypeError, ValueError, RuntimeError):  # the model does not take packed inputs

@@ -70,15 +70,13 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
 
 
 def _calibration_key(cls: type[Accountant], epsilon: float, delta: float, sample_rate: float, steps: int) -> str:
-    import hashlib
-    import json
-
     import opacus
 
-    inputs = {"accountant": cls.name, "epsilon": float(epsilon).hex(), "delta": float(delta).hex(),
-              "sample_rate": float(sample_rate).hex(), "steps": steps, "opacus": opacus.__version__,
-              "kwargs": repr(cls.epsilon_kwargs())}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+    from fedpeft.disk_cache import key_of
+
+    return key_of({"accountant": cls.name, "epsilon": float(epsilon).hex(), "delta": float(delta).hex(),
+                   "sample_rate": float(sample_rate).hex(), "steps": steps, "opacus": opacus.__version__,
+                   "kwargs": repr(cls.epsilon_kwargs())})
 
 
 def _search(cls: type[Accountant], epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedpeft.data.tokenized import collate, shuffled_batches
-from fedpeft.model.packing import ATTENTION, enable_packing, pack, packed_batches
+from fedpeft.model.packing import ATTENTION, collate_packed, enable_packing, pack
 from fedpeft.settings import resolve
 
 
@@ -64,7 +64,7 @@ def test_packed_logits_and_gradients_equal_padded_and_single_example_runs(ws):
 def test_packed_batches_hold_the_same_rows_as_padded_batches(ws):
     rows = np.arange(50, 90)
     a = [b["labels"].tolist() for b in shuffled_batches(ws.train, rows, 8, np.random.default_rng(4), ws.pad_id)]
-    p = list(packed_batches(ws.train, rows, 8, np.random.default_rng(4)))
+    p = list(shuffled_batches(ws.train, rows, 8, np.random.default_rng(4), ws.pad_id, collate_packed))
     assert [b["labels"].tolist() for b in p] == a
     real = sum(int(b["packing"].counts.sum()) for b in p)
     assert real == sum(len(ws.train.input_ids[i]) for i in rows)
@@ -98,11 +98,11 @@ def test_a_model_whose_packed_forward_differs_is_left_padded(monkeypatch, ws):
     monkeypatch.setattr(packing, "packed_attention", wrong)
     rows = np.arange(8)
     try:
-        assert not enable_packing(ws.model, [ws.train.input_ids[i] for i in rows], ws.train.labels[rows])
+        assert not enable_packing(ws.model, ws.train, rows, ws.pad_id)
         assert config._attn_implementation == "sdpa"
     finally:
         monkeypatch.undo()
-        assert enable_packing(ws.model, [ws.train.input_ids[i] for i in rows], ws.train.labels[rows])
+        assert enable_packing(ws.model, ws.train, rows, ws.pad_id)
 
 
 def test_cls_pooling_is_not_packed():
