@@ -50,6 +50,57 @@ from typing import Any
 #: scipy.stats: ≈ 2.4 s), opacus (sample-level DP), and Flower's ClientApp runtime
 PRELOAD = ("torch", "transformers", "peft", "datasets", "numpy", "flwr_datasets", "opacus",
            "flwr.supernode.runtime.run_clientapp", "flwr.cli.install", "flwr.clientapp.utils")
+#: The Flower release this worker was written and tested against. It leans on Flower internals
+#: that carry no compatibility promise: the non-public modules in :data:`FLOWER_INTERNALS`, the
+#: Runtime API RPCs in :data:`RUNTIME_RPCS`, and it mirrors the Flower functions in
+#: :data:`MIRRORED` (``_pull_task_input`` is a copy of ``pull_task_input`` with a shorter first
+#: backoff; ``Worker.run_task``, ``_retry_invoker`` and ``_heartbeat_fn`` follow the other
+#: three). Any other version is refused at start-up (:func:`flower_version_problem`); moving
+#: to a new one means re-reading those functions, updating the copies and the AST digests
+#: below (``tests/deploy/test_worker_flower_pin.py`` recomputes them) and this pin.
+TESTED_FLOWER = "1.42.0"
+FLOWER_INTERNALS = (
+    "flwr.cli.install", "flwr.clientapp.client_app", "flwr.clientapp.utils", "flwr.common.constant",
+    "flwr.common.serde", "flwr.proto.node_pb2", "flwr.proto.runtime_pb2", "flwr.supercore.app_utils",
+    "flwr.supercore.constant", "flwr.supercore.heartbeat",
+    "flwr.supercore.inflatable.inflatable_protobuf_utils",
+    "flwr.supercore.inflatable.inflatable_utils", "flwr.supercore.interceptors",
+    "flwr.supercore.retry", "flwr.supercore.runtime", "flwr.supercore.task_identity",
+    "flwr.supernode.runtime.run_clientapp")
+RUNTIME_RPCS = ("AcquireTask", "PullTaskInput", "PullMessages", "PullObject",
+                "ConfirmMessageReceived", "SendTaskHeartbeat")
+#: ``module:function`` -> SHA-256 of ``ast.dump`` of its source in :data:`TESTED_FLOWER`
+MIRRORED = {
+    "flwr.supernode.runtime.run_clientapp:pull_task_input":
+        "46727a4b8f0928ded7d65f9d1503f671202ee5d093c49dae7968a4f4c3076b54",
+    "flwr.supernode.runtime.run_clientapp:run_clientapp":
+        "202038e9f03e7736ef96239261207bfa6f19b483da43312391c16f620f772913",
+    "flwr.supercore.retry.http_retry:make_simple_http_retry_invoker":
+        "2ddad49765fab7b96069a6c3372df1e4d7a1fe4aa2f86da99892d929f4fcfd84",
+    "flwr.supercore.heartbeat:make_task_heartbeat_fn_http":
+        "9e3812322ae562a29f4262d563c278afb7870c26041beb8ad766269eea5e611c",
+}
+
+
+def installed_flower() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flwr")
+    except PackageNotFoundError:
+        return "none"
+
+
+def flower_version_problem(found: str | None = None) -> str | None:
+    """One line saying why this worker must not run on the installed Flower, or None."""
+    found = installed_flower() if found is None else found
+    if found == TESTED_FLOWER:
+        return None
+    return (f"fedpeft warm ClientApp worker: tested with flwr {TESTED_FLOWER} only, found flwr "
+            f"{found} (it uses Flower internals that change between releases); start the node "
+            "with `--clientapp subprocess` (Flower's own process per message) instead")
+
+
 #: log markers (the deployment test and ``benchmarks/bench_deploy_startup.py`` read them)
 ACQUIRED = "fedpeft worker acquired task"
 TASK_LINE = "fedpeft worker task"
@@ -326,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-preload", action="store_true", help="do not import torch & co. up front")
     ap.add_argument("--token", default=None, help=argparse.SUPPRESS)  # a claimed task (re-exec)
     args = ap.parse_args(argv)
+    problem = flower_version_problem()
+    if problem is not None:
+        print(problem, file=sys.stderr, flush=True)
+        return 2
 
     from flwr.common import log
     from flwr.supercore.app_utils import start_parent_process_monitor

@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if "--isolation" not in supernode_cmd or \
             supernode_cmd[supernode_cmd.index("--isolation") + 1:][:1] != ["process"]:
         ap.error("the SuperNode must run with --isolation process (the worker executes its tasks)")
+    from fedpeft.deploy.clientapp_worker import flower_version_problem
+
+    problem = flower_version_problem()
+    if problem is not None:  # before the SuperNode joins: it would wait for a worker forever
+        print(problem, file=sys.stderr, flush=True)
+        return 2
 
     stopping = False
 
