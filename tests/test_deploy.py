@@ -233,19 +233,19 @@ def test_compose_brings_up_a_superlink_n_supernodes_and_a_run_with_tls_volumes()
     services = compose["services"]
     nodes = sorted(n for n in services if n.startswith("supernode-"))
     assert len(nodes) >= 2 and {"superlink", "run", "init", "register"} <= set(services)
-    assert "tls" in compose["volumes"] and "keys" in compose["volumes"]
+    assert {"ca", "superlink-tls", "ca-public", "node-pubkeys"} <= set(compose["volumes"])
 
     link = services["superlink"]
-    assert "tls:/certs:ro" in link["volumes"]
+    assert "superlink-tls:/certs:ro" in link["volumes"]
     assert link["command"][0] == "superlink" and "--insecure" not in link["command"]
     assert "healthcheck" in link
-    assert "tls:/certs" in services["init"]["volumes"]  # the one writer of TLS material
+    assert "ca:/ca" in services["init"]["volumes"]  # the one writer of TLS material
 
     partitions = set()
     for name in nodes:
         node = services[name]
         assert node["command"][0] == "supernode" and "--insecure" not in node["command"]
-        assert "tls:/certs:ro" in node["volumes"] and "keys:/keys:ro" in node["volumes"]
+        assert "ca-public:/certs:ro" in node["volumes"] and f"{name}-key:/keys:ro" in node["volumes"]
         env = node["environment"]
         assert env["FEDPEFT_NODE_KEY"] == f"/keys/{name}"
         assert int(env["FEDPEFT_NUM_PARTITIONS"]) == len(nodes)

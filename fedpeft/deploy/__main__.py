@@ -42,7 +42,19 @@ def _exec(argv: list[str]) -> None:
     os.execvpe(argv[0], argv, L.flwr_env(Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))))
 
 
+def _install(src: Path, dst_dir: Path, private: bool) -> None:
+    """Copy ``src`` into ``dst_dir`` (a private key created owner-only from the start)."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / src.name
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(src.read_bytes())
+    os.chmod(dst, 0o600 if private else 0o644)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
+    """TLS material and node keys; with the split options, each role's files go to its own
+    directory (one Docker volume each), so no container mounts another one's secrets."""
     tls_dir, key_dir = Path(args.certs), Path(args.keys)
     if (tls_dir / "ca.crt").exists():
         print(f"{tls_dir}/ca.crt exists: keeping the existing TLS material")
@@ -50,11 +62,22 @@ def cmd_init(args: argparse.Namespace) -> int:
         hosts = [h for h in args.host or _env("TLS_HOSTS", "superlink").split(",") if h]
         certs.generate(tls_dir, hosts)
         print(f"TLS material written to {tls_dir} for {certs.unique_names(hosts)}")
+    if args.superlink_tls:  # the SuperLink's own: CA certificate, its certificate and key
+        _install(tls_dir / "ca.crt", Path(args.superlink_tls), private=False)
+        _install(tls_dir / "server.pem", Path(args.superlink_tls), private=False)
+        _install(tls_dir / "server.key", Path(args.superlink_tls), private=True)
+    if args.public:  # what every participant and flwr user gets: the CA certificate only
+        _install(tls_dir / "ca.crt", Path(args.public), private=False)
     for i in range(args.nodes if args.nodes is not None else int(_env("NUM_NODES", "3"))):
         name = f"supernode-{i}"
-        if not (key_dir / name).exists():
-            keys.generate(key_dir, name)
-            print(f"key {key_dir / name} written")
+        # --node-keys: the private key in <node-keys>/<name>/ (that node's volume only), its
+        # public key copied to --keys (what the operator registers); else both in --keys
+        own = Path(args.node_keys) / name if args.node_keys else key_dir
+        if not (own / name).exists():
+            keys.generate(own, name)
+            print(f"key {own / name} written")
+        if args.node_keys:
+            _install(own / f"{name}.pub", key_dir, private=False)
     return 0
 
 
@@ -141,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", default=_env("KEYS_DIR", "/keys"))
     p.add_argument("--host", action="append", help="SuperLink hostname/IP (repeatable)")
     p.add_argument("--nodes", type=int, default=None, help="number of SuperNode keys")
+    p.add_argument("--superlink-tls", default=None,
+                   help="also copy ca.crt, server.pem and server.key here (the SuperLink's only)")
+    p.add_argument("--public", default=None, help="also copy ca.crt (alone) here")
+    p.add_argument("--node-keys", default=None,
+                   help="write each node's private key to <dir>/<name>/ and only the public "
+                        "keys to --keys")
     p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser("superlink", help="start flower-superlink")
