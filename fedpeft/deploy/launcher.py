@@ -64,14 +64,18 @@ def _warn_insecure() -> None:
 def superlink_argv(*, host: str = "0.0.0.0", port: int = 9093, ca_cert: Path | None = None,
                    server_cert: Path | None = None, server_key: Path | None = None,
                    node_auth: bool = True, database: Path | None = None,
-                   insecure: bool = False) -> list[str]:
-    """``flower-superlink``: one port for the Fleet, Control and Runtime APIs.
+                   insecure: bool = False, operator_hosts: Sequence[str] = ()) -> list[str]:
+    """``flower-superlink`` behind fedpeft's operator-only guard
+    (:mod:`fedpeft.deploy.superlink`): one port for the Fleet API (SuperNodes) and the Control
+    and Runtime APIs, which answer only the operator (loopback, plus ``operator_hosts``).
 
     ``--disable-runtime-dependency-installation``: the app's dependencies are installed on
     the machine beforehand; nothing is fetched at run time (works offline).
     """
-    argv = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
-            "--disable-runtime-dependency-installation"]
+    argv = [sys.executable, "-m", "fedpeft.deploy.superlink"]
+    for operator in operator_hosts:
+        argv += ["--operator-host", operator]
+    argv += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if insecure:
         _warn_insecure()
         if node_auth:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -87,3 +89,52 @@ def test_worker_pool_routes_every_client_and_names_it():
     cohorts = Cohorts(PoissonSampler(50, 0.5, SeededStreams(1)), WorkerPool([7, 9]))
     pairs = cohorts.sample(3)
     assert pairs and all(node == (7 if c % 2 == 0 else 9) for c, node in pairs)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _flwr_lines():
+    handler = _Lines()
+    logging.getLogger("flwr").addHandler(handler)
+    return handler
+
+
+def test_a_second_node_claiming_a_bound_client_id_is_refused_and_logged():
+    """Attacker: an authenticated node answers discovery with another node's partition-id. The
+    id stays bound to the node that claimed it first; the second claimer is refused (no slot,
+    never messaged) and the refusal is logged. (Before: the last reply took the slot.)"""
+    grid = LocalGrid(app, 4)
+    ids = sorted(grid._contexts)  # noqa: SLF001 - messages go out (and replies come back) in this order
+    for client, node in enumerate(ids[:3]):
+        grid._contexts[node].node_config["partition-id"] = client  # noqa: SLF001
+    owner, rogue, victim = ids[0], ids[3], 0
+    grid._contexts[rogue].node_config["partition-id"] = victim  # noqa: SLF001 - answers second
+    logged = _flwr_lines()
+    try:
+        roster = discover_clients(grid, 3, timeout=30)
+    finally:
+        logging.getLogger("flwr").removeHandler(logged)
+    assert roster.node_of(victim) == owner
+    assert rogue not in roster.nodes
+    assert any(f"node {rogue} claims client {victim}, already bound to node {owner}" in line
+               and "refused" in line for line in logged.lines), logged.lines
+
+
+def test_a_node_claiming_an_id_outside_the_federation_is_refused_and_the_run_goes_on():
+    grid = LocalGrid(app, 4)
+    rogue = max(grid._contexts, key=lambda n: grid._contexts[n].node_config["partition-id"])  # noqa: SLF001
+    grid._contexts[rogue].node_config["partition-id"] = 99  # noqa: SLF001
+    logged = _flwr_lines()
+    try:
+        roster = discover_clients(grid, 3, timeout=30)
+    finally:
+        logging.getLogger("flwr").removeHandler(logged)
+    assert rogue not in roster.nodes and len(roster.nodes) == 3
+    assert any(f"node {rogue} claims client 99, outside 0..2" in line for line in logged.lines)
