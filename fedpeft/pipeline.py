@@ -72,7 +72,8 @@ class ServerContext:
     server_round: int
     round_rank: int | None
     global_state: State
-    #: key -> shape of an honest upload this round, after every client stage (decoded)
+    #: key -> shape of an honest upload this round, after every client stage (decoded); in
+    #: :meth:`Stage.decode`, that of the replying client (what its payload must declare)
     upload_layout: Layout
 
 

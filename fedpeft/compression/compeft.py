@@ -109,16 +109,27 @@ class ComPEFTCodec(Codec):
         return head + code.data + np.packbits(negative).tobytes()
 
     def _decode_body(self, body: memoryview, numel: int) -> np.ndarray:
+        # every count the body declares is checked against numel (the expected layout's) and
+        # against the bytes that are really there before it sizes anything
+        if len(body) < _BODY.size:
+            raise ValueError("corrupt payload: body shorter than its fixed header")
         magnitude, count, b, nbits = _BODY.unpack_from(body)
+        if count > numel:
+            raise ValueError(f"corrupt payload: {count} positions declared for {numel} elements")
+        if not 1 <= b <= max(1, numel):
+            raise ValueError(f"corrupt payload: Golomb parameter {b} outside [1, {max(1, numel)}]")
         start = _BODY.size
-        code_end = start + (nbits + 7) // 8
+        code_bytes = (nbits + 7) // 8
+        sign_bytes_needed = (count + 7) // 8
+        if nbits < count or start + code_bytes + sign_bytes_needed != len(body):
+            raise ValueError(f"corrupt payload: {nbits} code bits and {count} sign bits do not fit "
+                             f"the {len(body)}-byte body")
+        if not math.isfinite(magnitude):
+            raise ValueError("corrupt payload: magnitude is not finite")
+        code_end = start + code_bytes
         code = golomb.GolombCode(bytes(body[start:code_end]), nbits, count, b)
-        positions = golomb.decode(code)
-        if positions.size and positions[-1] >= numel:
-            raise ValueError("corrupt payload: position beyond the update's size")
+        positions = golomb.decode(code, limit=numel)
         sign_bytes = np.frombuffer(body[code_end:], dtype=np.uint8)
-        if sign_bytes.size != (count + 7) // 8:
-            raise ValueError("corrupt payload: sign bits do not match the position count")
         negative = np.unpackbits(sign_bytes, count=count).astype(bool)
         return self._dense(numel, positions, negative, np.float32(magnitude))
 

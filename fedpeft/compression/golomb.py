@@ -127,9 +127,20 @@ def encode(positions: np.ndarray, b: int) -> GolombCode:
     return GolombCode(data=np.packbits(bits).tobytes(), nbits=nbits, count=n, b=b)
 
 
-def decode(code: GolombCode) -> np.ndarray:
-    """Exact inverse of :func:`encode`: the sorted positions as ``int64``."""
+def decode(code: GolombCode, limit: int | None = None) -> np.ndarray:
+    """Exact inverse of :func:`encode`: the sorted positions as ``int64``.
+
+    The code's declared sizes are checked before they size anything (``ValueError``): at
+    most ``len(data) · 8`` bits, at least one bit per position, ``1 <= b < 2^32``; with
+    ``limit`` every position must be below it (and at most ``limit`` positions)."""
     n, b = code.count, code.b
+    if not 1 <= b < 2**32:
+        raise ValueError(f"corrupt Golomb stream: parameter {b} outside [1, 2^32)")
+    if not 0 <= code.nbits <= 8 * len(code.data) or not 0 <= n <= code.nbits:
+        raise ValueError(f"corrupt Golomb stream: {n} positions in {code.nbits} bits of "
+                         f"{len(code.data)} bytes")
+    if limit is not None and n > limit:
+        raise ValueError(f"corrupt Golomb stream: {n} positions for {limit} elements")
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     bits = np.unpackbits(np.frombuffer(code.data, dtype=np.uint8), count=code.nbits)
@@ -154,5 +165,12 @@ def decode(code: GolombCode) -> np.ndarray:
         if code.nbits != n_unary:
             raise ValueError("corrupt Golomb stream: trailing bits")
         r = np.zeros(n, dtype=np.int64)
+    # q <= nbits and b < 2^32: a declared position is at most ~2^67; check in Python ints
+    # before the int64 arithmetic could wrap around
+    if int(q.sum()) * b + int(r.sum()) + n >= 2**62:
+        raise ValueError("corrupt Golomb stream: positions out of range")
     gaps = q * b + r
-    return np.cumsum(gaps + 1) - 1
+    positions = np.cumsum(gaps + 1) - 1
+    if limit is not None and positions.size and positions[-1] >= limit:
+        raise ValueError("corrupt payload: position beyond the update's size")
+    return positions

@@ -40,5 +40,8 @@ def is_compressed(record: ArrayRecord) -> bool:
 
 
 def from_record(record: ArrayRecord) -> bytes:
-    """The payload carried by :func:`to_record` (server decode side)."""
-    return from_wire(record[WIRE_KEY].numpy())
+    """The payload carried by :func:`to_record` (server decode side; the ``.npy`` bytes are
+    parsed with their declared size checked, :func:`fedpeft.federation.records.array_of`)."""
+    from fedpeft.federation.records import array_of
+
+    return from_wire(array_of(record[WIRE_KEY]))

@@ -11,6 +11,7 @@ into a component after it was built.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from logging import INFO
 
@@ -163,14 +164,18 @@ class RoundStrategy(Strategy):
         return self.pipeline.client_layout(self.upload_layout(self._round_rank), client_id)
 
     def decode(self, reply: Message, ctx: ServerContext) -> ClientUpdate:
-        """A reply as a :class:`ClientUpdate`, its encoding undone by the pipeline."""
+        """A reply as a :class:`ClientUpdate`, its encoding undone by the pipeline. The
+        stages decode against this client's honest layout (a codec checks the sizes its
+        payload declares against it before allocating, issue 24 finding 5)."""
         record = reply.content["arrays"]
         m = reply.content["metrics"]
+        client_id = int(m.get("client-id", -1))
+        own = dataclasses.replace(ctx, upload_layout=self.expected_layout(client_id))
         return ClientUpdate(
             node_id=reply.metadata.src_node_id,
-            client_id=int(m.get("client-id", -1)),
+            client_id=client_id,
             num_examples=int(m["num-examples"]),
-            state=self.pipeline.decode(from_record(record), ctx),
+            state=self.pipeline.decode(from_record(record), own),
             train_loss=float(m.get("train-loss", float("nan"))),
             bytes_up=payload_bytes(record),
             metrics={k: float(v) for k, v in m.items()},

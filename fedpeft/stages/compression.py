@@ -59,9 +59,12 @@ class ErrorFeedbackCompression(Stage):
         return {wire.WIRE_KEY: torch.from_numpy(wire.to_wire(payload))}, {}
 
     def decode(self, update: State, ctx: ServerContext) -> State:
+        """``global + decode(payload)``; the payload's declared layout must be the sender's
+        honest one (``ctx.upload_layout``), checked before anything is allocated."""
         if wire.WIRE_KEY not in update:
             return update
-        return apply_update(ctx.global_state, decode_payload(wire.from_wire(update[wire.WIRE_KEY])))
+        payload = wire.from_wire(update[wire.WIRE_KEY])
+        return apply_update(ctx.global_state, decode_payload(payload, expected=ctx.upload_layout))
 
     def describe(self) -> str:
         return self.label

@@ -28,6 +28,11 @@ def reference_top_k(x: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[:k])
 
 
+def layout(update: dict) -> dict:
+    """What the receiver expects: key -> shape (decode_payload checks the payload against it)."""
+    return {k: tuple(v.shape) for k, v in update.items()}
+
+
 def assert_states_bit_equal(a: dict, b: dict) -> None:
     assert list(a) == list(b)
     for k in a:
@@ -53,7 +58,7 @@ def test_number_of_kept_entries_is_exactly_k(numel, density, k):
     out = build_codec("compeft", density=density).compress(update)["w"]
     assert int((out != 0).sum()) == k
     payload = build_codec("compeft", density=density).encode(update)
-    assert int((decode_payload(payload)["w"] != 0).sum()) == k
+    assert int((decode_payload(payload, expected=layout(update))["w"] != 0).sum()) == k
     assert struct.unpack_from("<fQ", payload, header_size(payload))[1] == k  # coded positions
 
 
@@ -119,14 +124,14 @@ def test_decode_of_encode_equals_compress_bit_exactly(name, dtype):
     payload = codec.encode(update)
     assert isinstance(payload, bytes)
     assert_states_bit_equal(codec.decode(payload), codec.compress(update))
-    assert_states_bit_equal(decode_payload(payload), codec.compress(update))
+    assert_states_bit_equal(decode_payload(payload, expected=layout(update)), codec.compress(update))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_none_codec_is_lossless_at_32_bits_per_parameter(dtype):
     update = {k: v.to(dtype) for k, v in random_update(5).items()}
     payload = build_codec("none").encode(update)
-    assert_states_bit_equal(decode_payload(payload), update)
+    assert_states_bit_equal(decode_payload(payload, expected=layout(update)), update)
     numel = sum(v.numel() for v in update.values())
     assert len(payload) - header_size(payload) == 4 * numel
 
@@ -138,7 +143,7 @@ def test_all_zero_update_codes_nothing_and_decodes_to_zero():
         body = payload[header_size(payload):]
         magnitude, count, _, nbits = struct.unpack_from("<fQQQ", body)
         assert (magnitude, count, nbits) == (0.0, 0, 0)
-        assert all(not v.any() for v in decode_payload(payload).values())
+        assert all(not v.any() for v in decode_payload(payload, expected=layout(update)).values())
 
 
 def test_density_one_keeps_every_nonzero_entry_ternarized():
@@ -150,7 +155,8 @@ def test_density_one_keeps_every_nonzero_entry_ternarized():
 
 def test_density_zero_sends_nothing():
     update = random_update(7)
-    assert all(not v.any() for v in decode_payload(build_codec("compeft", density=0.0).encode(update)).values())
+    payload = build_codec("compeft", density=0.0).encode(update)
+    assert all(not v.any() for v in decode_payload(payload, expected=layout(update)).values())
 
 
 def test_kept_exact_zeros_carry_no_sign_and_are_dropped():
@@ -178,7 +184,7 @@ def test_decoding_with_the_wrong_codec_or_garbage_fails_loudly():
     with pytest.raises(ValueError, match="stc"):
         build_codec("compeft").decode(payload)
     with pytest.raises(ValueError, match="magic"):
-        decode_payload(b"not a payload at all")
+        decode_payload(b"not a payload at all", expected={})
 
 
 def test_body_size_is_exactly_magnitude_golomb_code_and_one_sign_bit_per_entry():
@@ -247,4 +253,4 @@ def test_header_of_many_long_peft_keys_stays_small():
     payload = build_codec("compeft", density=0.2).encode(update)
     raw_json = len(",".join(keys))  # the key names alone, uncompressed
     assert header_size(payload) < raw_json / 5
-    assert list(decode_payload(payload)) == keys
+    assert list(decode_payload(payload, expected=layout(update))) == keys
