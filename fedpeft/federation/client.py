@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +58,9 @@ class ClientRound:
     state_key: str | None = None
     #: The run's δ for sample-level DP, sent by the server in the round config ("dp-delta").
     dp_delta: float | None = None
+    #: The node's own DP policy (:mod:`fedpeft.federation.node_policy`): its accountant
+    #: location, z floor and ε budget. None: the run's config is the policy (simulation).
+    dp_policy: Any = None
 
     @property
     def key(self) -> str:
@@ -138,15 +142,21 @@ def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
                              epsilon=cfg.epsilon, noise_multiplier=cfg.noise_multiplier,
                              accountant=cfg.accountant)
     schedule = PoissonSchedule(n, cfg.batch_size)
-    store = ClientAccountantStore(task.state_dir / "accountants", cfg.accountant)
+    policy = rnd.dp_policy
+    if policy is not None:
+        policy.check_noise(rnd.key, plan.noise_multiplier)
+    store = ClientAccountantStore(policy.accountants if policy is not None
+                                  else task.state_dir / "accountants", cfg.accountant)
     accountant = store.load(rnd.key)
-    if cfg.epsilon is not None:
+    limit, limit_name = (policy.epsilon_limit(cfg.epsilon) if policy is not None
+                         else (cfg.epsilon, "--epsilon"))
+    if limit is not None:
         trial = accountant.copy()
         trial.step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        if trial.epsilon(delta) > cfg.epsilon:
+        if trial.epsilon(delta) > limit:
             raise UsageError(
                 f"client {rnd.key}: this round would take its ε to {trial.epsilon(delta):.4f}, past "
-                f"--epsilon {cfg.epsilon} (its accountant at {store.path(rnd.key)} already holds "
+                f"{limit_name} {limit} (its accountant at {store.path(rnd.key)} already holds "
                 f"{accountant.steps} steps; stale client state from an earlier run?)")
     # the client's own secret (never sent anywhere), unless the run opted into seeded noise
     seeds = client_secret_seeds(2, task.rng if cfg.insecure_reproducible_noise else None)
