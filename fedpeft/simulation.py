@@ -41,7 +41,10 @@ def quiet_environment() -> None:
 def simulate(cfg: RunConfig, reporters: list[Reporter], verbose: bool = False,
              resume: Checkpoint | None = None) -> RunOutcome:
     """Run ``cfg`` on the backend it names (``ray`` by default), optionally from a checkpoint."""
+    from fedpeft.logs import install as install_logging
+
     quiet_environment()
+    install_logging()  # fedpeft, not an imported library's basicConfig, decides what prints
     return BACKENDS.get(cfg.backend)(cfg, reporters, verbose, resume)
 
 

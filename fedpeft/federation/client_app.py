@@ -28,8 +28,9 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedpeft.config import RunConfig
-from fedpeft.federation.message_timing import PhaseClock, log_level
+from fedpeft.federation.message_timing import PhaseClock, log_level, logs_message_lines
 from fedpeft.federation.messages import CLIENT_ID_KEY
+from fedpeft.logs import install as install_logging
 from fedpeft.threads import client_threads
 
 app = ClientApp()
@@ -72,6 +73,7 @@ def _worker_node() -> int:
 def evaluate(msg: Message, context: Context) -> Message:
     """Central evaluation offloaded to a simulation worker: this worker's share of the test
     batches under the broadcast global state (see ``federation/central_eval.py``)."""
+    install_logging()  # a Ray actor or deployed ClientApp: fedpeft decides what prints (fedpeft/logs.py)
     import torch
 
     from fedpeft.federation.central_eval import SHARD_KEY, SHARDS_KEY, evaluate_shard
@@ -91,6 +93,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """Discovery: tell the server which logical client this node is."""
     clock = PhaseClock()
+    install_logging()
     client_id, num_partitions = _identity(context)
     metrics = MetricRecord({"client-id": client_id, "num-partitions": num_partitions})
     reply = Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -102,6 +105,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     clock = PhaseClock()  # one log line per message: where its time went (message_timing.py)
+    install_logging()  # before anything imports Opacus (its basicConfig): fedpeft/logs.py
     import torch
 
     from fedpeft.federation.client import ClientRound, train_client
@@ -148,5 +152,6 @@ def train(msg: Message, context: Context) -> Message:
     how = (f"workspace built #{ws.build_number} ("
            + ", ".join(f"{k} {v:.2f} s" for k, v in ws.build_timings.items()) + ")"
            if built else "workspace cached")
-    log(log_level(), clock.line("train", f"client {client_id} round {rnd.server_round} [{how}]"))
+    if logs_message_lines(cfg):  # under DP the line would name who was sampled
+        log(log_level(), clock.line("train", f"client {client_id} round {rnd.server_round} [{how}]"))
     return reply

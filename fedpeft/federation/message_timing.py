@@ -8,7 +8,9 @@ long imports, the workspace, training and the reply took, so a deployment's own 
 "where did the round go" — ``benchmarks/bench_deploy_startup.py`` parses them.
 
 The line is logged at INFO when ``FEDPEFT_MESSAGE_TIMING`` is set (the deployment launcher
-sets it) and at DEBUG otherwise: a simulation sends thousands of messages.
+sets it) and at DEBUG otherwise: a simulation sends thousands of messages. A DP run logs no
+such line at all (:func:`logs_message_lines`): it names the client and the round, i.e. who was
+sampled, and in simulation every client shares the driver's stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 #: the marker ``benchmarks/bench_deploy_startup.py`` and the deployment test look for
 LINE_PREFIX = "fedpeft message"
@@ -27,6 +30,17 @@ _NUMBER = re.compile(r"([a-z_]+) ([0-9.]+) s")
 
 def log_level() -> int:
     return logging.INFO if os.environ.get(ENV_VAR, "") not in ("", "0") else logging.DEBUG
+
+
+def logs_message_lines(cfg: Any) -> bool:
+    """Whether a ClientApp message of the run ``cfg`` (a RunConfig) may log its timing line:
+    never under DP (``--dp user|sample``, or a budget that implies it). The line names the
+    client and the round, so in a simulation (all clients in one process tree, one stderr) the
+    lines spell out every round's secret Poisson cohort and its realised size; neither is
+    published by a DP run (SPEC §3.4)."""
+    private = (cfg.dp not in (None, "none") or cfg.epsilon is not None
+               or cfg.noise_multiplier is not None)
+    return not private
 
 
 def process_age_s() -> float | None:

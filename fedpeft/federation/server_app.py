@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft.config import RunConfig
 from fedpeft.settings import resolve
 from fedpeft.federation.server import run_federation
+from fedpeft.logs import install as install_logging
 from fedpeft.reporting import LogReporter
 from fedpeft.results import ResultsWriter
 
@@ -36,6 +37,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    install_logging()  # fedpeft/logs.py: no imported library's basicConfig decides what prints
     cfg = config_from_run_config(dict(context.run_config))
     # one run directory for results, checkpoints and the exported model (<output>/model)
     cfg = replace(cfg, output=cfg.output or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
