@@ -1,7 +1,10 @@
 """The fedpeft ClientApp (Flower Message API), identical in simulation and deployment.
 
 Run settings arrive in every message's ConfigRecord, so a SuperNode needs no local config
-beyond its identity: ``partition-id`` / ``num-partitions`` in its node config. Every train
+beyond its identity: ``partition-id`` / ``num-partitions`` in its node config. What protects
+its examples is its own, though: its DP policy (level, ε budget / z floor, δ, secret noise,
+where its accountant lives) comes from its node config, and a train message asking for less is
+refused (:mod:`fedpeft.federation.node_policy`; in simulation the run's config is the policy). Every train
 message also names the logical client it is for (``client-id``): in simulation a pool of
 workers serves any number of clients and the grid binds each message to its client's
 identity (:mod:`fedpeft.federation.virtual_grid`); a SuperNode refuses a message meant for
@@ -108,7 +111,8 @@ def train(msg: Message, context: Context) -> Message:
     install_logging()  # before anything imports Opacus (its basicConfig): fedpeft/logs.py
     import torch
 
-    from fedpeft.federation.client import ClientRound, train_client
+    from fedpeft.federation.client import ClientRound, client_pipeline, train_client
+    from fedpeft.federation.node_policy import NodePolicy
     from fedpeft.federation.faults import check_dropout, simulated_latency
     from fedpeft.federation.client_state import client_state_dir
     from fedpeft.federation.records import from_record, to_record
@@ -120,18 +124,22 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(client_threads(cfg, context.node_config))
     client_id, num_partitions = _identity(context, config)
     cfg, part_index, part_count = node_data(cfg, context.node_config, client_id, num_partitions)
+    # the node's DP policy, not the message, decides (None: simulation, the run's config is it)
+    policy = NodePolicy.of(context.node_config)
+    dp_delta = config.get("dp-delta")
+    if policy is not None:  # refuses (and logs) a message asking for less
+        cfg, dp_delta = policy.admit(cfg, dp_delta, client_pipeline(cfg).training, client_id)
     check_dropout(cfg, int(config["server-round"]), client_id)
     rank = int(config.get("round-rank", 0)) or None
-    dp_delta = config.get("dp-delta")
     rnd = ClientRound(client_id=part_index, num_partitions=part_count,
                       server_round=int(config["server-round"]), round_rank=rank,
                       state_key=str(client_id),
-                      dp_delta=float(dp_delta) if dp_delta is not None else None)
+                      dp_delta=float(dp_delta) if dp_delta is not None else None, dp_policy=policy)
     builds = builds_in_process()
     ws = get_workspace(cfg)
     built = builds_in_process() > builds
     broadcast = from_record(msg.content["arrays"])
-    state_dir = client_state_dir(cfg, context.node_config)
+    state_dir = client_state_dir(cfg, context.node_config) if policy is None else policy.run_dir(cfg)
     clock.lap("workspace")
     started = time.perf_counter()
     out = train_client(ws, cfg, rnd, broadcast, state_dir)

@@ -34,6 +34,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.federation.messages import CLIENT_ID_KEY
+from fedpeft.federation.node_policy import POLICY_KEY, RUN_POLICY
 from fedpeft.federation.sampling import WorkerPool
 from fedpeft.threads import IN_PROCESS_KEY
 
@@ -122,6 +123,9 @@ class VirtualClientGrid(InMemoryGrid):
 
     #: node config every message gets besides the client's identity
     node_extra: ClassVar[dict[str, Any]] = {}
+    #: simulated clients are the simulator's own: the run's config is their DP policy
+    #: (a deployed node's comes from its node config: fedpeft/federation/node_policy.py)
+    node_policy: ClassVar[dict[str, Any]] = {POLICY_KEY: RUN_POLICY}
 
     def __init__(self, client_app: ClientApp | None, num_clients: int, num_workers: int,
                  run_id: int = 1) -> None:
@@ -147,7 +151,8 @@ class VirtualClientGrid(InMemoryGrid):
         config = msg.content["config"] if "config" in msg.content else {}
         if msg.metadata.message_type == MessageType.EVALUATE:  # central evaluation: no client
             return Context(run_id=self._run.run_id, node_id=msg.metadata.dst_node_id,
-                           node_config={"partition-id": -1, "num-partitions": self.num_clients, **self.node_extra},
+                           node_config={"partition-id": -1, "num-partitions": self.num_clients,
+                                        **self.node_policy, **self.node_extra},
                            state=RecordDict(), run_config={})
         if CLIENT_ID_KEY not in config:
             raise ValueError(f"a {msg.metadata.message_type} message without '{CLIENT_ID_KEY}': a "
@@ -157,7 +162,7 @@ class VirtualClientGrid(InMemoryGrid):
             raise ValueError(f"client id {client} outside 0..{self.num_clients - 1}")
         return Context(run_id=self._run.run_id, node_id=msg.metadata.dst_node_id,
                        node_config={"partition-id": client, "num-partitions": self.num_clients,
-                                    **self.node_extra},
+                                    **self.node_policy, **self.node_extra},
                        state=RecordDict(), run_config={})
 
 
