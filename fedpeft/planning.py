@@ -63,6 +63,14 @@ class CostModel:
         per_round = cohort * self.per_client_visit_s + examples_per_round * local_epochs * per_example / self.workers
         return rounds * per_round
 
+    def basis(self, adapter: str) -> str:
+        """What :meth:`seconds` is: an estimate from fixed constants, not a measurement of this run."""
+        per_example = self.per_example_epoch_s.get(adapter, self.default_example_epoch_s)
+        return (f"estimate = rounds x (qN x {self.per_client_visit_s:g} s per client visit + examples per round "
+                f"x local epochs x {per_example:g} s ({adapter}) / {self.workers} workers); constants measured "
+                "on the Ray backend on 2 cores (the process pool is faster); start-up and a cold feature "
+                "cache's one-time encoder pass are not included")
+
 
 def noise_to_signal(noise_multiplier: float, dim: int, expected_cohort: float) -> float:
     """``R = z·√d/(qN)`` (SPEC §3.5)."""
@@ -104,6 +112,9 @@ class Plan:
             out.append(f"z = {self.noise_multiplier:.4f} for ε = {self.epsilon} at δ = {self.delta:.3g} "
                        f"({self.accountant}); noise-to-signal per round R = z·√d/(qN) = "
                        f"{self.noise_to_signal:.3g} (learning needs R < √T = {math.sqrt(self.rounds):.2f})")
+        if self.predicted_seconds is not None:  # withheld from a DP run's results: it scales with the data
+            out.append(f"estimated federation time ~{self.predicted_seconds:.0f} s "
+                       f"({CostModel().basis(self.adapter)})")
         out += [f"planner chose {k}: {why}" for k, why in self.chosen.items()]
         out += [f"warning: {w}" for w in (*self.warnings, *self.data_warnings)]
         return out
@@ -187,8 +198,11 @@ def choose_settings(clients: int, epsilon: float, delta: float, accountant: str,
     others = ", ".join(f"{a} {dim_of[a]:,}" for a in sorted(dim_of, key=dim_of.get) if a != adapter)
     why = {
         "adapter": f"{adapter}: smallest trainable dimension d = {dim:,} (vs {others}); the noise grows with √d",
+        # no time quoted: the estimate scales with the training-set size, which a DP run does not
+        # publish (config.planned lands in results.json); `fedpeft plan` prints it with its basis
         "cohort": f"{cohort} (q = {cohort / clients:.3g}): with rounds {rounds}, maximises √T/R = {score:.3g} "
-                  f"(R = {r:.3g}) within a {budget_s:.0f} s time budget (predicted {seconds:.0f} s)",
+                  f"(R = {r:.3g}) among the settings whose estimated federation time fits a {budget_s:.0f} s "
+                  "budget (a linear cost model, not a measurement: `fedpeft plan` prints the estimate)",
         "rounds": f"{rounds}: see cohort",
         **{k: f"{v} ({adapter} recipe, measured at N = 1000, ε = 2)" for k, v in recipe.items()},
     }

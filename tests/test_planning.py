@@ -75,3 +75,20 @@ def test_noise_to_signal_formula_and_warning_threshold():
     assert bad.noise_to_signal == pytest.approx(3.0)
     assert len(bad.warnings) == 1 and "√T" in bad.warnings[0]                 # R ≥ √9
     assert len(bad.data_warnings) == 1 and "50 clients" in bad.data_warnings[0]  # 50 clients empty
+
+
+def test_planned_reasons_quote_no_time_derived_from_the_data_size():
+    """config.planned lands in a DP run's results.json; the time estimate scales with the
+    training-set size, which a DP run does not publish (issue 24 #9). The reasons are the same
+    for two data sizes that lead to the same choice; the estimate itself is printed by
+    `fedpeft plan` as what it is: a cost-model estimate with its basis."""
+    dims = {"head": 770, "lora r8": 74_498}
+    a = choose_settings(1000, 2.0, 1e-5, "rdp", 11_527, dims)
+    b = choose_settings(1000, 2.0, 1e-5, "rdp", 2_000, dims)
+    assert a[0] == b[0] and a[1] == b[1]
+    assert "predicted" not in json.dumps(a[1]) and "estimated" in a[1]["cohort"]
+    plan = make_plan(clients=1000, cohort=1000, rounds=5, adapter="head", dim=770, train_examples=11_527, dp="user",
+                     epsilon=2.0, delta=1e-5, noise_multiplier=4.8, accountant="rdp", clip=5.0, local_epochs=5,
+                     chosen=a[1])
+    line = next(x for x in plan.lines() if x.startswith("estimated federation time"))
+    assert f"~{plan.predicted_seconds:.0f} s" in line and "not included" in line and "0.02 s per client visit" in line
