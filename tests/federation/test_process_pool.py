@@ -28,9 +28,45 @@ def _train(msg: Message, context):  # noqa: ANN001, ANN202
         raise ValueError("client bug")
     if what == "sleep":
         time.sleep(1.0)
+    if what == "scan":  # look for the driver's secret key, as code running in a worker could
+        config = msg.content["config"]
+        return Message(RecordDict({"metrics": MetricRecord({
+            "pid": os.getpid(), "key-objects": _secret_objects(),
+            "key-copies": _memory_copies(bytes(config["head"]), bytes(config["tail"]))})}), reply_to=msg)
     return Message(RecordDict({"metrics": MetricRecord({
         "pid": os.getpid(), "client": int(context.node_config["partition-id"]),
         "inherited": INHERITED.get("marker", -1)})}), reply_to=msg)
+
+
+def _secret_objects() -> int:
+    """Live SecretStreams objects in this process that still hold a key."""
+    import gc
+
+    from fedpeft.privacy.randomness import SecretStreams
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, SecretStreams) and getattr(o, "_key", None))
+
+
+def _memory_copies(head: bytes, tail: bytes) -> int:
+    """How often ``head + tail`` (a 32-byte key sent as two halves, so the message itself never
+    holds it whole) occurs in this process' writable memory, read through /proc/self/mem."""
+    found = 0
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 2 or not fields[1].startswith("rw") or (len(fields) > 5 and fields[5] == "[vvar]"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            at = data.find(head)
+            while at >= 0:
+                found += data[at + len(head):at + len(head) + len(tail)] == tail
+                at = data.find(head, at + 1)
+    return found
 
 
 def _msgs(grid: ProcessPoolGrid, whats: list[str]) -> list[Message]:
@@ -79,8 +115,37 @@ def test_a_crashing_client_is_an_error_reply_and_the_pool_keeps_its_size(grid):
 def test_close_stops_every_worker():
     g = ProcessPoolGrid(probe, num_clients=4, num_workers=2)
     procs = list(g._all)  # noqa: SLF001
+    template = g._template.process  # noqa: SLF001
     g.close()
-    assert all(not w.process.is_alive() for w in procs)
+    assert all(not w.alive for w in procs) and not template.is_alive()
+
+
+def test_no_worker_holds_the_servers_key_not_even_a_replacement_forked_mid_run():
+    """Issue 24 #8: a fresh run draws its key after the pool exists; a worker that dies is
+    replaced by a fork of the pool's template (built before the key), not of the driver as it
+    is mid-run. Checked as code in a worker would: live key objects, and the key's bytes
+    anywhere in its writable memory. The driver itself is the positive control."""
+    from fedpeft.privacy.randomness import COHORT, SecretStreams
+
+    g = ProcessPoolGrid(probe, num_clients=10, num_workers=2)
+    try:
+        streams = SecretStreams.fresh()  # what run_federation does after the pool is built
+        streams.numpy(COHORT, 1)
+        key = streams._key  # noqa: SLF001
+        head, tail = key[:16], key[16:]
+        assert _secret_objects() >= 1 and _memory_copies(head, tail) >= 1  # the driver holds it
+        before = set(g.worker_pids())
+        assert [r.has_error() for r in g.send_and_receive(_msgs(g, ["die"]), timeout=60)] == [True]
+        replaced = set(g.worker_pids()) - before
+        assert len(replaced) == 1
+        msgs = [Message(RecordDict({"config": ConfigRecord({"client-id": c, "what": "scan", "head": head,
+                                                            "tail": tail})}),
+                        dst_node_id=g.roster().node_of(c), message_type=MessageType.TRAIN) for c in range(4)]
+        replies = [r.content["metrics"] for r in g.send_and_receive(msgs, timeout=120)]
+        assert replaced <= {int(m["pid"]) for m in replies}  # the replacement was asked too
+        assert [(int(m["key-objects"]), int(m["key-copies"])) for m in replies] == [(0, 0)] * 4
+    finally:
+        g.close()
 
 
 def test_a_run_on_the_pool_matches_the_inprocess_backend(tmp_path):
