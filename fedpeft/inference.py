@@ -20,7 +20,7 @@ from torch import nn
 
 from fedpeft.atomic import atomic_write_text
 from fedpeft.errors import UsageError
-from fedpeft.export import HEAD_LAYOUTS, MODEL_DIR, HeadLayout
+from fedpeft.export import HEAD_LAYOUTS, MODEL_DIR, HeadLayout, loadable_base
 from fedpeft.model.loading import quiet_transformers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -82,7 +82,9 @@ def load_model(model_dir: Path) -> LoadedModel:
                          f"allowed: {', '.join(HEAD_LAYOUTS.names())} (not a fedpeft export?)")
     layout = HEAD_LAYOUTS.get(pooling)
     try:
-        model = PeftModel.from_pretrained(layout.auto().from_pretrained(base, config=config), str(model_dir))
+        # the published name of an embedded base loads from the wheel's copy (no network)
+        model = PeftModel.from_pretrained(layout.auto().from_pretrained(loadable_base(base), config=config),
+                                          str(model_dir))
     except (OSError, ValueError) as exc:
         raise UsageError(f"the base model {base!r} named in {model_dir / ADAPTER_CONFIG} with this adapter "
                          f"cannot be loaded ({_first_line(exc)})") from None

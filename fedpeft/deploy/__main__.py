@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedpeft.atomic import write_private, write_public
 from fedpeft.deploy import app, certs, keys
 from fedpeft.deploy import launcher as L
 
@@ -45,11 +46,8 @@ def _exec(argv: list[str]) -> None:
 def _install(src: Path, dst_dir: Path, private: bool) -> None:
     """Copy ``src`` into ``dst_dir`` (a private key created owner-only from the start)."""
     dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / src.name
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(src.read_bytes())
-    os.chmod(dst, 0o600 if private else 0o644)
+    # a new inode renamed into place: an existing file's wider mode is never kept (fedpeft/atomic.py)
+    (write_private if private else write_public)(dst_dir / src.name, src.read_bytes())
 
 
 def cmd_init(args: argparse.Namespace) -> int:

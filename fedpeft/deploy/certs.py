@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedpeft.atomic import write_private, write_public
 
 ALWAYS_NAMES = ("localhost", "127.0.0.1")
 DEFAULT_DAYS = 365
@@ -56,9 +57,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Keys are created 0600 and renamed into place (never readable by others, not even
+    before a chmod); certificates 0644."""
+    (write_private if private else write_public)(path, data)
 
 
 def unique_names(hosts: list[str]) -> list[str]:

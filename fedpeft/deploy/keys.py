@@ -17,12 +17,13 @@ writes ``keys/supernode-0`` (private, stays on that machine) and ``keys/supernod
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedpeft.atomic import write_private, write_public
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,13 @@ def generate(out: str | Path, name: str, overwrite: bool = False) -> NodeKey:
     if not overwrite and (key.private.exists() or key.public.exists()):
         raise FileExistsError(f"{key.private} exists; pass overwrite=True (--force) to replace it")
     private = ec.generate_private_key(ec.SECP384R1())
-    key.private.write_bytes(private.private_bytes(serialization.Encoding.PEM,
-                                                  serialization.PrivateFormat.OpenSSH,
-                                                  serialization.NoEncryption()))
-    os.chmod(key.private, 0o600)
+    # created 0600 and renamed into place: never readable by others, not even before a chmod
+    write_private(key.private, private.private_bytes(serialization.Encoding.PEM,
+                                                     serialization.PrivateFormat.OpenSSH,
+                                                     serialization.NoEncryption()))
     public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                serialization.PublicFormat.OpenSSH)
-    key.public.write_bytes(public + f" {name}\n".encode())
+    write_public(key.public, public + f" {name}\n".encode())
     return key
 
 
