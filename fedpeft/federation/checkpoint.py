@@ -9,8 +9,16 @@ A checkpoint holds everything the rest of the run depends on:
 - a copy of the per-client state directory (error-feedback residuals, sample-level
   accountants) as it was after that round,
 - under DP, the run's secret privacy key (``privacy.key``, mode 0600,
-  :mod:`fedpeft.privacy.randomness`): the resumed run continues the same cohort and noise
-  streams. The checkpoint directory is mode 0700: it is server-private, never a result.
+  :mod:`fedpeft.privacy.randomness`); a resumed run keeps the key but draws fresh cohorts and
+  noise (a new nonce per attempt). The checkpoint directory is mode 0700: it is server-private,
+  never a result.
+- under DP, the attempt ledger (``attempts``, mode 0600): one line per round attempt started
+  after this checkpoint was written, appended and fsync'd before the round's first message
+  leaves the server (:func:`record_attempt`). A process that dies after round t+2 of a run
+  checkpointed at t may already have released rounds t+1 and t+2 (results, broadcasts); its
+  resume re-runs them with fresh noise, so the accountant must count both attempts: on resume
+  every ledger line is one more Poisson-sampled Gaussian mechanism (issue 24, finding 4). A new
+  checkpoint starts an empty ledger: by then every earlier attempt is in its accountant.
 Every other draw (DP-DyLoRA rank, client shuffling, the cohort and noise of runs without DP)
 is seeded by ``(seed, round[, client])``, so round t+1 after a resume sees exactly the draws of
 an uninterrupted run.
@@ -37,6 +45,7 @@ from fedpeft.privacy.randomness import KEY_FILE, RandomStreams, SecretStreams
 from fedpeft.results import RoundRecord
 
 CHECKPOINT_DIR = "checkpoint"
+ATTEMPTS_FILE = "attempts"
 
 
 @dataclass
@@ -56,6 +65,8 @@ class Checkpoint:
     #: the server optimiser (SPEC §3.6): scalars as JSON, moment buffers as tensors
     server_opt_state: dict[str, Any] = dataclasses.field(default_factory=dict)
     server_opt_tensors: State = dataclasses.field(default_factory=dict)
+    #: rounds attempted after this checkpoint was written (the ledger, :func:`record_attempt`)
+    attempts: list[int] = dataclasses.field(default_factory=list)
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint, client_state: Path) -> Path:
@@ -94,6 +105,24 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, client_state: Path) -> Path
     return final
 
 
+def record_attempt(run_dir: Path, server_round: int) -> None:
+    """Append ``server_round`` to the checkpoint's attempt ledger, durably (fsync) and owner-only,
+    before anything of that round attempt leaves the server (see the module docstring)."""
+    path = Path(run_dir) / CHECKPOINT_DIR / ATTEMPTS_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, f"{int(server_round)}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _attempts(path: Path) -> list[int]:
+    if not path.is_file():
+        return []
+    return [int(line) for line in path.read_text().split() if line.strip()]
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     path = run_dir / CHECKPOINT_DIR
     if not (path / "server.json").is_file():
@@ -110,12 +139,28 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
                       server_opt_tensors=load_file(str(server_opt)) if server_opt.is_file() else {},
                       streams=SecretStreams.load(path) if (path / KEY_FILE).is_file() else None,
                       published=([RoundRecord(**r) for r in meta["published"]]
-                                 if meta.get("published") is not None else None))
+                                 if meta.get("published") is not None else None),
+                      attempts=_attempts(path / ATTEMPTS_FILE))
 
 
-def restore_client_state(run_dir: Path, client_state: Path) -> None:
-    """Put the per-client state back exactly as it was at the checkpoint."""
+def restore_client_state(run_dir: Path, client_state: Path, keep: tuple[str, ...] = ()) -> None:
+    """Put the per-client state back exactly as it was at the checkpoint, except the
+    subdirectories named in ``keep``, which stay as they are now (under DP: ``accountants``,
+    the privacy the clients have spent — also in round attempts after the checkpoint; it only
+    grows, a resume never rewinds it)."""
     saved = run_dir / CHECKPOINT_DIR / "client_state"
+    held = Path(f"{client_state}.keep")
+    shutil.rmtree(held, ignore_errors=True)
+    for name in keep:
+        if (client_state / name).is_dir():
+            held.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (client_state / name).rename(held / name)
     shutil.rmtree(client_state, ignore_errors=True)
     if saved.is_dir():
         shutil.copytree(saved, client_state)
+    for name in keep:
+        if (held / name).is_dir():
+            client_state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            shutil.rmtree(client_state / name, ignore_errors=True)
+            (held / name).rename(client_state / name)
+    shutil.rmtree(held, ignore_errors=True)

@@ -81,6 +81,18 @@ class PrivacyLevel:
         """ε spent so far, after this round's metrics."""
         return None
 
+    @property
+    def fresh_attempts(self) -> bool:
+        """True when every attempt at a round draws fresh noise and cohort (a secret key and a
+        per-attempt nonce): then each attempt is accounted, and resumes keep the clients'
+        accountants as they are. Not under --insecure-reproducible-noise, whose re-run round
+        repeats its draws (and its results)."""
+        return self.private and not self.cfg.insecure_reproducible_noise
+
+    def add_attempts(self, count: int) -> None:
+        """Account ``count`` round attempts that ran after the resumed checkpoint was written
+        (its attempt ledger): each may have released a model (issue 24, finding 4)."""
+
     def final_fields(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "accountant": None, "dp_level": self.level}
@@ -143,6 +155,11 @@ class UserLevel(PrivacyLevel):
     def observe_round(self, metrics: dict[str, float]) -> float | None:
         self.epsilon = metrics.get("epsilon", self.epsilon)
         return self.epsilon
+
+    def add_attempts(self, count: int) -> None:
+        if count > 0:  # one Poisson-sampled Gaussian mechanism per attempt, at the run's (z, q)
+            self.stage.accountant.step(self.stage.noise_multiplier, self.stage.sample_rate, count)
+            self.epsilon = self.stage.epsilon()
 
     def final_fields(self) -> dict[str, Any]:
         eps = self.stage.epsilon() if self.stage is not None else None

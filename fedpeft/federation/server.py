@@ -28,7 +28,8 @@ from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
 from fedpeft.federation.records import from_record, payload_bytes, to_record
 from fedpeft.federation.central_eval import Evaluator, local_evaluator
-from fedpeft.federation.checkpoint import Checkpoint, restore_client_state, save_checkpoint
+from fedpeft.federation.checkpoint import (CHECKPOINT_DIR, Checkpoint, record_attempt, restore_client_state,
+                                          save_checkpoint)
 from fedpeft.federation.downlink import build_downlink
 from fedpeft.federation.privacy_plan import build_privacy
 from fedpeft.federation.client_state import client_state_dir
@@ -144,10 +145,13 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         published = list(resume.published) if resume.published is not None else list(records)
         load_round_state(strategy, resume.strategy_state)
         privacy.load_state_dict(resume.privacy_state)
+        if privacy.fresh_attempts:  # attempts after the checkpoint may have released models
+            privacy.add_attempts(len(resume.attempts))
         downlink.load_state_dict(resume.downlink_state, resume.downlink_tensors)
         if resume.server_opt_state:
             strategy.server_opt.load_state_dict(resume.server_opt_state, resume.server_opt_tensors)
-        restore_client_state(Path(cfg.output or "."), client_state)
+        restore_client_state(Path(cfg.output or "."), client_state,
+                             keep=("accountants",) if privacy.fresh_attempts else ())
         for full, public in zip(records, published):
             for r in reporters:
                 r.on_round(public)
@@ -159,11 +163,17 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         client_state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(client_state, 0o700)
     evaluate_global = (evaluator or local_evaluator)(ws)
+    # under DP, every round attempt after the last checkpoint of this run is written to its
+    # ledger before the round's first message leaves (fedpeft.federation.checkpoint)
+    ledger = (resume is not None and privacy.fresh_attempts and bool(cfg.output)
+              and (Path(cfg.output) / CHECKPOINT_DIR).is_dir())
     for server_round in range(len(records) + 1, cfg.rounds + 1):
         stop = privacy.stop_reason()
         if stop is not None:
             log(WARNING, "round %d not run: %s", server_round, stop)
             break
+        if ledger:
+            record_attempt(Path(cfg.output), server_round)
         t_round = time.perf_counter()
         rank = ws.adapter.round_rank(np.random.default_rng([cfg.seed, 0xD1, server_round]))
         config = ConfigRecord({**cfg.to_client_flat(), **privacy.round_config(),
@@ -219,6 +229,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                 downlink_state=downlink.state_dict(), downlink_tensors=downlink.tensors(),
                 streams=streams, published=published,
                 server_opt_state=opt_state, server_opt_tensors=opt_tensors), client_state)
+            ledger = privacy.fresh_attempts
 
     wall = time.perf_counter() - t0
     if cfg.output:  # the final global model in the standard peft layout (fedpeft.export)

@@ -5,19 +5,29 @@ Everything the guarantee relies on — the server's Gaussian noise, the adaptive
 the Poisson cohort — is therefore expanded from a 256-bit key drawn from the OS CSPRNG
 (:func:`secrets.token_bytes`), never from the public ``--seed``: the seed is written to
 results.json and sent to every client. The key lives only in this object and in the server's
-checkpoint (``checkpoint/privacy.key``, mode 0600), so a resumed run continues the same stream.
-That is not only convenience: a round interrupted after its release and re-run after a resume
-draws the same cohort and noise, so it releases the same value again instead of a second,
-unaccounted sample of the mechanism.
+checkpoint (``checkpoint/privacy.key``, mode 0600), so a resumed run keeps its key.
 
-Each stream is ``HMAC-SHA256(key, purpose ‖ index)``, used as the seed of the PRNG that draws
-the round's values. Knowing some streams' outputs reveals nothing about the key or any other
-stream (HMAC is a PRF).
+A noise draw is never reused with different inputs (issue 24, finding 4). Deriving a round's
+noise from (key, round) alone made a round re-run after a resume draw the SAME noise: if the
+re-run differed in who returned (dropout, timeout, crash), the two released models differed by
+exactly the dropped clients' clipped sum / qN — no noise at all. Each :class:`SecretStreams`
+object therefore also holds a 128-bit nonce drawn from the OS CSPRNG when it is created (a run's
+start, each resume: one attempt at the rounds it runs) and never stored: every attempt at a round
+draws a fresh cohort and fresh noise, an independent run of the Poisson-sampled Gaussian
+mechanism. The accountant counts every attempt that could have released something
+(``fedpeft.federation.checkpoint``'s attempt ledger), so a re-run round costs one more round of ε
+instead of leaking. Within one attempt the same (purpose, round) still gives the same draws.
+
+Each stream is ``HMAC-SHA256(key, purpose ‖ index ‖ nonce)``, used as the seed of the PRNG that
+draws the round's values. Knowing some streams' outputs reveals nothing about the key or any
+other stream (HMAC is a PRF).
 
 :class:`SeededStreams` is the non-private path and the explicit research opt-in
 ``--insecure-reproducible-noise``: the same streams derived from ``--seed`` exactly as earlier
 fedpeft versions did (non-private runs keep their results). Such a run carries NO privacy
-guarantee against anyone who knows the seed, and says so in its results.
+guarantee against anyone who knows the seed, and says so in its results; being reproducible, a
+round it re-runs after a resume draws the same noise again (so a re-run with other replies
+exposes their difference).
 
 Clients draw their own secrets for DP-SGD noise and Poisson batches
 (:func:`client_secret_seeds`); in a real federation the server never learns them.
@@ -39,6 +49,7 @@ import torch
 from fedpeft.errors import UsageError
 
 KEY_BYTES = 32
+NONCE_BYTES = 16
 KEY_FILE = "privacy.key"
 
 #: Stream purposes. The numbers are the domain-separation constants of the seeded derivation
@@ -70,7 +81,8 @@ class RandomStreams(ABC):
 
 
 class SecretStreams(RandomStreams):
-    """Streams expanded from a secret key with HMAC-SHA256 (the key is never published)."""
+    """Streams expanded from a secret key and this attempt's nonce with HMAC-SHA256 (neither is
+    ever published; only the key is kept, in the server's checkpoint)."""
 
     kind = SECRET
 
@@ -78,6 +90,8 @@ class SecretStreams(RandomStreams):
         if len(key) != KEY_BYTES:
             raise ValueError(f"privacy key must be {KEY_BYTES} bytes, got {len(key)}")
         self._key = bytes(key)
+        # one per object, i.e. per run start or resume: an attempt never reuses another's draws
+        self._nonce = secrets.token_bytes(NONCE_BYTES)
 
     @classmethod
     def fresh(cls) -> SecretStreams:
@@ -85,7 +99,7 @@ class SecretStreams(RandomStreams):
         return cls(secrets.token_bytes(KEY_BYTES))
 
     def _digest(self, purpose: str, index: int) -> bytes:
-        msg = purpose.encode() + b"\x00" + struct.pack(">q", int(index))
+        msg = purpose.encode() + b"\x00" + struct.pack(">q", int(index)) + self._nonce
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
     def numpy(self, purpose: str, index: int) -> np.random.Generator:
@@ -113,6 +127,7 @@ class SecretStreams(RandomStreams):
 
     @classmethod
     def load(cls, directory: Path) -> SecretStreams:
+        """The checkpoint's key with a FRESH nonce: a resume is a new attempt at its rounds."""
         path = Path(directory) / KEY_FILE
         if not path.is_file():
             raise UsageError(f"checkpoint {str(directory)!r} has no {KEY_FILE}: a DP run cannot be resumed "
@@ -151,5 +166,5 @@ def client_secret_seeds(count: int, fallback: np.random.Generator | None = None)
     return [secrets.randbits(63) for _ in range(count)]
 
 
-__all__ = ["COHORT", "KEY_FILE", "RandomStreams", "SECRET", "SEEDED_INSECURE", "SEEDED_WARNING",
+__all__ = ["COHORT", "KEY_FILE", "NONCE_BYTES", "RandomStreams", "SECRET", "SEEDED_INSECURE", "SEEDED_WARNING",
            "SERVER_NOISE", "SecretStreams", "SeededStreams", "client_secret_seeds"]

@@ -67,9 +67,11 @@ class UserLevelDP(Stage):
         accountant: where rounds are composed (may carry history from a checkpoint).
         delta: δ at which ε is reported.
         streams: where the round's noise comes from (:mod:`fedpeft.privacy.randomness`):
-            round t's noise is the ``server-noise`` stream of round t, so a resumed run with
-            the same streams draws the same noise. Default: a fresh secret key from the OS
-            CSPRNG — never a public seed, or anyone holding it could subtract the noise.
+            round t's noise is the ``server-noise`` stream of round t. Secret streams mix in a
+            nonce per attempt, so a round re-run after a resume draws fresh noise (and is
+            accounted again); it never re-releases the same noise on other inputs. Default: a
+            fresh secret key from the OS CSPRNG — never a public seed, or anyone holding it
+            could subtract the noise.
         adaptive: adaptive clipping options, or None for fixed clipping.
     """
 

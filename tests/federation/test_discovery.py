@@ -43,7 +43,7 @@ def test_secret_cohort_is_not_the_seeded_one_and_keeps_the_rate():
     key = SecretStreams.fresh()
     secret = PoissonSampler(nodes, 0.05, key).sample(1)
     assert secret != public and PoissonSampler(nodes, 0.05, SecretStreams.fresh()).sample(1) != secret
-    assert PoissonSampler(nodes, 0.05, key).sample(1) == secret  # same key: same cohort (resume)
+    assert PoissonSampler(nodes, 0.05, key).sample(1) == secret  # same streams: same cohort
     # overlap of two independent Poisson(0.05) cohorts ~ Binomial(10000, 0.0025): mean 25, sd 5
     assert len(set(secret) & set(public)) < 25 + 6 * 5
     assert abs(len(secret) - 500) < 5 * 21.8

@@ -226,8 +226,10 @@ def test_default_noise_is_secret_and_the_seed_does_not_regenerate_it():
     assert not torch.equal(a[B], public[B]) and not torch.equal(b[B], public[B])
 
 
-def test_same_secret_key_draws_the_same_noise():
-    """A resumed run holds the checkpoint's key: same key, same round, same noise."""
+def test_same_key_draws_the_same_noise_within_an_attempt_and_fresh_noise_in_the_next(tmp_path):
+    """One streams object (one attempt at the run): same round, same noise. The same key
+    loaded again (a resume: a new attempt) draws other noise — a re-run round never reuses
+    its noise on other inputs (issue 24, finding 4)."""
     glob = global_state()
     ups = [shifted(glob, 0.5, 1)]
     key = SecretStreams.fresh()
@@ -237,6 +239,11 @@ def test_same_secret_key_draws_the_same_noise():
     a, _, _, _ = run_round(dps[0], 4, glob, ups)
     b, _, _, _ = run_round(dps[1], 4, glob, ups)
     assert all(torch.equal(a[k], b[k]) for k in glob)
+    key.save(tmp_path)
+    resumed = make_dp([1], seed=None)
+    dp_of(resumed).streams = SecretStreams.load(tmp_path)
+    c, _, _, _ = run_round(resumed, 4, glob, ups)
+    assert not torch.equal(a[B], c[B])
 
 
 def test_zero_update_of_an_empty_client_is_summed_like_any_other():
