@@ -152,6 +152,8 @@ def simulate(
     min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest rank, drawn uniformly in [min-rank, rank] per step (dylora) or per round by the server (dp-dylora). [default: 1]"),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt. [default: query,value]"),
     lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="Encoder layers that get LoRA, e.g. 5 or 4,5 (the top k of the default's 6); fewer coordinates, less DP noise. [default: all]"),
+    train_top_k: Optional[int] = typer.Option(None, "--train-top-k", help="Adapt only the top k encoder layers (LoRA there, the rest frozen): the frozen bottom runs once per example, not per client visit, so each visit costs ~k/L of the encoder. Alternative to --lora-layers. [default: 0 = all layers]"),
+    bottom_cache: Optional[bool] = typer.Option(None, "--bottom-cache/--no-bottom-cache", help="Compute the frozen layers below the lowest adapted one once per example (disk-cached, memory-mapped); --no-bottom-cache runs the whole encoder every visit (same numbers, slower; for measuring). [default: on]"),
     client_ranks: Optional[str] = typer.Option(None, "--client-ranks", help="Per-client LoRA ranks, e.g. 2,4,8 (client i trains ranks[i mod len]; flora only). [default: --rank for all]"),
     strategy: Optional[str] = typer.Option(None, "--strategy", help=f"Server strategy: {_names('strategies', 'STRATEGIES')}. [default: fedavg]"),
     fair_solver: Optional[str] = typer.Option(None, "--fair-solver", help="LoRA-FAIR residual solver: sgd (paper) or ridge (closed form). [default: sgd]"),

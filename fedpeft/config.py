@@ -53,6 +53,11 @@ class RunConfig:
     target_modules: str = "query,value"
     #: encoder layers that get LoRA, e.g. "5" or "4,5" (the top k of a 6-layer model); "" = all
     lora_layers: str = ""
+    #: adapt only the top k encoder layers (sets lora_layers to them); 0 = --lora-layers decides
+    train_top_k: int = 0
+    #: run the frozen layers below the lowest adapted one once per example, not per client
+    #: visit (fedpeft.model.frozen_bottom); off only to measure what it saves
+    bottom_cache: bool = True
     #: per-client LoRA ranks, e.g. "2,4,8" (client i trains rank ranks[i % len]); "" = --rank
     client_ranks: str = ""
     # model and data

@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +34,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDPEFT_CACHE_DIR") or Path.home() / ".cache" / "fedpeft")
 
 
-def cached_arrays(kind: str, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """``compute()`` once per ``(kind, key)`` on this machine; later calls load its arrays."""
+def cached_arrays(kind: str, key: str, compute: Callable[[], dict[str, np.ndarray]],
+                  mmap: bool = False) -> dict[str, np.ndarray]:
+    """``compute()`` once per ``(kind, key)`` on this machine; later calls load its arrays.
+
+    ``mmap``: keep the entry as a folder of ``.npy`` files and return read-only memory maps
+    (for large arrays, e.g. cached hidden states: every process that maps them, forked
+    workers included, shares one copy in the page cache instead of reading its own)."""
     directory = cache_root() / kind
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{key}.npz"
     with open(directory / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            if mmap:
+                return _mapped_entry(directory / key, compute)
             if path.is_file():
                 try:
                     with np.load(path) as data:
@@ -53,3 +62,28 @@ def cached_arrays(kind: str, key: str, compute: Callable[[], dict[str, np.ndarra
             return arrays
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _mapped_entry(folder: Path, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of ``folder`` (one ``.npy`` per array, listed in ``arrays.json``) memory-mapped
+    read-only; computed and written first when missing or unreadable. The folder is built
+    beside its final name and renamed into place, so readers never see a partial entry."""
+    index = folder / "arrays.json"
+    if index.is_file():
+        try:
+            names = json.loads(index.read_text())
+            return {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in names}
+        except (OSError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)  # unreadable: computed again below
+    arrays = compute()
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        for name, value in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(value))
+        (tmp / "arrays.json").write_text(json.dumps(sorted(arrays)))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in arrays}

@@ -66,6 +66,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         layers = [-1]
     _check(all(0 <= x <= 1023 for x in layers), "lora_layers", cfg.lora_layers,
            "comma-separated encoder layer indices >= 0, e.g. 4,5 (the top two of six)")
+    _check(0 <= cfg.train_top_k <= 1023, "train_top_k", cfg.train_top_k,
+           "an integer >= 0: the number of top encoder layers to adapt (0 = --lora-layers decides)")
+    if cfg.train_top_k:
+        cfg = dataclasses.replace(cfg, lora_layers=_top_layers(cfg))
     _check(bool(cfg.target_module_list), "target_modules", cfg.target_modules,
            "a comma-separated list of module names, e.g. query,value")
     from fedpeft.model.loading import POOLINGS
@@ -121,6 +125,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     if refusal is not None:
         raise UsageError(refusal)
     return cfg
+
+
+def _top_layers(cfg: RunConfig) -> str:
+    """``--train-top-k k`` as the ``lora_layers`` it means: the model's top k layer indices."""
+    from fedpeft.model.loading import layer_count
+
+    total = layer_count(cfg.model)
+    _check(cfg.train_top_k <= total, "train_top_k", cfg.train_top_k,
+           f"1..{total} (the encoder layers of --model {cfg.model})")
+    top = ",".join(str(i) for i in range(total - cfg.train_top_k, total))
+    if cfg.lora_layers and cfg.lora_layers != top:
+        raise UsageError(f"--train-top-k {cfg.train_top_k} (layers {top}) contradicts --lora-layers "
+                         f"{cfg.lora_layers!r}; give only one")
+    return top
 
 
 def _check_privacy(cfg: RunConfig) -> None:

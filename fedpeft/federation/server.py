@@ -120,6 +120,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             "trainable_parameters": sum(v.numel() for v in ws.initial_state.values()),
             "train_examples": len(ws.train), "test_examples": len(ws.test),
             "num_labels": ws.splits.num_labels, "privacy": privacy.plan(),
+            # encoder layers run once per example instead of every client visit (--train-top-k)
+            "cached_layers": ws.cached_layers,
             "pipeline": pipeline.describe(cfg.strategy, cfg.server_opt,
                                           f"{cfg.compression} with error feedback" if cfg.compress_down else "dense"),
             "utility": config_plan(cfg, shared_layout(None), len(ws.train), privacy.delta,

@@ -18,17 +18,20 @@ from torch import nn
 from fedpeft.adapters import Adapter, AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
 from fedpeft.data.features import FeatureSplit, cache_key, cached_features, split_features
+from fedpeft.data.hidden_states import HiddenSplit
 from fedpeft.data.partition import Partitions
 from fedpeft.data.sources import LabeledSplits, load_splits
 from fedpeft.data.token_cache import cached_tokenize, tokenizer_identity
+from fedpeft.disk_cache import cached_arrays
 from fedpeft.data.tokenized import TokenizedSplit
 from fedpeft.model.feature_head import FeatureClassifier, head_dropout
+from fedpeft.model.frozen_bottom import first_trained_layer, layer_inputs, matches_full_model, use_cached_bottom
 from fedpeft.model.loading import load_classifier, load_tokenizer, resolve_model_path
 from fedpeft.model.packing import enable_packing
 
 # RunConfig fields that change what the workspace holds
 _KEY_FIELDS = ("model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
-               "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "lora_layers", "seed")
+               "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "lora_layers", "train_top_k", "bottom_cache", "seed")
 
 
 @dataclass
@@ -37,9 +40,10 @@ class Workspace:
     model: nn.Module
     pad_id: int
     splits: LabeledSplits
-    #: token ids, or the cached head features when the adapter trains nothing below the head
-    train: TokenizedSplit | FeatureSplit
-    test: TokenizedSplit | FeatureSplit
+    #: token ids; the cached head features when the adapter trains nothing below the head; the
+    #: cached input of the lowest trained layer when only the top layers train
+    train: TokenizedSplit | FeatureSplit | HiddenSplit
+    test: TokenizedSplit | FeatureSplit | HiddenSplit
     initial_state: State
     #: pristine copies of the adapted layers' frozen weights (``...base_layer.weight``):
     #: FLoRA folds updates into them, and every run starts from these
@@ -52,6 +56,9 @@ class Workspace:
     build_number: int = 0
     #: non-private training batches are packed (no padding tokens; fedpeft.model.packing)
     packed: bool = False
+    #: encoder layers below this one run once per example, not per visit (0: none cached;
+    #: fedpeft.model.frozen_bottom)
+    cached_layers: int = 0
 
     def partitions(self, scheme: str, num_partitions: int, dirichlet_alpha: float, seed: int) -> Partitions:
         key = (scheme, num_partitions, dirichlet_alpha)
@@ -119,17 +126,24 @@ def _build(cfg: RunConfig) -> Workspace:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t3 = time.perf_counter()
     timings["model"] = t3 - t2
-    packed = False
+    packed, cached = False, 0
     if adapter.frozen_encoder:
         model, train, test = _frozen_features(cfg, model, train, test, int(pad_id))
         timings["features"] = time.perf_counter() - t3
     elif len(train):
+        first = first_trained_layer(model) if cfg.bottom_cache else 0
+        if first > 0:
+            bottom = _frozen_bottom(cfg, model, train, test, int(pad_id), first)
+            if bottom is not None:
+                train, test, cached = *bottom, first
+            timings["bottom-cache"] = time.perf_counter() - t3
+        t4 = time.perf_counter()
         packed = enable_packing(model, train, np.arange(min(PACKING_PROBE, len(train))), int(pad_id))
-        timings["packing-check"] = time.perf_counter() - t3
+        timings["packing-check"] = time.perf_counter() - t4
     return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,
                      test=test, initial_state=adapter.trainable_state(model),
                      frozen_base=adapted_base_weights(model), _partitions={}, build_timings=timings,
-                     packed=packed)
+                     packed=packed, cached_layers=cached)
 
 
 #: training rows the packed forward is checked on against the padded one
@@ -143,16 +157,44 @@ def _frozen_features(cfg: RunConfig, model: nn.Module, train: TokenizedSplit,
                      test: TokenizedSplit, pad_id: int) -> tuple[nn.Module, FeatureSplit, FeatureSplit]:
     """Replace encoder + token splits by the head on cached features (computed once per
     machine, :mod:`fedpeft.data.features`); the encoder is dropped from this process."""
-    key = cache_key({"model": cfg.model, "model_path": resolve_model_path(cfg.model), "pooling": cfg.pooling,
-                     "dataset": cfg.dataset, "text_column": cfg.text_column, "label_column": cfg.label_column,
-                     "max_length": cfg.max_length, "test_fraction": cfg.test_fraction,
-                     "max_test_examples": cfg.max_test_examples, "train_n": len(train), "test_n": len(test)})
+    key = cache_key({**_data_identity(cfg), "train_n": len(train), "test_n": len(test)})
 
     arrays = cached_features(key, lambda: {"train": split_features(model, train, pad_id, FEATURE_BATCH),
                                            "test": split_features(model, test, pad_id, FEATURE_BATCH)})
     head = FeatureClassifier(model.classifier, head_dropout(model))
     head.eval()
     return (head, FeatureSplit(arrays["train"], train.labels), FeatureSplit(arrays["test"], test.labels))
+
+
+def _frozen_bottom(cfg: RunConfig, model: nn.Module, train: TokenizedSplit, test: TokenizedSplit, pad_id: int,
+                   first: int) -> tuple[HiddenSplit, HiddenSplit] | None:
+    """The input of encoder layer ``first`` for every train and test example, computed once per
+    machine (memory-mapped from the disk cache), and ``model`` switched to run only layers
+    ``first..`` on it — or None, model unchanged, when the cached path does not reproduce the
+    full forward on a few rows (:func:`fedpeft.model.frozen_bottom.matches_full_model`)."""
+    key = cache_key({**_data_identity(cfg), "train_n": len(train), "test_n": len(test), "layer": first})
+
+    def compute() -> dict[str, np.ndarray]:
+        parts = {name: layer_inputs(model, split, first, pad_id, FEATURE_BATCH)
+                 for name, split in (("train", train), ("test", test))}
+        return {f"{name}_{k}": v for name, arrays in parts.items() for k, v in arrays.items()}
+
+    arrays = cached_arrays("hidden", key, compute, mmap=True)
+    hidden = {name: HiddenSplit(arrays[f"{name}_states"], arrays[f"{name}_offsets"], split.labels)
+              for name, split in (("train", train), ("test", test))}
+    use_cached_bottom(model, first)
+    if not matches_full_model(model, train, hidden["train"], np.arange(min(PACKING_PROBE, len(train))), pad_id):
+        use_cached_bottom(model, 0)
+        return None
+    return hidden["train"], hidden["test"]
+
+
+def _data_identity(cfg: RunConfig) -> dict[str, object]:
+    """What determines a frozen part's output besides the layer (the cache keys' common part)."""
+    return {"model": cfg.model, "model_path": resolve_model_path(cfg.model), "pooling": cfg.pooling,
+            "dataset": cfg.dataset, "text_column": cfg.text_column, "label_column": cfg.label_column,
+            "max_length": cfg.max_length, "test_fraction": cfg.test_fraction,
+            "max_test_examples": cfg.max_test_examples}
 
 
 def text_and_labels(split, text_column: str) -> tuple[list[str], list[int]]:  # noqa: ANN001

@@ -53,6 +53,22 @@ def load_tokenizer(name: str):  # noqa: ANN201 - transformers tokenizer type
         ) from None
 
 
+@lru_cache(maxsize=4)
+def layer_count(name: str) -> int:
+    """The number of transformer layers of ``--model`` (read from its config only)."""
+    quiet_transformers()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise UsageError(f"--model {name!r} declares no num_hidden_layers; give --lora-layers instead of --train-top-k")
+    return count
+
+
 #: ``--pooling``: how the classifier reads a sentence out of the encoder
 POOLINGS = ("auto", "mean", "cls")
 

@@ -46,15 +46,25 @@ class MeanPoolClassifier(nn.Module):
         self.dropout = nn.Dropout(getattr(self.config, "hidden_dropout_prob", 0.0))
         self.classifier = nn.Linear(self.config.hidden_size, num_labels)
 
+    #: encoder layers below this index are not run when ``forward`` gets their output as
+    #: ``layer_input`` (the frozen bottom computed once: :mod:`fedpeft.model.frozen_bottom`)
+    first_layer: int = 0
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, packing: Any = None, **kwargs: Any) -> SequenceClassifierOutput:
+                labels: torch.Tensor | None = None, packing: Any = None, layer_input: torch.Tensor | None = None,
+                **kwargs: Any) -> SequenceClassifierOutput:
         kwargs = {k: v for k, v in kwargs.items() if k in ("token_type_ids", "inputs_embeds", "position_ids")}
-        if packing is not None:  # one packed row of real tokens (fedpeft.model.packing)
-            hidden = self.bert(input_ids=input_ids, packing=packing, **kwargs).last_hidden_state[0]
+        if layer_input is not None:  # hidden states entering layer first_layer, cached
+            hidden = self.top_layers(layer_input, attention_mask, packing)
+        elif packing is not None:  # one packed row of real tokens (fedpeft.model.packing)
+            hidden = self.bert(input_ids=input_ids, packing=packing, **kwargs).last_hidden_state
+        else:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if packing is not None:
+            hidden = hidden[0]
             sums = hidden.new_zeros(packing.batch, hidden.shape[-1]).index_add(0, packing.segments, hidden)
             pooled = sums / packing.counts[:, None].to(hidden.dtype)
         else:
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
             if attention_mask is None:
                 attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype)
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -64,3 +74,32 @@ class MeanPoolClassifier(nn.Module):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def encoder_layers(self) -> nn.ModuleList:
+        """The encoder's transformer layers (BERT-family layout ``encoder.layer``)."""
+        return self.bert.encoder.layer
+
+    def top_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, packing: Any) -> torch.Tensor:
+        """Layers ``first_layer..L-1`` on their cached input: ``[batch, width, hidden]`` with
+        its padding mask, or one packed row ``[1, tokens, hidden]`` with ``packing``."""
+        mask = None
+        if packing is None:
+            from transformers.masking_utils import create_bidirectional_mask
+
+            mask = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden,
+                                             attention_mask=attention_mask)
+        extra = {"packing": packing} if packing is not None else {}
+        for layer in self.encoder_layers()[self.first_layer:]:
+            hidden = layer(hidden, mask, **extra)
+        return hidden
+
+
+def mean_pool_classifier(model: nn.Module) -> MeanPoolClassifier | None:
+    """The :class:`MeanPoolClassifier` inside ``model`` (under peft's wrappers), or None."""
+    inner = model
+    while not isinstance(inner, MeanPoolClassifier):
+        nxt = getattr(inner, "model", None) or getattr(inner, "base_model", None)
+        if nxt is None or nxt is inner:
+            return None
+        inner = nxt
+    return inner

@@ -54,24 +54,35 @@ class Packing:
     width: int
 
 
-def pack(seqs: Sequence[np.ndarray], labels: np.ndarray) -> dict[str, object]:
-    """One packed batch of ``seqs`` (token id arrays) with ``labels``."""
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+def packing_of(lengths: np.ndarray) -> tuple[Packing, np.ndarray]:
+    """The :class:`Packing` of sequences of ``lengths`` put back to back, and each packed
+    token's position in its own sequence."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     width = int(lengths.max())
-    segments = np.repeat(np.arange(len(seqs)), lengths)
+    segments = np.repeat(np.arange(len(lengths)), lengths)
     starts = np.cumsum(lengths) - lengths
     columns = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
     key_mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None])[:, None, None, :]
     packing = Packing(index=torch.from_numpy(segments * width + columns), segments=torch.from_numpy(segments),
                       counts=torch.from_numpy(lengths).to(torch.float32), key_mask=key_mask,
-                      batch=len(seqs), width=width)
+                      batch=len(lengths), width=width)
+    return packing, columns
+
+
+def pack(seqs: Sequence[np.ndarray], labels: np.ndarray) -> dict[str, object]:
+    """One packed batch of ``seqs`` (token id arrays) with ``labels``."""
+    packing, columns = packing_of(np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs)))
     return {"input_ids": torch.from_numpy(np.concatenate(seqs).astype(np.int64))[None, :],
             "position_ids": torch.from_numpy(columns)[None, :],
             "packing": packing, "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64))}
 
 
 def collate_packed(split, rows: np.ndarray, pad_id: int = 0) -> dict[str, object]:  # noqa: ANN001, ARG001
-    """:func:`fedpeft.data.tokenized.collate`'s signature, packed (``pad_id`` unused: no padding)."""
+    """:func:`fedpeft.data.tokenized.collate`'s signature, packed (``pad_id`` unused: no padding).
+    A split of cached layer inputs (:class:`fedpeft.data.hidden_states.HiddenSplit`) packs itself."""
+    own = getattr(split, "collate_packed", None)
+    if own is not None:
+        return own(rows)
     return pack([split.input_ids[i] for i in rows], split.labels[rows])
 
 
@@ -109,15 +120,10 @@ def _register() -> None:
 
 
 def _encoder_config(model: nn.Module):  # noqa: ANN202 - a transformers config
-    from fedpeft.model.mean_pool import MeanPoolClassifier
+    from fedpeft.model.mean_pool import mean_pool_classifier
 
-    inner = model
-    while not isinstance(inner, MeanPoolClassifier):
-        nxt = getattr(inner, "model", None) or getattr(inner, "base_model", None)
-        if nxt is None or nxt is inner:
-            return None
-        inner = nxt
-    return inner.bert.config
+    inner = mean_pool_classifier(model)
+    return None if inner is None else inner.bert.config
 
 
 def enable_packing(model: nn.Module, split, rows: np.ndarray, pad_id: int,  # noqa: ANN001
