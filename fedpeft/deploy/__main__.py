@@ -126,6 +126,13 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     dataset_path = args.dataset_path or _env("DATASET_PATH")
     if dataset_path:
         node_config["dataset-path"] = dataset_path
+    # the node's own DP policy and state (fedpeft/federation/node_policy.py)
+    for flag, key in (("dp", "dp"), ("dp_epsilon", "dp-epsilon"),
+                      ("dp_noise_multiplier", "dp-noise-multiplier"), ("dp_delta", "dp-delta"),
+                      ("state_dir", "state-dir")):
+        value = getattr(args, flag) or _env(flag.upper())
+        if value:
+            node_config[key] = value if flag in ("dp", "state_dir") else float(value)
     key = args.key or _env("NODE_KEY")
     _exec(L.node_argv(
         superlink=args.superlink, node_config=node_config, runtime_port=args.port,
@@ -200,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-partitions", type=int, default=None)
     p.add_argument("--dataset-path", default=None, help="this node's own dataset")
     p.add_argument("--key", default=None, help="SuperNode private key file")
+    p.add_argument("--dp", choices=("none", "sample"), default=None,
+                   help="this node's DP level: sample = it trains only with sample-level DP-SGD")
+    p.add_argument("--dp-epsilon", default=None, help="this node's ε budget over all runs")
+    p.add_argument("--dp-noise-multiplier", default=None, help="smallest z this node trains with")
+    p.add_argument("--dp-delta", default=None, help="largest δ this node accepts")
+    p.add_argument("--state-dir", default=None,
+                   help="where the node keeps its accountant and client state "
+                        "(default $FLWR_HOME/fedpeft-state)")
     p.add_argument("--clientapp", choices=L.CLIENTAPP_MODES, default=None,
                    help="warm (default): one long-lived ClientApp process for all messages; "
                         "subprocess: Flower's fresh process per message")

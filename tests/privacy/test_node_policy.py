@@ -178,3 +178,22 @@ def test_a_sample_level_policy_needs_a_budget_or_a_floor():
         NodePolicy.of({"dp": "sample"})
     with pytest.raises(UsageError, match="dp-delta"):
         NodePolicy.of({"dp": "sample", "dp-epsilon": 1.0, "dp-delta": 2})
+
+
+def test_the_supernode_role_puts_the_nodes_policy_in_its_node_config(monkeypatch):
+    from flwr.common.config import parse_config_args
+
+    from fedpeft.deploy import __main__ as entry
+    from fedpeft.federation.node_policy import NodePolicy
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(entry, "_exec", seen.append)
+    monkeypatch.setenv("FEDPEFT_DP_NOISE_MULTIPLIER", "0.8")
+    entry.main(["supernode", "--insecure", "--partition-id", "1", "--num-partitions", "3",
+                "--dp", "sample", "--dp-epsilon", "8", "--dp-delta", "1e-6", "--state-dir", "/state"])
+    (argv,) = seen
+    node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
+    policy = NodePolicy.of(node_config)
+    assert policy is not None and policy.level == "sample"
+    assert (policy.epsilon, policy.noise_multiplier, policy.delta) == (8.0, 0.8, 1e-6)
+    assert str(policy.accountants) == "/state/accountants"
