@@ -45,6 +45,9 @@ class RoundRecord:
     personalized_majority: float | None = None
     #: distinct Ray nodes that ran this round's clients (null outside Ray)
     worker_nodes: int | None = None
+    #: sample-level DP: the largest ε the clients that returned reported (a statistic of the
+    #: cohort, so diagnostics only; the published ε is the planned bound)
+    reported_epsilon_max: float | None = None
 
 
 @dataclass

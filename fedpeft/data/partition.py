@@ -66,6 +66,13 @@ class Partitions:
         self._partitioner.dataset = slim
         self.indices = lru_cache(maxsize=4096)(self._indices)
 
+    def sizes(self) -> np.ndarray:
+        """Rows of every partition (IID: closed form; other schemes partition once)."""
+        if isinstance(self._partitioner, IidPartitioner):
+            return np.array([iid_size(self._num_rows, self.num_partitions, i)
+                             for i in range(self.num_partitions)], dtype=np.int64)
+        return np.array([len(self._indices(i)) for i in range(self.num_partitions)], dtype=np.int64)
+
     def _indices(self, partition_id: int) -> np.ndarray:
         if not 0 <= partition_id < self.num_partitions:
             raise IndexError(f"partition {partition_id} outside 0..{self.num_partitions - 1}")

@@ -11,13 +11,15 @@ budget, turns round metrics into the ε spent so far, and fills the privacy fiel
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+import numpy as np
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
 from fedpeft.federation.workspace import Workspace
 from fedpeft.privacy import default_delta, noise_multiplier_for
+from fedpeft.privacy.client_accounting import planned_client_bound
 from fedpeft.privacy.randomness import SEEDED_WARNING, RandomStreams, SecretStreams, SeededStreams
 from fedpeft.registry import Registry
 from fedpeft.pipeline import Pipeline
@@ -77,8 +79,8 @@ class PrivacyLevel:
         """Why the next round must not run (budget), or None."""
         return None
 
-    def observe_round(self, metrics: dict[str, float]) -> float | None:
-        """ε spent so far, after this round's metrics."""
+    def observe_round(self, metrics: dict[str, float], server_round: int = 0) -> float | None:
+        """ε spent so far, after round ``server_round`` with these metrics."""
         return None
 
     @property
@@ -152,7 +154,7 @@ class UserLevel(PrivacyLevel):
                     f"(spent {stage.epsilon():.4f}); stopping")
         return None
 
-    def observe_round(self, metrics: dict[str, float]) -> float | None:
+    def observe_round(self, metrics: dict[str, float], server_round: int = 0) -> float | None:
         self.epsilon = metrics.get("epsilon", self.epsilon)
         return self.epsilon
 
@@ -169,8 +171,15 @@ class UserLevel(PrivacyLevel):
 
 @PRIVACY_LEVELS.register("sample")
 class SampleLevel(PrivacyLevel):
-    """Per-client DP-SGD (SPEC §3.2). Clients account themselves across all their rounds; the
-    run's guarantee is the maximum ε over clients (reported in each reply)."""
+    """Per-client DP-SGD (SPEC §3.2). Clients account themselves across all their rounds (and
+    refuse a round past ``--epsilon``); the run publishes the PLANNED per-client bound
+    (:class:`fedpeft.privacy.client_accounting.PlannedBound`): after round t, the ε of the
+    worst-case client of the run's partition had it trained in every attempt so far, and the
+    smallest z any client trains with. Both are functions of the configuration, not of the
+    cohort: the maximum ε / minimum z over the clients that returned (what was published before,
+    issue 24 finding 7) revealed who was sampled and published ε 0.0 after a round in which no
+    sampled client had data. The clients' own reports go to the diagnostics only
+    (``reported_epsilon_max``)."""
 
     level = "sample"
     private = True
@@ -185,13 +194,21 @@ class SampleLevel(PrivacyLevel):
             raise UsageError(f"--delta {self.delta} is invalid for sample-level DP; allowed: a number "
                              f"in (0, 1/n) = (0, {1 / mean_examples:.3g}) with n = {mean_examples} "
                              "examples per client")
-        self.noise_multiplier = cfg.noise_multiplier
-        self.max_epsilon = 0.0
-        self.z_seen: list[float] = []
+        sizes = ws.partitions(cfg.partition, cfg.clients, cfg.dirichlet_alpha, cfg.seed).sizes()
+        if cfg.max_client_examples:
+            sizes = np.minimum(sizes, cfg.max_client_examples)
+        self.bound = planned_client_bound(sizes, cfg.batch_size, cfg.local_epochs, cfg.rounds,
+                                          delta=self.delta, epsilon=cfg.epsilon,
+                                          noise_multiplier=cfg.noise_multiplier, accountant=cfg.accountant)
+        self.noise_multiplier = self.bound.noise_multiplier
+        #: round attempts lost before a resume (the checkpoint's ledger): the worst-case client
+        #: trained in each of them too
+        self.lost_attempts = 0
 
     def plan(self) -> dict[str, Any]:
         return {"dp_level": "sample", "epsilon_target": self.cfg.epsilon, "delta": self.delta,
-                "noise_multiplier": self.noise_multiplier or "calibrated per client",
+                "noise_multiplier": self.noise_multiplier,
+                "epsilon_bound": self.bound.epsilon_after(self.cfg.rounds),
                 "sample_clip": self.cfg.sample_clip, "accountant": self.cfg.accountant,
                 "rounds": self.cfg.rounds, "client_sample_rate": self.sample_rate,
                 **self.randomness_fields()}
@@ -199,25 +216,23 @@ class SampleLevel(PrivacyLevel):
     def round_config(self) -> dict[str, float]:
         return {"dp-delta": float(self.delta)}
 
-    def observe_round(self, metrics: dict[str, float]) -> float | None:
-        if "epsilon-max" in metrics and math.isfinite(metrics["epsilon-max"]):
-            self.max_epsilon = max(self.max_epsilon, metrics["epsilon-max"])
-        if "noise-multiplier-min" in metrics:
-            self.z_seen.append(metrics["noise-multiplier-min"])
-        self.epsilon = self.max_epsilon
+    def observe_round(self, metrics: dict[str, float], server_round: int = 0) -> float | None:
+        # the clients' own reports ("epsilon-max") are diagnostics, never the published figure
+        self.epsilon = self.bound.epsilon_after(server_round + self.lost_attempts)
         return self.epsilon
 
+    def add_attempts(self, count: int) -> None:
+        self.lost_attempts += max(0, int(count))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "max_epsilon": self.max_epsilon, "z_seen": self.z_seen}
+        return {"epsilon": self.epsilon, "lost_attempts": self.lost_attempts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epsilon = state.get("epsilon")
-        self.max_epsilon = float(state.get("max_epsilon", 0.0))
-        self.z_seen = list(state.get("z_seen", []))
+        self.lost_attempts = int(state.get("lost_attempts", 0))
 
     def final_fields(self) -> dict[str, Any]:
-        z = self.noise_multiplier if self.noise_multiplier is not None else (min(self.z_seen) if self.z_seen else None)
-        return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": z,
+        return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "accountant": self.cfg.accountant, "dp_level": "sample", **self.randomness_fields()}
 
 

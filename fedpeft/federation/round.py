@@ -194,7 +194,8 @@ class RoundStrategy(Strategy):
         nodes = {u.metrics["worker-node"] for u in updates if u.metrics.get("worker-node")}
         if nodes:  # a systems figure: how many Ray nodes the cohort ran on
             metrics["worker-nodes"] = float(len(nodes))
-        # sample-level DP: each client reports its own ε; the run's guarantee is the maximum
+        # sample-level DP: each client reports its own ε — a statistic of the cohort, kept for
+        # the diagnostics; the published guarantee is the planned bound (privacy_plan.SampleLevel)
         eps = [u.metrics["epsilon"] for u in updates if "epsilon" in u.metrics]
         if eps:
             metrics["epsilon-max"] = max(eps)

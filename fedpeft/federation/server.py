@@ -206,13 +206,14 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             round=server_round, clients_sampled=len(messages),
             train_loss=m.get("train-loss"), eval_loss=ev.loss if ev else None, eval_accuracy=ev.accuracy if ev else None,
             bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)) if bytes_down is None else bytes_down,
-            aggregation_error=m.get("aggregation-error"), epsilon=privacy.observe_round(m),
+            aggregation_error=m.get("aggregation-error"), epsilon=privacy.observe_round(m, server_round),
             rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
             clients_failed=failed, stragglers=int(m.get("late", 0)), rejected=len(strategy.rejections),
             rejections=[f"client {c}: {why}" for c, why in strategy.rejections],
             personalized_accuracy=m.get("personalized-accuracy"),
             personalized_majority=m.get("personalized-majority"),
             worker_nodes=int(m["worker-nodes"]) if "worker-nodes" in m else None,
+            reported_epsilon_max=m.get("epsilon-max"),
         )
         if rank not in dense_up:
             dense_up[rank] = _dense_bytes({k: torch.zeros(s) for k, s in shared_layout(rank).items()})

@@ -173,10 +173,38 @@ class PrvAccountant(Accountant):
     opacus_name = "PRVAccountant"
 
 
+def repeated_epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps: int,
+                     delta: float) -> float:
+    """ε at ``delta`` of ``steps`` compositions of one Poisson-sampled Gaussian mechanism: what
+    ``make_accountant(accountant)`` reports after ``step(noise_multiplier, sample_rate, steps)``
+    (0 for no steps). For RDP the one-step RDP curve of ``(z, q)`` is computed once and scaled,
+    exactly as Opacus' ``compute_rdp`` does, so a curve over many step counts costs one
+    ``compute_rdp`` (the planned sample-level bound asks for one per round)."""
+    if steps <= 0:
+        return 0.0
+    if accountant != RdpAccountant.name:
+        acc = make_accountant(accountant)
+        acc.step(noise_multiplier, sample_rate, steps)
+        return acc.epsilon(delta)
+    from opacus.accountants.analysis import rdp as analysis
+
+    rdp = sum([_one_step_rdp(float(noise_multiplier), float(sample_rate)) * int(steps)])
+    eps, _ = analysis.get_privacy_spent(orders=list(rdp_orders()), rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=1024)
+def _one_step_rdp(noise_multiplier: float, sample_rate: float) -> Any:  # noqa: ANN401 - ndarray
+    from opacus.accountants.analysis import rdp as analysis
+
+    return analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                orders=list(rdp_orders()))
+
+
 def make_accountant(name: str) -> Accountant:
     """A fresh accountant by registry name ("rdp", "prv"); UsageError on unknown names."""
     return ACCOUNTANTS.get(name)()
 
 
 __all__ = ["ACCOUNTANTS", "Accountant", "Event", "PrvAccountant", "RdpAccountant",
-           "make_accountant", "rdp_orders"]
+           "make_accountant", "rdp_orders", "repeated_epsilon"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -104,4 +105,72 @@ def client_noise_plan(num_examples: int, batch_size: int, local_epochs: int, rou
     return ClientNoisePlan(sample_rate=q, steps_per_round=per_round, noise_multiplier=z)
 
 
-__all__ = ["ClientAccountantStore", "ClientNoisePlan", "client_noise_plan"]
+@dataclass(frozen=True)
+class PlannedBound:
+    """The sample-level guarantee a run publishes: the worst case ANY client of the run can
+    reach, from the plan alone (issue 24, finding 7).
+
+    A client with ``n`` examples trains, in each round it takes part in, ``steps_per_round``
+    DP-SGD steps at its ``(z_n, q_n)`` (:func:`client_noise_plan`); after ``p`` participations
+    its ε is that of ``p · steps_per_round`` compositions. The bound after ``p`` participations
+    is the maximum of that over the run's client sizes — never a statistic of which clients
+    were sampled or returned (the published ε and z used to be the maximum / minimum over the
+    replies, so they depended on the secret cohort: a round in which no sampled client had data
+    published ε 0.0). With ``--epsilon`` every client refuses a round past it, so the bound
+    is capped there.
+    """
+
+    plans: tuple[ClientNoisePlan, ...]
+    delta: float
+    accountant: str
+    epsilon_cap: float | None = None
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """The smallest z any client of the run trains with (None: no client can train)."""
+        return min((c.noise_multiplier for c in self.plans), default=None)
+
+    def epsilon_after(self, participations: int) -> float:
+        """ε of the worst-case client after ``participations`` rounds of training."""
+        return _bound_epsilon(self, int(participations))
+
+
+@lru_cache(maxsize=4096)
+def _bound_epsilon(bound: PlannedBound, participations: int) -> float:
+    from fedpeft.privacy.accounting import repeated_epsilon
+
+    eps = max((repeated_epsilon(bound.accountant, c.noise_multiplier, c.sample_rate,
+                                participations * c.steps_per_round, bound.delta)
+               for c in bound.plans), default=0.0)
+    return min(eps, bound.epsilon_cap) if bound.epsilon_cap is not None else eps
+
+
+def planned_client_bound(sizes: Iterable[int], batch_size: int, local_epochs: int, rounds: int, *,
+                         delta: float, epsilon: float | None = None,
+                         noise_multiplier: float | None = None,
+                         accountant: str = "rdp") -> PlannedBound:
+    """The :class:`PlannedBound` of a run whose clients hold ``sizes`` examples (the same
+    :func:`client_noise_plan` every client computes for itself).
+
+    Clients without examples never train; a size the plan refuses (δ not below 1/n, a budget
+    too small) belongs to a client that refuses to train, so neither can reach any ε. With a
+    fixed z, among the sizes with the same steps per round (``ceil(n / B)``) the smallest has the
+    largest q and, the sampled Gaussian's privacy loss being non-decreasing in q, the largest ε:
+    only that one is kept. With ``--epsilon`` each size has its own calibrated z and is kept.
+    """
+    plans: dict[tuple[int, float] | int, ClientNoisePlan] = {}
+    for n in sorted({int(n) for n in sizes if int(n) >= 1}):
+        try:
+            plan = client_noise_plan(n, batch_size, local_epochs, rounds, delta=delta, epsilon=epsilon,
+                                     noise_multiplier=noise_multiplier, accountant=accountant)
+        except UsageError:
+            continue
+        key = plan.steps_per_round if noise_multiplier is not None else n
+        if key not in plans:  # sizes ascending: the first of a step count has the largest q
+            plans[key] = plan
+    return PlannedBound(tuple(dict.fromkeys(plans.values())), float(delta), accountant,
+                        float(epsilon) if epsilon is not None and noise_multiplier is None else None)
+
+
+__all__ = ["ClientAccountantStore", "ClientNoisePlan", "PlannedBound", "client_noise_plan",
+           "planned_client_bound"]
