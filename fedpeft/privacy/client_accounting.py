@@ -152,24 +152,37 @@ def planned_client_bound(sizes: Iterable[int], batch_size: int, local_epochs: in
     """The :class:`PlannedBound` of a run whose clients hold ``sizes`` examples (the same
     :func:`client_noise_plan` every client computes for itself).
 
-    Clients without examples never train; a size the plan refuses (δ not below 1/n, a budget
-    too small) belongs to a client that refuses to train, so neither can reach any ε. With a
-    fixed z, among the sizes with the same steps per round (``ceil(n / B)``) the smallest has the
-    largest q and, the sampled Gaussian's privacy loss being non-decreasing in q, the largest ε:
-    only that one is kept. With ``--epsilon`` each size has its own calibrated z and is kept.
+    Clients without examples never train, and a client whose δ is not below 1/n refuses to:
+    neither reaches any ε. The sizes are grouped by their steps per round
+    (``local_epochs · ceil(n / B)``); within a group every client runs the same number of
+    steps, its q = B/n is at most the group's smallest size's, and its z at least the group's
+    largest size's (a fixed z, or the calibration of the largest size, which needs the least
+    noise for the same steps). The sampled Gaussian's privacy loss grows with q and shrinks
+    with z, so one plan per group — (that z, that q, those steps) — bounds every member: with a
+    fixed z it is exactly the worst member, with ``--epsilon`` an upper bound that costs one
+    calibration per group instead of one per size.
     """
-    plans: dict[tuple[int, float] | int, ClientNoisePlan] = {}
-    for n in sorted({int(n) for n in sizes if int(n) >= 1}):
-        try:
-            plan = client_noise_plan(n, batch_size, local_epochs, rounds, delta=delta, epsilon=epsilon,
-                                     noise_multiplier=noise_multiplier, accountant=accountant)
-        except UsageError:
-            continue
-        key = plan.steps_per_round if noise_multiplier is not None else n
-        if key not in plans:  # sizes ascending: the first of a step count has the largest q
-            plans[key] = plan
-    return PlannedBound(tuple(dict.fromkeys(plans.values())), float(delta), accountant,
-                        float(epsilon) if epsilon is not None and noise_multiplier is None else None)
+    if noise_multiplier is None and epsilon is None:
+        raise UsageError("--dp sample needs --epsilon or --noise-multiplier")
+    groups: dict[int, list[int]] = {}
+    for n in sorted({int(n) for n in sizes}):
+        if n >= 1 and delta < 1 / n:
+            groups.setdefault(int(local_epochs) * math.ceil(n / batch_size), []).append(n)
+    plans = []
+    for steps, members in groups.items():
+        z = noise_multiplier
+        for n in reversed(members) if z is None else ():
+            try:
+                z = client_noise_plan(n, batch_size, local_epochs, rounds, delta=delta, epsilon=epsilon,
+                                      accountant=accountant).noise_multiplier
+                break
+            except UsageError:  # this size cannot meet the budget at all: it refuses to train
+                continue
+        if z is not None:
+            plans.append(ClientNoisePlan(sample_rate=min(1.0, batch_size / members[0]),
+                                         steps_per_round=steps, noise_multiplier=float(z)))
+    return PlannedBound(tuple(plans), float(delta), accountant,
+                        float(epsilon) if noise_multiplier is None else None)
 
 
 __all__ = ["ClientAccountantStore", "ClientNoisePlan", "PlannedBound", "client_noise_plan",
