@@ -24,17 +24,73 @@ from typing import Any
 
 #: Settings the planner may choose; giving any of them means "I decide" (no auto-plan).
 PLANNED_SETTINGS = ("adapter", "cohort", "rounds", "clip", "lr", "local_epochs", "server_opt", "server_lr",
-                    "server_momentum", "rank", "alpha", "target_modules", "lora_layers", "batch_size",
+                    "server_momentum", "rank", "alpha", "target_modules", "lora_layers", "train_top_k", "batch_size",
                     "noise_multiplier",
                     "adaptive_clip", "strategy", "compression")
 
-#: Per trainable set, the client/server recipe the planner uses with it. head: measured on
-#: this machine at N = 1000, ε = 2 (seeds 0-2, 1,281 test examples; experiments/README.md):
-#: AdamW lr 0.03 × 5 local epochs gives client updates of norm ≈ 8, so clip 5 keeps their
-#: direction; FedAdam (η 0.1) takes steps whose size does not depend on S.
-RECIPES: dict[str, dict[str, Any]] = {
-    "head": {"lr": 0.03, "local_epochs": 5, "clip": 5.0, "server_opt": "fedadam", "server_lr": 0.1},
-}
+@dataclass(frozen=True)
+class ModelShape:
+    """What the trainable dimension of a candidate depends on."""
+
+    hidden: int
+    layers: int
+    num_labels: int
+    #: LoRA targets per layer (query, value)
+    targets: int = 2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One trainable set the planner may choose, with the client/server recipe measured for it.
+
+    ``measured`` is (test accuracy, √T/R) of that recipe at N = 1000, ε = 2 on the embedded
+    default (experiments/README.md, "DP adapters"); a candidate without a measurement is listed
+    but never chosen."""
+
+    name: str
+    #: the run settings that make this trainable set (adapter, train_top_k, rank)
+    settings: dict[str, Any]
+    recipe: dict[str, Any]
+    measured: tuple[float, float] | None = None
+
+    @property
+    def cost_key(self) -> str:
+        """The :class:`CostModel` entry of its per-example cost (what one visit runs)."""
+        top = self.settings.get("train_top_k")
+        return "head" if self.settings["adapter"] == "head" else f"top-{top}" if top else "full"
+
+    def dim(self, shape: ModelShape) -> int:
+        """d: uploaded coordinates (LoRA factors of the adapted layers + the head)."""
+        head = shape.hidden * shape.num_labels + shape.num_labels
+        if self.settings["adapter"] == "head":
+            return head
+        layers = self.settings.get("train_top_k") or shape.layers
+        factors = 1 if self.settings["adapter"] == "ffa-lora" else 2  # FFA-LoRA uploads B only
+        return layers * shape.targets * factors * self.settings["rank"] * shape.hidden + head
+
+    def predicted_accuracy(self, score: float, num_labels: int) -> float | None:
+        """First-order model: the measured gain over chance, scaled down in proportion to a lower
+        utility score √T/R than the measurement had (never scaled up: the measurement is the
+        ceiling the recipe showed). Chance (1/labels), not the data's majority rate: the
+        prediction lands in a DP run's results and must not depend on the data."""
+        if self.measured is None:
+            return None
+        accuracy, ref_score = self.measured
+        chance = 1.0 / num_labels
+        return chance + (accuracy - chance) * min(1.0, score / ref_score)
+
+
+#: What the planner chooses among, each with its measured recipe. head: measured on this machine
+#: at N = 1000, ε = 2 (seeds 0-2, 1,281 test examples): AdamW lr 0.03 × 5 local epochs gives
+#: client updates of norm ≈ 8, so clip 5 keeps their direction; FedAdam (η 0.1) takes steps
+#: whose size does not depend on S. Its ceiling is the linear probe's (0.757); the top-k LoRA
+#: candidates change the encoder's top layers on the cached bottom (issue #23).
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("head", {"adapter": "head"},
+              {"lr": 0.03, "local_epochs": 5, "clip": 5.0, "server_opt": "fedadam", "server_lr": 0.1},
+              measured=(0.750, 16.7)),
+)
+RECIPES: dict[str, dict[str, Any]] = {c.name: c.recipe for c in CANDIDATES}
 
 #: Candidate sampling rates and round counts of the search.
 SAMPLE_RATES = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -53,7 +109,10 @@ class CostModel:
     change with the backend."""
 
     per_client_visit_s: float = 0.02
-    per_example_epoch_s: dict[str, float] = field(default_factory=lambda: {"head": 2e-5})
+    #: keyed by what a visit runs (:attr:`Candidate.cost_key`): the head on cached features, the
+    #: top k layers on the cached bottom (measured: benchmarks/results/bottom_cache.json), the full encoder
+    per_example_epoch_s: dict[str, float] = field(
+        default_factory=lambda: {"head": 2e-5, "top-1": 5e-3, "top-2": 9e-3})
     default_example_epoch_s: float = 0.05
     workers: int = 2
 
@@ -165,23 +224,17 @@ def make_plan(*, clients: int, cohort: float, rounds: int, adapter: str, dim: in
     return plan
 
 
-def choose_settings(clients: int, epsilon: float, delta: float, accountant: str, train_examples: int,
-                    dim_of: dict[str, int], budget_s: float = TIME_BUDGET_S,
-                    costs: CostModel | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Settings for a run given only N and ε: the trainable set with the smallest d among
-    ``dim_of`` that has a recipe, then (q, T) maximising √T/R within ``budget_s``.
-
-    Returns (settings, why) — ``why`` maps each chosen setting to a one-line reason.
-    """
-    costs = costs or CostModel()
-    adapter = min((a for a in dim_of if a in RECIPES), key=lambda a: dim_of[a])
-    recipe = RECIPES[adapter]
-    dim = dim_of[adapter]
-    candidates: list[tuple[float, float, int, int, float]] = []  # (score, seconds, cohort, T, R)
+def _best_rate_and_rounds(cand: Candidate, dim: int, clients: int, epsilon: float, delta: float,
+                          accountant: str, train_examples: int, budget_s: float,
+                          costs: CostModel) -> tuple[float, float, int, int, float] | None:
+    """(score √T/R, estimated seconds, cohort, T, R) of the (q, T) that maximise √T/R for
+    ``cand`` within ``budget_s`` (within 2% of the best score the cheaper run wins), or None."""
+    options: list[tuple[float, float, int, int, float]] = []
     for q in SAMPLE_RATES:
         cohort = max(1, round(q * clients))
         for t in ROUNDS:
-            seconds = costs.seconds(adapter, cohort, t, cohort / clients * train_examples, recipe["local_epochs"])
+            seconds = costs.seconds(cand.cost_key, cohort, t, cohort / clients * train_examples,
+                                    cand.recipe["local_epochs"])
             if seconds > budget_s:
                 continue
             try:
@@ -189,24 +242,54 @@ def choose_settings(clients: int, epsilon: float, delta: float, accountant: str,
             except ValueError:  # Opacus: the budget is too low for this (q, T)
                 continue
             r = noise_to_signal(z, dim, cohort)
-            candidates.append((math.sqrt(t) / r, seconds, cohort, t, r))
-    if not candidates:
+            options.append((math.sqrt(t) / r, seconds, cohort, t, r))
+    if not options:
+        return None
+    top = max(o[0] for o in options)
+    return min((o for o in options if o[0] >= top / 1.02), key=lambda o: o[1])
+
+
+def choose_settings(clients: int, epsilon: float, delta: float, accountant: str, train_examples: int,
+                    shape: ModelShape, budget_s: float = TIME_BUDGET_S, costs: CostModel | None = None,
+                    candidates: tuple[Candidate, ...] = CANDIDATES) -> tuple[dict[str, Any], dict[str, str]]:
+    """Settings for a run given only N and ε: for every candidate with a measured recipe, the
+    (q, T) maximising √T/R within ``budget_s``; then the candidate with the highest predicted
+    accuracy (:meth:`Candidate.predicted_accuracy`; within 0.005 of the best, the cheaper run).
+
+    Returns (settings, why) — ``why`` maps each chosen setting to a one-line reason.
+    """
+    costs = costs or CostModel()
+    scored = []  # (predicted accuracy, seconds, candidate, dim, (score, seconds, cohort, T, R))
+    for cand in candidates:
+        dim = cand.dim(shape)
+        best = _best_rate_and_rounds(cand, dim, clients, epsilon, delta, accountant, train_examples, budget_s, costs)
+        if best is None or cand.measured is None:
+            continue
+        scored.append((cand.predicted_accuracy(best[0], shape.num_labels), best[1], cand, dim, best))
+    if not scored:
         raise ValueError(f"no planned setting fits the {budget_s:.0f} s budget")
-    top = max(c[0] for c in candidates)
-    # the score is an approximation: within 2% of the best, the cheaper run wins
-    score, seconds, cohort, rounds, r = min((c for c in candidates if c[0] >= top / 1.02), key=lambda c: c[1])
-    others = ", ".join(f"{a} {dim_of[a]:,}" for a in sorted(dim_of, key=dim_of.get) if a != adapter)
+    top = max(s[0] for s in scored)
+    predicted, _, cand, dim, (score, _, cohort, rounds, r) = min(
+        (s for s in scored if s[0] >= top - 0.005), key=lambda s: s[1])
+    others = "; ".join(f"{c.name} (d = {d:,}) {p:.3f}" for p, _, c, d, _ in sorted(scored, key=lambda s: -s[0])
+                       if c is not cand)
+    unmeasured = [c.name for c in candidates if c.measured is None]
+    measured_acc, measured_score = cand.measured  # type: ignore[misc]
     why = {
-        "adapter": f"{adapter}: smallest trainable dimension d = {dim:,} (vs {others}); the noise grows with √d",
+        "adapter": f"{cand.name} (d = {dim:,}): highest forecast accuracy {predicted:.3f} (measured "
+                   f"{measured_acc:.3f} at N = 1000, ε = 2 with √T/R = {measured_score:.3g}; here √T/R = "
+                   f"{score:.3g})" + (f"; others: {others}" if others else "")
+                   + (f"; not measured, so not chosen: {', '.join(unmeasured)}" if unmeasured else ""),
         # no time quoted: the estimate scales with the training-set size, which a DP run does not
         # publish (config.planned lands in results.json); `fedpeft plan` prints it with its basis
         "cohort": f"{cohort} (q = {cohort / clients:.3g}): with rounds {rounds}, maximises √T/R = {score:.3g} "
                   f"(R = {r:.3g}) among the settings whose estimated federation time fits a {budget_s:.0f} s "
                   "budget (a linear cost model, not a measurement: `fedpeft plan` prints the estimate)",
         "rounds": f"{rounds}: see cohort",
-        **{k: f"{v} ({adapter} recipe, measured at N = 1000, ε = 2)" for k, v in recipe.items()},
+        **{k: f"{v} ({cand.name} recipe, measured at N = 1000, ε = 2)" for k, v in cand.recipe.items()},
     }
-    return {"adapter": adapter, "cohort": cohort, "rounds": rounds, **recipe}, why
+    settings = {k: v for k, v in cand.settings.items()}
+    return {**settings, "cohort": cohort, "rounds": rounds, **cand.recipe}, why
 
 
 def config_plan(cfg: Any, layout: dict[str, tuple[int, ...]], train_examples: int,
@@ -250,13 +333,6 @@ def plan_for_config(cfg: Any) -> Plan:  # RunConfig
     return config_plan(cfg, layout, len(splits.train), delta, z)
 
 
-def analytic_dims(hidden: int, layers: int, num_labels: int, rank: int = 8, targets: int = 2) -> dict[str, int]:
-    """d of the head alone and of the default LoRA (rank r on ``targets`` square projections
-    per layer, plus the head) for a BERT-like encoder; used to explain the planner's choice."""
-    head = hidden * num_labels + num_labels
-    return {"head": head, f"lora r{rank}": layers * targets * 2 * rank * hidden + head}
-
-
 def auto_plan(values: dict[str, Any], check: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     """``values`` (the user's settings) with the planner's choices filled in when it is a
     user-level DP run given none of :data:`PLANNED_SETTINGS`; unchanged otherwise. The reasons
@@ -277,15 +353,15 @@ def auto_plan(values: dict[str, Any], check: Callable[[dict[str, Any]], Any]) ->
     splits = load_splits(values.get("dataset", DEFAULT_DATASET), base.text_column, base.label_column,
                          base.test_fraction, base.max_test_examples)
     mc = AutoConfig.from_pretrained(resolve_model_path(values.get("model", DEFAULT_MODEL)))
-    dims = analytic_dims(mc.hidden_size, mc.num_hidden_layers, splits.num_labels)
+    shape = ModelShape(mc.hidden_size, mc.num_hidden_layers, splits.num_labels)
     delta = base.delta if base.delta is not None else default_delta(base.clients)
     try:
         chosen, why = choose_settings(base.clients, float(values["epsilon"]), delta, base.accountant,
-                                      len(splits.train), dims)
+                                      len(splits.train), shape)
     except ValueError:  # nothing feasible (e.g. ε too small for any (q, T)): the run's own
         return values   # calibration then says why in one line
     return {**values, **chosen, "planned": json.dumps(why)}
 
 
-__all__ = ["analytic_dims", "auto_plan", "config_plan", "plan_for_config", "CostModel", "PLANNED_SETTINGS", "Plan", "RECIPES", "TIME_BUDGET_S", "choose_settings", "make_plan",
+__all__ = ["CANDIDATES", "Candidate", "ModelShape", "auto_plan", "config_plan", "plan_for_config", "CostModel", "PLANNED_SETTINGS", "Plan", "RECIPES", "TIME_BUDGET_S", "choose_settings", "make_plan",
            "noise_to_signal"]

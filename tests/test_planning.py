@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedpeft.cli import main
 from fedpeft.settings import resolve
-from fedpeft.planning import (ROUNDS, SAMPLE_RATES, CostModel, choose_settings, make_plan, noise_to_signal,
-                              plan_for_config)
+from fedpeft.planning import (CANDIDATES, ROUNDS, SAMPLE_RATES, Candidate, CostModel, ModelShape, choose_settings,
+                              make_plan, noise_to_signal, plan_for_config)
 from fedpeft.privacy import RDP_ORDERS
+
+SHAPE = ModelShape(hidden=384, layers=6, num_labels=2)  # the embedded default
 
 
 def test_issue_flags_give_z_0764_and_ratio_209():
@@ -49,8 +52,9 @@ def test_planner_chooses_only_when_given_nothing_but_clients_and_epsilon():
 
 def test_choice_maximises_sqrt_t_over_r_within_the_budget():
     costs, budget, n, examples = CostModel(), 60.0, 1000, 11_527
-    dims = {"head": 770, "lora r8": 74_498}
-    chosen, why = choose_settings(n, 2.0, 1e-5, "rdp", examples, dims, budget_s=budget, costs=costs)
+    head = Candidate("head", {"adapter": "head"}, {"local_epochs": 5}, measured=(0.75, 16.7))
+    chosen, why = choose_settings(n, 2.0, 1e-5, "rdp", examples, SHAPE, budget_s=budget, costs=costs,
+                                  candidates=(head,))
     assert chosen["adapter"] == "head"
 
     def score(cohort: int, rounds: int) -> float:  # independent: Opacus' own calibration
@@ -82,9 +86,8 @@ def test_planned_reasons_quote_no_time_derived_from_the_data_size():
     training-set size, which a DP run does not publish (issue 24 #9). The reasons are the same
     for two data sizes that lead to the same choice; the estimate itself is printed by
     `fedpeft plan` as what it is: a cost-model estimate with its basis."""
-    dims = {"head": 770, "lora r8": 74_498}
-    a = choose_settings(1000, 2.0, 1e-5, "rdp", 11_527, dims)
-    b = choose_settings(1000, 2.0, 1e-5, "rdp", 2_000, dims)
+    a = choose_settings(1000, 2.0, 1e-5, "rdp", 11_527, SHAPE)
+    b = choose_settings(1000, 2.0, 1e-5, "rdp", 2_000, SHAPE)
     assert a[0] == b[0] and a[1] == b[1]
     assert "predicted" not in json.dumps(a[1]) and "estimated" in a[1]["cohort"]
     plan = make_plan(clients=1000, cohort=1000, rounds=5, adapter="head", dim=770, train_examples=11_527, dp="user",
@@ -92,3 +95,31 @@ def test_planned_reasons_quote_no_time_derived_from_the_data_size():
                      chosen=a[1])
     line = next(x for x in plan.lines() if x.startswith("estimated federation time"))
     assert f"~{plan.predicted_seconds:.0f} s" in line and "not included" in line and "0.02 s per client visit" in line
+
+
+def test_forecast_scales_the_measured_gain_over_chance_by_the_lost_utility_score():
+    cand = Candidate("x", {"adapter": "lora", "train_top_k": 1, "rank": 4}, {"local_epochs": 1}, measured=(0.8, 4.0))
+    assert cand.predicted_accuracy(4.0, 2) == pytest.approx(0.8)
+    assert cand.predicted_accuracy(8.0, 2) == pytest.approx(0.8)            # never above what was measured
+    assert cand.predicted_accuracy(2.0, 2) == pytest.approx(0.5 + 0.3 / 2)  # half the score: half the gain
+    assert Candidate("y", {"adapter": "head"}, {}).predicted_accuracy(4.0, 2) is None
+    # d: top-1 r4 LoRA on (q, v) + head = 1·2·2·4·384 + 770; FFA-LoRA uploads B only
+    assert cand.dim(SHAPE) == 6_144 + 770
+    ffa = Candidate("f", {"adapter": "ffa-lora", "train_top_k": 2, "rank": 8}, {})
+    assert ffa.dim(SHAPE) == 2 * 2 * 8 * 384 + 770 and ffa.cost_key == "top-2" and cand.cost_key == "top-1"
+
+
+def test_planner_chooses_by_forecast_accuracy_not_by_the_smallest_d():
+    head = Candidate("head", {"adapter": "head"}, {"local_epochs": 5, "lr": 0.03}, measured=(0.75, 16.7))
+    lora = Candidate("lora top-1 r1", {"adapter": "lora", "train_top_k": 1, "rank": 1},
+                     {"local_epochs": 1, "lr": 0.01}, measured=(0.79, 3.0))
+    unmeasured = Candidate("lora top-2 r8", {"adapter": "lora", "train_top_k": 2, "rank": 8}, {"local_epochs": 1})
+    chosen, why = choose_settings(1000, 2.0, 1e-5, "rdp", 11_527, SHAPE, budget_s=600,
+                                  candidates=(head, lora, unmeasured))
+    assert chosen["adapter"] == "lora" and chosen["train_top_k"] == 1 and chosen["rank"] == 1 and chosen["lr"] == 0.01
+    assert "lora top-1 r1 (d = 2,306): highest forecast accuracy 0.790" in why["adapter"]
+    assert re.search(r"others: head \(d = 770\) 0\.7[45]\d", why["adapter"])
+    assert "not measured, so not chosen: lora top-2 r8" in why["adapter"]
+    # at a much smaller ε the LoRA candidate's √T/R drops and the linear probe is forecast higher
+    chosen, _ = choose_settings(1000, 0.25, 1e-5, "rdp", 11_527, SHAPE, budget_s=600, candidates=(head, lora))
+    assert chosen["adapter"] == "head"
