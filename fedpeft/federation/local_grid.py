@@ -6,11 +6,14 @@ SuperLink. Tests use it to drive the deployment code path without processes; sim
 use the worker-pool grids of :mod:`fedpeft.federation.virtual_grid` instead. Messages are
 delivered sequentially. Like SuperNodes, its nodes hold their own DP policy and state
 (:mod:`fedpeft.federation.node_policy`): ``node_config`` adds to every node's config, and the
-nodes' ``state-dir`` is a fresh directory under the system's temporary directory unless given.
+nodes' ``state-dir`` is a fresh directory under the system's temporary directory (removed
+when the process exits) unless given.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -31,6 +34,8 @@ class LocalGrid(InMemoryGrid):
         ids = [(i * 2654435761 + 12345) % (2**63 - 1) + 1 for i in range(num_nodes)]
         extra = {"state-dir": str(Path(tempfile.gettempdir()) / f"fedpeft-localgrid-{uuid4().hex}"),
                  **(node_config or {})}
+        if "state-dir" not in (node_config or {}):  # ours: gone when this process ends
+            atexit.register(shutil.rmtree, extra["state-dir"], True)
         self._contexts = {
             nid: Context(run_id=run_id, node_id=nid,
                          node_config={"partition-id": i, "num-partitions": num_nodes, **extra},
