@@ -43,6 +43,7 @@ from fedpeft.planning import config_plan
 from fedpeft.server_optim import build_server_optimizer
 from fedpeft.stages.compression import codec_for
 from fedpeft.privacy.publication import DiagnosticsWriter, Publication
+from fedpeft.privacy.randomness import discard_key
 from fedpeft.reporting import Reporter
 from fedpeft.results import FinalRecord, RoundRecord
 from fedpeft.strategy import STRATEGIES
@@ -92,8 +93,9 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     privacy = build_privacy(cfg, ws, rate)
     if (resume is not None and privacy.private and not cfg.insecure_reproducible_noise
             and resume.streams is None):
-        raise UsageError("--resume: the checkpoint of this DP run has no privacy key (written by an "
-                         "older fedpeft?); its noise stream cannot be continued")
+        raise UsageError("--resume: the checkpoint of this DP run has no privacy key: the run completed "
+                         "(its key is deleted when the final model is published) or the checkpoint was "
+                         "written by an older fedpeft; start a new run")
     streams = privacy.choose_streams(resume.streams if resume is not None else None)
     if privacy.warning:
         log(WARNING, "%s", privacy.warning)
@@ -251,4 +253,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         r.on_finish(final)
     for r in unfiltered:
         r.on_finish(final_of(records))
+    if cfg.output:
+        # the run is complete and its final model published: nothing will resume it, so the
+        # server's secret does not stay on disk beside the model (issue 24, finding 8)
+        discard_key(Path(cfg.output) / CHECKPOINT_DIR)
     return RunOutcome(final=final, rounds=published, unpublished=records)

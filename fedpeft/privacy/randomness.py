@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import struct
 from abc import ABC, abstractmethod
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpeft.atomic import write_private
 from fedpeft.errors import UsageError
 
 KEY_BYTES = 32
@@ -86,12 +86,31 @@ class SecretStreams(RandomStreams):
 
     kind = SECRET
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) != KEY_BYTES:
+    def __init__(self, key: bytes | None, path: Path | None = None) -> None:
+        """``key``, or None and the ``path`` of a key file read on first use (:meth:`load`)."""
+        if key is not None and len(key) != KEY_BYTES:
             raise ValueError(f"privacy key must be {KEY_BYTES} bytes, got {len(key)}")
-        self._key = bytes(key)
+        if key is None and path is None:
+            raise ValueError("a privacy key or the path of its file is needed")
+        self._key = None if key is None else bytes(key)
+        self._path = path
         # one per object, i.e. per run start or resume: an attempt never reuses another's draws
         self._nonce = secrets.token_bytes(NONCE_BYTES)
+
+    def _secret(self) -> bytes:
+        """The key; a loaded checkpoint's is read from its file now, at first use — after the
+        process pool has forked its template (fedpeft/federation/process_pool.py), so no
+        simulation worker ever holds it."""
+        if self._key is None:
+            assert self._path is not None
+            try:
+                key = self._path.read_bytes()
+            except OSError as exc:
+                raise UsageError(f"the privacy key {str(self._path)!r} cannot be read ({exc.strerror})") from None
+            if len(key) != KEY_BYTES:
+                raise UsageError(f"{str(self._path)!r} is not a privacy key ({len(key)} bytes, expected {KEY_BYTES})")
+            self._key = key
+        return self._key
 
     @classmethod
     def fresh(cls) -> SecretStreams:
@@ -100,7 +119,7 @@ class SecretStreams(RandomStreams):
 
     def _digest(self, purpose: str, index: int) -> bytes:
         msg = purpose.encode() + b"\x00" + struct.pack(">q", int(index)) + self._nonce
-        return hmac.new(self._key, msg, hashlib.sha256).digest()
+        return hmac.new(self._secret(), msg, hashlib.sha256).digest()
 
     def numpy(self, purpose: str, index: int) -> np.random.Generator:
         return np.random.default_rng(int.from_bytes(self._digest(purpose, index), "big"))
@@ -113,26 +132,37 @@ class SecretStreams(RandomStreams):
 
     # -- persistence: only into the server's own checkpoint -----------------------------
     def save(self, directory: Path) -> Path:
-        """Write the key to ``directory/privacy.key`` with mode 0600 (created that way, never
-        world-readable even for an instant)."""
+        """Write the key to ``directory/privacy.key`` with mode 0600 (created that way and
+        renamed into place, never readable by anyone else even for an instant)."""
         path = Path(directory) / KEY_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, self._key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(path, 0o600)
+        write_private(path, self._secret())
         return path
 
     @classmethod
     def load(cls, directory: Path) -> SecretStreams:
-        """The checkpoint's key with a FRESH nonce: a resume is a new attempt at its rounds."""
+        """The checkpoint's key with a FRESH nonce: a resume is a new attempt at its rounds. The
+        file is checked now and read on first use (:meth:`_secret`)."""
         path = Path(directory) / KEY_FILE
         if not path.is_file():
             raise UsageError(f"checkpoint {str(directory)!r} has no {KEY_FILE}: a DP run cannot be resumed "
-                             "without its secret noise key (checkpoint written by an older fedpeft?)")
-        return cls(path.read_bytes())
+                             "without its secret noise key (the run completed - the key is deleted then - or "
+                             "the checkpoint was written by an older fedpeft)")
+        if path.stat().st_size != KEY_BYTES:
+            raise UsageError(f"{str(path)!r} is not a privacy key ({path.stat().st_size} bytes, expected {KEY_BYTES})")
+        return cls(None, path=path)
+
+
+def discard_key(directory: Path) -> bool:
+    """Delete ``directory/privacy.key`` (unlink) once the run it belongs to has completed and
+    published its final model: no resume is left to need it, and a key left on disk beside the
+    released model is one secret fewer to protect (before each attempt drew its own nonce, the
+    key alone regenerated every round's noise). Whether a key was there."""
+    path = Path(directory) / KEY_FILE
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
     def __repr__(self) -> str:  # never print the key
         return "SecretStreams(<secret>)"
@@ -166,5 +196,5 @@ def client_secret_seeds(count: int, fallback: np.random.Generator | None = None)
     return [secrets.randbits(63) for _ in range(count)]
 
 
-__all__ = ["COHORT", "KEY_FILE", "NONCE_BYTES", "RandomStreams", "SECRET", "SEEDED_INSECURE", "SEEDED_WARNING",
+__all__ = ["COHORT", "KEY_FILE", "discard_key", "NONCE_BYTES", "RandomStreams", "SECRET", "SEEDED_INSECURE", "SEEDED_WARNING",
            "SERVER_NOISE", "SecretStreams", "SeededStreams", "client_secret_seeds"]

@@ -83,6 +83,7 @@ def test_resumed_copies_of_a_dp_run_keep_the_key_draw_fresh_noise_and_count_the_
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
     assert stat.S_IMODE((tmp_path / "cut" / "checkpoint").stat().st_mode) == 0o700
     assert load_checkpoint(tmp_path / "cut").attempts == [3]
+    secret = key.read_bytes()  # the completed resume deletes the file (issue 24 #8)
     shutil.copytree(tmp_path / "cut", tmp_path / "copy")
     resumed = {}
     for name in ("cut", "copy"):
@@ -99,7 +100,8 @@ def test_resumed_copies_of_a_dp_run_keep_the_key_draw_fresh_noise_and_count_the_
     # the key is in no published file
     for f in ("results.json", "rounds.csv"):
         text = (tmp_path / "cut" / f).read_bytes()
-        assert key.read_bytes() not in text and key.read_bytes().hex().encode() not in text
+        assert secret not in text and secret.hex().encode() not in text
+    assert not key.exists()
 
 
 def test_dropout_aggregates_what_arrived(tmp_path):

@@ -60,7 +60,24 @@ def _recovered_sum_norm(cfg, results) -> tuple[float, float]:
     return norm, math.sqrt(sum(float(n.pow(2).sum()) for n in noise.values()))
 
 
-def test_seed_regenerated_noise_recovers_the_clipped_sum_only_under_the_insecure_opt_in(tmp_path):
+@pytest.fixture
+def saved_keys(monkeypatch):
+    """Every privacy key a checkpoint writes (the file itself is deleted when the run completes)."""
+    from fedpeft.privacy.randomness import SecretStreams
+
+    keys: list[bytes] = []
+    save = SecretStreams.save
+
+    def recording(self, directory):
+        path = save(self, directory)
+        keys.append(path.read_bytes())
+        return path
+
+    monkeypatch.setattr(SecretStreams, "save", recording)
+    return keys
+
+
+def test_seed_regenerated_noise_recovers_the_clipped_sum_only_under_the_insecure_opt_in(tmp_path, saved_keys):
     """The sum of at most N clipped updates has norm ≤ N·S. With seeded noise (the opt-in, and
     what every run did before) subtracting the regenerated noise recovers exactly such a
     bounded sum; with the secret key what is left is noise of norm ≈ √2·z·S·√d ≫ N·S."""
@@ -76,7 +93,7 @@ def test_seed_regenerated_noise_recovers_the_clipped_sum_only_under_the_insecure
     cfg, _, results = _run(tmp_path, "secret", **kw)
     norm, noise = _recovered_sum_norm(cfg, results)
     assert norm > 10 * bound and norm == pytest.approx(math.sqrt(2) * noise, rel=0.05)
-    key = (tmp_path / "secret" / "checkpoint" / "privacy.key").read_bytes()
+    key = saved_keys[-1]
     for f in ("results.json", "rounds.csv"):
         text = (tmp_path / "secret" / f).read_bytes()
         assert key not in text and key.hex().encode() not in text
@@ -97,14 +114,32 @@ class _Recording(LocalGrid):
         return super().push_messages(messages)
 
 
-def test_the_key_is_never_in_a_message(tmp_path):
+def test_the_key_is_never_in_a_message(tmp_path, saved_keys):
     cfg = resolve({**TINY, "clients": 4, "cohort": 4, "rounds": 1, "epsilon": 2.0, "checkpoint_every": 1,
                    "output": str(tmp_path / "k")})
     grid = _Recording(honest_app, 4)
     run_federation(grid, cfg, [])
-    key = (tmp_path / "k" / "checkpoint" / "privacy.key").read_bytes()
+    key = saved_keys[-1]
     sent = " ".join(grid.sent)
     assert grid.sent and key.hex() not in sent and str(int.from_bytes(key, "big")) not in sent
+
+
+def test_a_completed_run_leaves_no_privacy_key(tmp_path, saved_keys):
+    """Issue 24 #8: the key is in the checkpoint while the run can still be resumed, and
+    deleted once the run completed and published its final model; a resume of the completed
+    run is refused with one line."""
+    from fedpeft.errors import UsageError
+    from fedpeft.federation.checkpoint import load_checkpoint
+
+    cfg, _, results = _run(tmp_path, "done", clients=6, cohort=3, rounds=2, epsilon=4.0, checkpoint_every=1)
+    assert len(saved_keys) == 2  # written with each checkpoint while the run could still stop
+    run = tmp_path / "done"
+    assert (run / "model" / "adapter_model.safetensors").is_file() and results["final"]["epsilon"]
+    assert (run / "checkpoint" / "server.json").is_file()
+    assert not list(run.rglob("privacy.key"))
+    assert all(saved_keys[0] not in p.read_bytes() for p in run.rglob("*") if p.is_file())
+    with pytest.raises(UsageError, match="no privacy key: the run completed"):
+        simulate(cfg, [], resume=load_checkpoint(run))
 
 
 def _csv_rows(path):
