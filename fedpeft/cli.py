@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedpeft.errors import UsageError
+from fedpeft.logs import install as install_logging
 from fedpeft.registry import declared_names
 from fedpeft.results import FinalRecord, ResultsWriter, RoundRecord
 from fedpeft.threads import passive_omp_wait
@@ -356,6 +357,7 @@ def evaluate_command(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and exit code 2 for every user mistake."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation chatter
+    install_logging()  # fedpeft decides what prints, before any import's basicConfig (fedpeft/logs.py)
     try:
         app(args=argv, standalone_mode=False)
     except UsageError as exc:
