@@ -335,12 +335,18 @@ def plan_for_config(cfg: Any) -> Plan:  # RunConfig
 
 def auto_plan(values: dict[str, Any], check: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     """``values`` (the user's settings) with the planner's choices filled in when it is a
-    user-level DP run given none of :data:`PLANNED_SETTINGS`; unchanged otherwise. The reasons
-    are kept in ``planned`` (a RunConfig field, so they reach results.json). ``check`` turns
-    settings into a validated RunConfig (:func:`fedpeft.settings.validate`)."""
+    user-level DP run given none of :data:`PLANNED_SETTINGS` — or only ``--adapter``: then it
+    chooses among that adapter's candidates (layers, rank, recipe, cohort, rounds); unchanged
+    otherwise. The reasons are kept in ``planned`` (a RunConfig field, so they reach
+    results.json). ``check`` turns settings into a validated RunConfig
+    (:func:`fedpeft.settings.validate`)."""
     dp = values.get("dp")
-    if values.get("epsilon") is None or dp not in (None, "user") or any(k in values for k in PLANNED_SETTINGS):
+    given = [k for k in PLANNED_SETTINGS if k in values]
+    if values.get("epsilon") is None or dp not in (None, "user") or given not in ([], ["adapter"]):
         return values
+    candidates = tuple(c for c in CANDIDATES if c.settings["adapter"] == values.get("adapter", c.settings["adapter"]))
+    if not any(c.measured for c in candidates):
+        return values  # no measured recipe for this adapter: the user's flags and defaults decide
     from transformers import AutoConfig
 
     from fedpeft.config import DEFAULT_DATASET, DEFAULT_MODEL
@@ -357,7 +363,7 @@ def auto_plan(values: dict[str, Any], check: Callable[[dict[str, Any]], Any]) ->
     delta = base.delta if base.delta is not None else default_delta(base.clients)
     try:
         chosen, why = choose_settings(base.clients, float(values["epsilon"]), delta, base.accountant,
-                                      len(splits.train), shape)
+                                      len(splits.train), shape, candidates=candidates)
     except ValueError:  # nothing feasible (e.g. ε too small for any (q, T)): the run's own
         return values   # calibration then says why in one line
     return {**values, **chosen, "planned": json.dumps(why)}

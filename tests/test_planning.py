@@ -120,6 +120,23 @@ def test_planner_chooses_by_forecast_accuracy_not_by_the_smallest_d():
     assert "lora top-1 r1 (d = 2,306): highest forecast accuracy 0.790" in why["adapter"]
     assert re.search(r"others: head \(d = 770\) 0\.7[45]\d", why["adapter"])
     assert "not measured, so not chosen: lora top-2 r8" in why["adapter"]
-    # at a much smaller ε the LoRA candidate's √T/R drops and the linear probe is forecast higher
-    chosen, _ = choose_settings(1000, 0.25, 1e-5, "rdp", 11_527, SHAPE, budget_s=600, candidates=(head, lora))
-    assert chosen["adapter"] == "head"
+    # a candidate whose gain was measured at a far better √T/R than ε = 2 reaches is forecast lower
+    # (0.5 + 0.29 · score/30 < 0.75), so the linear probe wins
+    needy = Candidate("lora top-1 r1", lora.settings, lora.recipe, measured=(0.79, 30.0))
+    chosen, why = choose_settings(1000, 2.0, 1e-5, "rdp", 11_527, SHAPE, budget_s=600, candidates=(head, needy))
+    assert chosen["adapter"] == "head" and "others: lora top-1 r1 (d = 2,306) 0.5" in why["adapter"]
+
+
+def test_given_only_an_adapter_the_planner_chooses_among_that_adapters_candidates(monkeypatch):
+    import fedpeft.planning as planning
+
+    lora = Candidate("lora top-1 r4", {"adapter": "lora", "train_top_k": 1, "rank": 4, "alpha": 8.0},
+                     {"lr": 0.003, "local_epochs": 2, "clip": 1.0, "server_opt": "none"}, measured=(0.74, 4.0))
+    monkeypatch.setattr(planning, "CANDIDATES", (*planning.CANDIDATES, lora))
+    cfg = resolve({"clients": 1000, "epsilon": 2.0, "adapter": "lora"})
+    assert (cfg.adapter, cfg.train_top_k, cfg.lora_layers, cfg.rank, cfg.lr) == ("lora", 1, "5", 4, 0.003)
+    assert json.loads(cfg.planned)["adapter"].startswith("lora top-1 r4")
+    # the head would be forecast higher, but the user asked for LoRA
+    assert "head" not in json.loads(cfg.planned)["adapter"]
+    told = resolve({"clients": 1000, "epsilon": 2.0, "adapter": "ffa-lora"})  # no measured recipe: no plan
+    assert told.adapter == "ffa-lora" and told.planned == "" and told.train_top_k == 0
