@@ -53,6 +53,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,8 +301,12 @@ def build_export(ws: Workspace, global_state: State, cfg: RunConfig) -> Export:
                              target_modules=list(lora.targets), layers_to_transform=list(lora.layers) or None,
                              lora_dropout=0.0, bias="none", modules_to_save=["classifier"],
                              base_model_name_or_path=base_id, inference_mode=True)
-    # peft adds its task's head names to the config it is given: probe with a copy
-    probe = get_peft_model(stock, copy.deepcopy(peft_config))
+    # peft adds its task's head names to the config it is given: probe with a copy. The probe's
+    # base is loaded from this machine's copy, so peft warns that the published name differs
+    # from that path: intended (the card names the base, never a local path), not printed.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The PEFT config's `base_model_name_or_path` was renamed")
+        probe = get_peft_model(stock, copy.deepcopy(peft_config))
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(probe).items()}
     backbone = (layout.fedpeft_backbone, stock.base_model_prefix) if layout.fedpeft_backbone else None
     tensors = {saved_name(k, backbone): v for k, v in lora.tensors.items()}

@@ -52,6 +52,9 @@ class Candidate:
     settings: dict[str, Any]
     recipe: dict[str, Any]
     measured: tuple[float, float] | None = None
+    #: (q, T) the recipe was measured at, when its local schedule only works there (many small
+    #: LoRA steps need many rounds); None: the planner searches q and T
+    schedule: tuple[float, int] | None = None
 
     @property
     def cost_key(self) -> str:
@@ -89,6 +92,13 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("head", {"adapter": "head"},
               {"lr": 0.03, "local_epochs": 5, "clip": 5.0, "server_opt": "fedadam", "server_lr": 0.1},
               measured=(0.750, 16.7)),
+    # LoRA r4 (scale alpha/r = 2, as the non-private default) on layer 5 of 6, on the cached
+    # bottom: many small steps (AdamW 3e-3 x 2 local epochs, plain FedAvg, clip 1) over 50 rounds
+    # of 10% cohorts; measured 0.746 at eps 2 (1 run, sqrt(T)/R = 4.49; non-private twin 0.779),
+    # 5.5 min on the process pool at load ~2 (experiments/README.md, "DP adapters")
+    Candidate("lora top-1 r4", {"adapter": "lora", "train_top_k": 1, "rank": 4, "alpha": 8.0},
+              {"lr": 0.003, "local_epochs": 2, "clip": 1.0, "server_opt": "none", "eval_every": 10},
+              measured=(0.746, 4.49), schedule=(0.1, 50)),
 )
 RECIPES: dict[str, dict[str, Any]] = {c.name: c.recipe for c in CANDIDATES}
 
@@ -97,6 +107,9 @@ SAMPLE_RATES = (0.05, 0.1, 0.2, 0.5, 1.0)
 ROUNDS = (5, 10, 20)
 #: Default wall-time budget of a planned run's federation (seconds, 2-core machine).
 TIME_BUDGET_S = 180.0
+#: Budget when the user names the adapter (``--adapter lora --epsilon 2``): encoder-changing
+#: adapters cost more per visit than the head on cached features.
+ADAPTER_TIME_BUDGET_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -230,19 +243,19 @@ def _best_rate_and_rounds(cand: Candidate, dim: int, clients: int, epsilon: floa
     """(score √T/R, estimated seconds, cohort, T, R) of the (q, T) that maximise √T/R for
     ``cand`` within ``budget_s`` (within 2% of the best score the cheaper run wins), or None."""
     options: list[tuple[float, float, int, int, float]] = []
-    for q in SAMPLE_RATES:
+    grid = [cand.schedule] if cand.schedule else [(q, t) for q in SAMPLE_RATES for t in ROUNDS]
+    for q, t in grid:
         cohort = max(1, round(q * clients))
-        for t in ROUNDS:
-            seconds = costs.seconds(cand.cost_key, cohort, t, cohort / clients * train_examples,
-                                    cand.recipe["local_epochs"])
-            if seconds > budget_s:
-                continue
-            try:
-                z = _search_z(epsilon, delta, cohort / clients, t, accountant)
-            except ValueError:  # Opacus: the budget is too low for this (q, T)
-                continue
-            r = noise_to_signal(z, dim, cohort)
-            options.append((math.sqrt(t) / r, seconds, cohort, t, r))
+        seconds = costs.seconds(cand.cost_key, cohort, t, cohort / clients * train_examples,
+                                cand.recipe["local_epochs"])
+        if seconds > budget_s:
+            continue
+        try:
+            z = _search_z(epsilon, delta, cohort / clients, t, accountant)
+        except ValueError:  # Opacus: the budget is too low for this (q, T)
+            continue
+        r = noise_to_signal(z, dim, cohort)
+        options.append((math.sqrt(t) / r, seconds, cohort, t, r))
     if not options:
         return None
     top = max(o[0] for o in options)
@@ -271,14 +284,15 @@ def choose_settings(clients: int, epsilon: float, delta: float, accountant: str,
     top = max(s[0] for s in scored)
     predicted, _, cand, dim, (score, _, cohort, rounds, r) = min(
         (s for s in scored if s[0] >= top - 0.005), key=lambda s: s[1])
-    others = "; ".join(f"{c.name} (d = {d:,}) {p:.3f}" for p, _, c, d, _ in sorted(scored, key=lambda s: -s[0])
-                       if c is not cand)
+    # the others by name and d only: which of them fit the time budget depends on the data's size,
+    # which a DP run does not publish (config.planned lands in results.json)
+    others = ", ".join(f"{c.name} (d = {c.dim(shape):,})" for c in candidates if c is not cand and c.measured)
     unmeasured = [c.name for c in candidates if c.measured is None]
     measured_acc, measured_score = cand.measured  # type: ignore[misc]
     why = {
         "adapter": f"{cand.name} (d = {dim:,}): highest forecast accuracy {predicted:.3f} (measured "
                    f"{measured_acc:.3f} at N = 1000, ε = 2 with √T/R = {measured_score:.3g}; here √T/R = "
-                   f"{score:.3g})" + (f"; others: {others}" if others else "")
+                   f"{score:.3g})" + (f"; forecast lower or over the time budget: {others}" if others else "")
                    + (f"; not measured, so not chosen: {', '.join(unmeasured)}" if unmeasured else ""),
         # no time quoted: the estimate scales with the training-set size, which a DP run does not
         # publish (config.planned lands in results.json); `fedpeft plan` prints it with its basis
@@ -347,6 +361,8 @@ def auto_plan(values: dict[str, Any], check: Callable[[dict[str, Any]], Any]) ->
     candidates = tuple(c for c in CANDIDATES if c.settings["adapter"] == values.get("adapter", c.settings["adapter"]))
     if not any(c.measured for c in candidates):
         return values  # no measured recipe for this adapter: the user's flags and defaults decide
+    # an adapter that changes the encoder was asked for by name: it may take longer than the probe
+    budget = ADAPTER_TIME_BUDGET_S if "adapter" in values else TIME_BUDGET_S
     from transformers import AutoConfig
 
     from fedpeft.config import DEFAULT_DATASET, DEFAULT_MODEL
@@ -363,7 +379,7 @@ def auto_plan(values: dict[str, Any], check: Callable[[dict[str, Any]], Any]) ->
     delta = base.delta if base.delta is not None else default_delta(base.clients)
     try:
         chosen, why = choose_settings(base.clients, float(values["epsilon"]), delta, base.accountant,
-                                      len(splits.train), shape, candidates=candidates)
+                                      len(splits.train), shape, budget_s=budget, candidates=candidates)
     except ValueError:  # nothing feasible (e.g. ε too small for any (q, T)): the run's own
         return values   # calibration then says why in one line
     return {**values, **chosen, "planned": json.dumps(why)}
