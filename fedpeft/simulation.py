@@ -107,13 +107,15 @@ def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool, resume: Check
     from fedpeft.federation.client_app import app as client_app
     from fedpeft.federation.virtual_grid import RayGrid, loopback_ray
 
-    if not verbose:
-        flwr_logger.setLevel(logging.ERROR)
+    level = flwr_logger.level
+    if not verbose:  # Ray's per-actor chatter; restored after the run, so later messages of this
+        flwr_logger.setLevel(logging.ERROR)  # process (a node's policy refusals) still print
     if not ray_address(cfg):
         loopback_ray()
     started_here = not ray.is_initialized()
     try:
         return _run_pooled(RayGrid(client_app, cfg.clients, ray_backend_config(cfg, verbose)), cfg, reporters, resume)
     finally:
+        flwr_logger.setLevel(level)
         if started_here:
             ray.shutdown()
