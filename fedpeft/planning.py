@@ -140,8 +140,8 @@ class CostModel:
         per_example = self.per_example_epoch_s.get(adapter, self.default_example_epoch_s)
         return (f"estimate = rounds x (qN x {self.per_client_visit_s:g} s per client visit + examples per round "
                 f"x local epochs x {per_example:g} s ({adapter}) / {self.workers} workers); constants measured "
-                "on the Ray backend on 2 cores (the process pool is faster); start-up and a cold feature "
-                "cache's one-time encoder pass are not included")
+                "on 2 cores (visit and head: Ray backend; top-k: benchmark 10, in-process under load; the "
+                "process pool is faster); start-up and a cold cache's one-time encoder pass are not included")
 
 
 def noise_to_signal(noise_multiplier: float, dim: int, expected_cohort: float) -> float:
@@ -168,6 +168,8 @@ class Plan:
     utility_score: float | None = None  # √T / R
     predicted_seconds: float | None = None
     chosen: dict[str, str] = field(default_factory=dict)  # setting -> why the planner chose it
+    #: what one client visit runs, for the time estimate (CostModel key: head, top-k, or the adapter)
+    cost_key: str | None = None
     warnings: list[str] = field(default_factory=list)
     #: warnings that state the data's size (not published under DP, like examples_per_round)
     data_warnings: list[str] = field(default_factory=list)
@@ -186,7 +188,7 @@ class Plan:
                        f"{self.noise_to_signal:.3g} (learning needs R < √T = {math.sqrt(self.rounds):.2f})")
         if self.predicted_seconds is not None:  # withheld from a DP run's results: it scales with the data
             out.append(f"estimated federation time ~{self.predicted_seconds:.0f} s "
-                       f"({CostModel().basis(self.adapter)})")
+                       f"({CostModel().basis(self.cost_key or self.adapter)})")
         out += [f"planner chose {k}: {why}" for k, why in self.chosen.items()]
         out += [f"warning: {w}" for w in (*self.warnings, *self.data_warnings)]
         return out
@@ -214,13 +216,15 @@ def parse_planned(planned: str) -> dict[str, str]:
 def make_plan(*, clients: int, cohort: float, rounds: int, adapter: str, dim: int, train_examples: int,
               dp: str, epsilon: float | None, delta: float | None, noise_multiplier: float | None,
               accountant: str, clip: float | None, local_epochs: int,
-              chosen: dict[str, str] | None = None, costs: CostModel | None = None) -> Plan:
+              chosen: dict[str, str] | None = None, costs: CostModel | None = None,
+              cost_key: str | None = None) -> Plan:
     """The plan of one configuration (``noise_multiplier`` already calibrated for user level)."""
     costs = costs or CostModel()
     q = cohort / clients
     plan = Plan(clients=clients, expected_cohort=float(cohort), sample_rate=q, rounds=rounds, adapter=adapter,
                 trainable_dim=dim, examples_per_round=q * train_examples, dp_level=dp, chosen=dict(chosen or {}),
-                predicted_seconds=costs.seconds(adapter, cohort, rounds, q * train_examples, local_epochs))
+                cost_key=cost_key or adapter,
+                predicted_seconds=costs.seconds(cost_key or adapter, cohort, rounds, q * train_examples, local_epochs))
     if train_examples < clients:
         plan.data_warnings.append(f"{train_examples:,} examples for {clients:,} clients: at least "
                              f"{clients - train_examples:,} clients have no data and send empty (zero) updates")
@@ -311,7 +315,11 @@ def config_plan(cfg: Any, layout: dict[str, tuple[int, ...]], train_examples: in
     """The plan of a resolved RunConfig whose clients upload ``layout`` (d = its size)."""
     from fedpeft.data.synthetic import WARNING as SYNTHETIC_WARNING, is_synthetic
 
-    plan = make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter,
+    # the top layers on the cached bottom cost per visit what --train-top-k k costs (CostModel "top-k")
+    top = len(cfg.lora_layer_list) if cfg.lora_layer_list and cfg.bottom_cache else 0
+    cost_key = "head" if cfg.adapter == "head" else f"top-{top}" if f"top-{top}" in CostModel().per_example_epoch_s \
+        else cfg.adapter
+    plan = make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter, cost_key=cost_key,
                      dim=sum(math.prod(s) for s in layout.values()), train_examples=train_examples,
                      dp=cfg.dp or "none", epsilon=cfg.epsilon, delta=delta, noise_multiplier=noise_multiplier,
                      accountant=cfg.accountant, clip=cfg.clip, local_epochs=cfg.local_epochs,

@@ -151,3 +151,18 @@ def test_the_shipped_lora_candidate_keeps_its_measured_schedule():
     assert (cfg.cohort, cfg.rounds) == (100, 50) and cfg.train_top_k == lora.settings["train_top_k"]
     assert cfg.lr == lora.recipe["lr"] and cfg.rank == lora.settings["rank"]
     assert resolve({"clients": 1000, "epsilon": 2.0}).adapter == "head"  # forecast 0.750 vs 0.746
+
+
+def test_the_time_estimate_of_a_top_k_run_uses_the_cached_visit_cost():
+    """`--train-top-k 1` runs one layer per visit: its estimate uses the top-1 constant (5e-3 s per
+    example-epoch, benchmark 10), not the full encoder's 0.05."""
+    costs = CostModel()
+    cfg = resolve({"clients": 1000, "epsilon": 2.0, "adapter": "lora", "train_top_k": 1, "cohort": 100,
+                   "rounds": 50, "local_epochs": 2})
+    plan = plan_for_config(cfg)
+    assert plan.cost_key == "top-1"
+    assert plan.predicted_seconds == pytest.approx(50 * (100 * costs.per_client_visit_s
+                                                         + plan.examples_per_round * 2 * 5e-3 / costs.workers))
+    off = plan_for_config(resolve({"clients": 1000, "epsilon": 2.0, "adapter": "lora", "train_top_k": 1,
+                                   "cohort": 100, "rounds": 50, "bottom_cache": False}))
+    assert off.cost_key == "lora" and off.predicted_seconds > plan.predicted_seconds
