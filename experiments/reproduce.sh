@@ -9,7 +9,8 @@ FEDPEFT="${FEDPEFT:-$(command -v fedpeft || echo .venv/bin/fedpeft)}"
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
   names=(lora_fair_noniid lora_fair_ridge compeft_density compeft_downlink ffa_vs_lora_sample_dp dp_dylora_user_dp dp_dylora_nonprivate_ref
-         dp_utility_head dp_utility_head_nodp dp_utility_lora_r8 dp_utility_lora_r8_nodp)
+         dp_utility_head dp_utility_head_nodp dp_utility_lora_r8 dp_utility_lora_r8_nodp
+         sample_dp_topk dp_adapters_topk dp_adapters_topk_nodp)
 fi
 for name in "${names[@]}"; do
   echo "== $name"
