@@ -26,6 +26,7 @@ from torch import nn
 
 from fedpeft.data.tokenized import TokenizedSplit, collate
 from fedpeft.model.mean_pool import mean_pool_classifier
+from fedpeft.model.packing import outputs_match
 
 _LAYER = re.compile(r"\.encoder\.layer\.(\d+)\.")
 
@@ -104,25 +105,8 @@ def matches_full_model(model: nn.Module, tokens: TokenizedSplit, hidden, rows: n
     """Whether the cached path (``hidden``'s padded batch of ``rows``) gives the full
     forward's logits and trainable gradients (eval mode) within ``tolerance``, relative to
     the largest magnitude."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-    try:
-        results = []
-        for batch in (collate(tokens, rows, pad_id), hidden.collate(rows, pad_id)):
-            out = model(**batch)
-            grads = torch.autograd.grad(out.loss, params, allow_unused=True)
-            results.append((out.logits.detach(), [g for g in grads if g is not None]))
-    except (TypeError, ValueError, RuntimeError, AttributeError):  # the model cannot run its top alone
-        return False
-    finally:
-        model.train(was_training)
-    (a, ga), (b, gb) = results
-
-    def close(x: torch.Tensor, z: torch.Tensor) -> bool:
-        return bool((x - z).abs().max() <= tolerance * max(1.0, float(x.abs().max())))
-
-    return close(a, b) and len(ga) == len(gb) > 0 and all(close(x, z) for x, z in zip(ga, gb))
+    return outputs_match(model, (lambda: collate(tokens, rows, pad_id), lambda: hidden.collate(rows, pad_id)),
+                         tolerance, need_grads=True)
 
 
 __all__ = ["first_trained_layer", "layer_inputs", "matches_full_model",

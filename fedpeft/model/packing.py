@@ -25,7 +25,7 @@ packed run's numbers are not bit-identical to a padded run's (same distribution)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,16 +146,26 @@ def enable_packing(model: nn.Module, split, rows: np.ndarray, pad_id: int,  # no
 def _same_as_padded(model: nn.Module, split, rows: np.ndarray, pad_id: int, tolerance: float) -> bool:  # noqa: ANN001
     from fedpeft.data.tokenized import collate
 
+    return outputs_match(model, (lambda: collate(split, rows, pad_id), lambda: collate_packed(split, rows, pad_id)),
+                         tolerance)
+
+
+def outputs_match(model: nn.Module, batches: Sequence[Callable[[], dict]], tolerance: float,
+                  need_grads: bool = False) -> bool:
+    """Whether two ways of feeding the same rows (``batches``: two batch makers) give the same
+    logits and trainable gradients in eval mode, within ``tolerance`` relative to the largest
+    magnitude; False when the model cannot take one of them. ``need_grads``: also False when
+    no trainable tensor got a gradient."""
     params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.eval()
     try:
         results = []
-        for make in (collate, collate_packed):
-            out = model(**make(split, rows, pad_id))
+        for make in batches:
+            out = model(**make())
             grads = torch.autograd.grad(out.loss, params, allow_unused=True)
             results.append((out.logits.detach(), [g for g in grads if g is not None]))
-    except (TypeError, ValueError, RuntimeError):  # the model does not take packed inputs
+    except (TypeError, ValueError, RuntimeError, AttributeError):  # the model does not take these inputs
         return False
     finally:
         model.train(was_training)
@@ -164,4 +174,5 @@ def _same_as_padded(model: nn.Module, split, rows: np.ndarray, pad_id: int, tole
     def close(x: torch.Tensor, z: torch.Tensor) -> bool:
         return bool((x - z).abs().max() <= tolerance * max(1.0, float(x.abs().max())))
 
-    return close(a, b) and len(ga) == len(gb) and all(close(x, z) for x, z in zip(ga, gb))
+    return (close(a, b) and len(ga) == len(gb) and (len(ga) > 0 or not need_grads)
+            and all(close(x, z) for x, z in zip(ga, gb)))
