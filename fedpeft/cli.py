@@ -275,8 +275,11 @@ def compare(
     output: Optional[str] = typer.Option(None, "--output", help="Comparison directory. [default: runs/compare-<name>-<timestamp>]"),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
 ) -> None:
-    """Run a grid of simulations and write comparison.md/.csv and plots."""
-    from fedpeft.compare import load_experiment, run_experiment
+    """Run a grid of simulations and write comparison.md/.csv and plots: per cell the mean and 95% interval over
+    seeds and, with a [compare] baseline, the paired difference to it and a verdict."""
+    from rich.text import Text
+
+    from fedpeft.compare import load_experiment, reading_notes, run_experiment, table_columns, table_row
 
     exp = load_experiment(config)
     cells = exp.cells()
@@ -295,16 +298,19 @@ def compare(
 
     with progress:
         rows = run_experiment(exp, out, run_one)
+    cells = [table_row(exp, r) for r in rows]
+    # a column no cell fills (personalized accuracy without FedSA-LoRA, ε without DP) is left out here only
+    shown = [i for i, _ in enumerate(table_columns(exp)) if any(c[i] != "—" for c in cells) or i < 2]
     table = Table(title=f"fedpeft compare: {exp.name}")
-    for col in ("setting", "runs", "accuracy", "personal acc.", "bytes up", "bytes down", "ε", "agg. error",
-                "wall s"):
-        table.add_column(col, justify="right" if col != "setting" else "left")
-    for r in rows:
-        table.add_row(r["setting"], str(r["runs"]), f"{_fmt(r['accuracy_mean'])} ± {_fmt(r['accuracy_std'])}",
-                      _fmt(r["personalized_accuracy_mean"]), _fmt(r["bytes_up_total"], ",.0f"), _fmt(r["bytes_down_total"], ",.0f"),
-                      _fmt(r["epsilon"], ".3f"), _fmt(r["aggregation_error_mean"], ".2e"),
-                      _fmt(r["wall_s_mean"], ".1f"))
+    for i in shown:  # Text: a cell's "[low, high]" is not markup
+        col = table_columns(exp, short=True)[i]
+        table.add_column(Text(col), justify="left" if col in ("setting", "verdict") else "right",
+                         no_wrap="[95% CI]" in col or col == "verdict")
+    for c in cells:
+        table.add_row(*(Text(c[i]) for i in shown))
     console.print(table)
+    for note in reading_notes(exp):
+        console.print(note, markup=False, highlight=False)
     console.print(f"-> {out / 'comparison.md'}, {out / 'comparison.csv'}, plots in {out}")
 
 

@@ -1,4 +1,8 @@
-"""Comparison plots (matplotlib, headless Agg backend)."""
+"""Comparison plots (matplotlib, headless Agg backend).
+
+Error bars are 95% Student t intervals over a cell's seeds (fedpeft/seed_statistics.py); a
+point from fewer than 2 seeds has none.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +14,56 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fedpeft.seed_statistics import BASELINE, BETTER, NO_DIFFERENCE, WORSE, mean_interval  # noqa: E402
 
 
-def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+def _curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds, mean over seeds and the half-widths below/above it (2 x rounds, nan without one)."""
     length = min(len(r["rounds"]) for r in runs)
-    vals = np.array([[np.nan if x[key] is None else x[key] for x in r["rounds"][:length]] for r in runs], dtype=float)
-    return np.arange(1, length + 1), np.nanmean(vals, axis=0) if np.isfinite(vals).any() else vals[0]
+    columns = [[r["rounds"][t][key] for r in runs] for t in range(length)]
+    intervals = [mean_interval(col) for col in columns]
+    mean = np.array([np.nan if i.mean is None else i.mean for i in intervals])
+    low = np.array([np.nan if i.low is None else i.low for i in intervals])
+    high = np.array([np.nan if i.high is None else i.high for i in intervals])
+    return np.arange(1, length + 1), mean, np.vstack([mean - low, high - mean])
 
 
-def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
-    """accuracy vs round, accuracy vs cumulative upload bytes, aggregation error vs round."""
+def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
+                    rows: list[dict[str, Any]] | None = None) -> list[Path]:
+    """accuracy vs round, accuracy vs cumulative upload bytes (both with 95% intervals over
+    seeds), aggregation error vs round (means) and, given the summary ``rows``, final accuracy
+    per cell with its paired difference to the baseline."""
     paths = []
-    specs = [("accuracy_vs_round.png", "round", "eval_accuracy", "test accuracy", False),
-             ("accuracy_vs_bytes.png", "cumulative upload (MB)", "eval_accuracy", "test accuracy", False),
+    specs = [("accuracy_vs_round.png", "round", "eval_accuracy", "test accuracy (95% CI over seeds)", False),
+             ("accuracy_vs_bytes.png", "cumulative upload (MB)", "eval_accuracy", "test accuracy (95% CI over seeds)",
+              False),
              ("aggregation_error_vs_round.png", "round", "aggregation_error", "aggregation error (SPEC §1.1)", True)]
     for filename, xlabel, key, ylabel, logy in specs:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
         drawn = False
-        for label, runs in groups.items():
-            x, y = _mean_curve(runs, key)
-            if not np.isfinite(y).any():
+        for i, (label, runs) in enumerate(groups.items()):
+            x, y, err = _curve(runs, key)
+            shown = np.isfinite(y)  # rounds without evaluation (--eval-every) are skipped, not gaps
+            if not shown.any():
                 continue
             if "bytes" in filename:
                 ups = np.array([[rr["bytes_up"] for rr in r["rounds"][: len(x)]] for r in runs], dtype=float)
                 x = np.cumsum(ups.mean(axis=0)) / 1e6
-            ax.plot(x, y, marker="o", ms=3, label=label)
+            elif not logy:  # side by side within a round, so the cells' error bars do not hide each other
+                x = x + _dodge(x[shown], i, len(groups))
+            if logy:  # a deterministic property of the mechanism: the mean
+                ax.plot(x[shown], y[shown], marker="o", ms=3, label=label)
+            else:
+                ax.errorbar(x[shown], y[shown], yerr=err[:, shown], marker="o", ms=3, capsize=2, elinewidth=0.8,
+                            label=label)
             drawn = True
         if logy and drawn:
             ax.set_yscale("log")
         ax.set_xlabel(xlabel)
+        if xlabel == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if drawn:
@@ -50,4 +75,57 @@ def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path) -> l
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)
+    if rows is not None:
+        paths.append(plot_final_accuracy(rows, out_dir / "final_accuracy.png"))
     return paths
+
+
+def _dodge(x: np.ndarray, index: int, count: int) -> float:
+    """Offset of the index-th of count curves: spread over a third of the spacing of their points."""
+    spacing = float(np.median(np.diff(x))) if len(x) > 1 else 1.0
+    return (index - (count - 1) / 2) * spacing / 3 / max(count, 1)
+
+
+_VERDICT_COLOURS = {BETTER: "tab:green", WORSE: "tab:red", NO_DIFFERENCE: "tab:gray", BASELINE: "black"}
+
+
+def _half_widths(rows: list[dict[str, Any]], mean: str, low: str, high: str) -> np.ndarray:
+    """2 x cells half-widths of the intervals (0 where a cell has none)."""
+    return np.array([[0.0 if r[low] is None else r[mean] - r[low] for r in rows],
+                     [0.0 if r[high] is None else r[high] - r[mean] for r in rows]])
+
+
+def plot_final_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Final accuracy per cell with its 95% interval; with a baseline, a second panel of the
+    paired difference (cell − baseline) with its interval against the line at 0."""
+    shown = [r for r in rows if r["accuracy_mean"] is not None]
+    paired = any(r["accuracy_verdict"] is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(9.6 if paired else 6.4, 1.2 + 0.45 * max(len(shown), 1)),
+                             dpi=110, sharey=True, squeeze=False)
+    y = np.arange(len(shown))[::-1]
+    ax = axes[0][0]
+    ax.errorbar([r["accuracy_mean"] for r in shown], y, xerr=_half_widths(shown, "accuracy_mean", "accuracy_ci_low",
+                                                                           "accuracy_ci_high"),
+                fmt="o", capsize=3, color="tab:blue")
+    ax.set_yticks(y, [r["setting"] for r in shown], fontsize=7)
+    ax.set_xlabel("final test accuracy (mean, 95% CI over seeds)")
+    ax.grid(alpha=0.3, axis="x")
+    if paired:
+        ax = axes[0][1]
+        ax.axvline(0.0, color="black", lw=0.8)
+        for yi, r in zip(y, shown):
+            if r["accuracy_diff_mean"] is None:
+                ax.text(0.0, yi, f" {r['accuracy_verdict'] or '—'}", va="center", fontsize=7)
+                continue
+            colour = _VERDICT_COLOURS.get(r["accuracy_verdict"], "tab:orange")  # orange: n < 2
+            ax.errorbar([r["accuracy_diff_mean"]], [yi],
+                        xerr=_half_widths([r], "accuracy_diff_mean", "accuracy_diff_ci_low", "accuracy_diff_ci_high"),
+                        fmt="o", capsize=3, color=colour)
+            ax.annotate(r["accuracy_verdict"], (r["accuracy_diff_mean"], yi), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=7, color=colour)
+        ax.set_xlabel("Δ accuracy vs baseline (paired by seed, 95% CI)")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout(w_pad=2.0)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

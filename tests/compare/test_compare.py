@@ -12,6 +12,7 @@ import json
 import statistics
 
 import pytest
+import scipy.stats
 
 from fedpeft.compare import load_experiment, run_experiment
 from fedpeft.errors import UsageError
@@ -79,9 +80,13 @@ def test_summary_statistics_and_outputs(tmp_path):
     csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [r["setting"] for r in csv_rows] == ["rank=2", "rank=4"]
     md = (out / "comparison.md").read_text()
-    assert "0.7200 ± 0.0283" in md
-    assert "0.8250 (maj. 0.7000)" in md
-    for png in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "aggregation_error_vs_round.png"):
+    # 95% Student t interval over the 2 seeds: mean ± t_{0.975,1} s / sqrt(2), t from scipy
+    half = scipy.stats.t.ppf(0.975, 1) * statistics.stdev([0.70, 0.74]) / 2 ** 0.5
+    assert f"0.7200 [{0.72 - half:.4f}, {0.72 + half:.4f}]" in md
+    half = scipy.stats.t.ppf(0.975, 1) * statistics.stdev([0.80, 0.85]) / 2 ** 0.5
+    assert f"0.8250 [{0.825 - half:.4f}, {0.825 + half:.4f}] (maj. 0.7000)" in md
+    assert float(csv_rows[0]["accuracy_ci_low"]) == pytest.approx(0.72 - scipy.stats.t.ppf(0.975, 1) * 0.02)
+    for png in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "aggregation_error_vs_round.png", "final_accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # re-running skips finished cells
     calls = []
