@@ -2,8 +2,9 @@
 paired difference of a cell against a baseline cell.
 
 A cell of a comparison grid runs once per seed. Two cells that ran the same seed saw the same
-client partition, the same client sampling and the same initial adapter, so the difference of
-their results on that seed removes the variation the seed causes; the paired Student t
+data partition and the same initial adapter (and, without DP, the same client sampling; DP draws
+cohorts and noise from a secret key), so the difference of their results on that seed removes
+the variation the seed causes; the paired Student t
 interval of those differences is much narrower than the difference of two independent means
 when the seed matters more than the setting (the usual case at a few seeds).
 
