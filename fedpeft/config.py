@@ -40,6 +40,9 @@ class RunConfig:
     server_momentum: float = 0.9  # β (fedavgm) / β₁ (fedadam, fedyogi)
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    #: EMA coefficient β of the iterate average that is evaluated and exported
+    #: (fedpeft.iterate_average; post-processing under DP); 0 = the last iterate
+    ema: float = 0.0
     # local training
     local_epochs: int = 1
     batch_size: int = 8
@@ -168,7 +171,7 @@ class RunConfig:
 #: client-side module reads one.
 SERVER_ONLY: frozenset[str] = frozenset({
     "clients", "cohort", "fair_solver", "fair_lambda", "server_opt", "server_lr", "server_momentum",
-    "server_beta2", "server_tau", "eval_every", "clip", "adaptive_clip", "target_quantile", "clip_lr",
+    "server_beta2", "server_tau", "ema", "eval_every", "clip", "adaptive_clip", "target_quantile", "clip_lr",
     "diagnostics", "compress_down", "deadline", "max_upload_bytes", "checkpoint_every",
     "round_timeout", "backend", "ray_address", "planned",
 })

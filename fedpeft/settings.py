@@ -47,6 +47,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.server_beta2,
                            cfg.server_tau)  # one-line UsageError naming a bad name or value
+    _check(0 <= cfg.ema < 1, "ema", cfg.ema, "a number in [0, 1) (0 = evaluate the last iterate)")
     if cfg.server_opt != "none" and not STRATEGIES.get(cfg.strategy).supports_server_optimizer:
         raise UsageError(f"--server-opt {cfg.server_opt} cannot drive --strategy {cfg.strategy} (its global "
                          "state is rebuilt every round); allowed: --server-opt none")

@@ -65,6 +65,9 @@ class Checkpoint:
     #: the server optimiser (SPEC §3.6): scalars as JSON, moment buffers as tensors
     server_opt_state: dict[str, Any] = dataclasses.field(default_factory=dict)
     server_opt_tensors: State = dataclasses.field(default_factory=dict)
+    #: the iterate average (``--ema``, :mod:`fedpeft.iterate_average`): scalars and sums
+    ema_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ema_tensors: State = dataclasses.field(default_factory=dict)
     #: rounds attempted after this checkpoint was written (the ledger, :func:`record_attempt`)
     attempts: list[int] = dataclasses.field(default_factory=list)
 
@@ -82,12 +85,15 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, client_state: Path) -> Path
     if ckpt.server_opt_tensors:
         save_file({k: v.contiguous() for k, v in ckpt.server_opt_tensors.items()},
                   str(tmp / "server_opt.safetensors"))
+    if ckpt.ema_tensors:
+        save_file({k: v.contiguous() for k, v in ckpt.ema_tensors.items()}, str(tmp / "ema.safetensors"))
     if ckpt.downlink_tensors:
         save_file({k: v.contiguous() for k, v in ckpt.downlink_tensors.items()},
                   str(tmp / "downlink.safetensors"))
     meta = {"round": ckpt.round, "records": [dataclasses.asdict(r) for r in ckpt.records],
             "strategy_state": ckpt.strategy_state, "privacy_state": ckpt.privacy_state,
             "downlink_state": ckpt.downlink_state, "server_opt_state": ckpt.server_opt_state,
+            "ema_state": ckpt.ema_state,
             "published": ([dataclasses.asdict(r) for r in ckpt.published]
                           if ckpt.published is not None else None)}
     (tmp / "server.json").write_text(json.dumps(meta))
@@ -130,6 +136,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     meta = json.loads((path / "server.json").read_text())
     downlink = path / "downlink.safetensors"
     server_opt = path / "server_opt.safetensors"
+    ema = path / "ema.safetensors"
     return Checkpoint(round=int(meta["round"]), global_state=load_file(str(path / "global.safetensors")),
                       records=[RoundRecord(**r) for r in meta["records"]],
                       strategy_state=meta["strategy_state"], privacy_state=meta["privacy_state"],
@@ -137,6 +144,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
                       downlink_tensors=load_file(str(downlink)) if downlink.is_file() else {},
                       server_opt_state=meta.get("server_opt_state", {}),
                       server_opt_tensors=load_file(str(server_opt)) if server_opt.is_file() else {},
+                      ema_state=meta.get("ema_state", {}),
+                      ema_tensors=load_file(str(ema)) if ema.is_file() else {},
                       streams=SecretStreams.load(path) if (path / KEY_FILE).is_file() else None,
                       published=([RoundRecord(**r) for r in meta["published"]]
                                  if meta.get("published") is not None else None),

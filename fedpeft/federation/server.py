@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedpeft.adapters.base import State
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
 from fedpeft.federation.records import from_record, payload_bytes, to_record
@@ -40,6 +41,7 @@ from fedpeft.federation.sampling import Cohorts, PoissonSampler, Roster, discove
 from fedpeft.federation.workspace import Workspace, get_workspace
 from fedpeft.pipeline import BuildEnv, Pipeline
 from fedpeft.planning import config_plan
+from fedpeft.iterate_average import IterateAverage
 from fedpeft.server_optim import build_server_optimizer
 from fedpeft.stages.compression import codec_for
 from fedpeft.privacy.publication import DiagnosticsWriter, Publication
@@ -167,6 +169,13 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         client_state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(client_state, 0o700)
     evaluate_global = (evaluator or local_evaluator)(ws)
+    # --ema: the model evaluated and exported is the average of the iterates (post-processing)
+    average = IterateAverage(cfg.ema) if cfg.ema else None
+    if average is not None and resume is not None:
+        average.load_state_dict(resume.ema_state, resume.ema_tensors)
+
+    def published_model(state: State) -> State:
+        return average.average(state) if average is not None else state
     # under DP, every round attempt after the last checkpoint of this run is written to its
     # ledger before the round's first message leaves (fedpeft.federation.checkpoint)
     ledger = (resume is not None and privacy.fresh_attempts and bool(cfg.output)
@@ -198,12 +207,14 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                 log(WARNING, "rejected update of client %d: %s", client, why)
         if arrays is not None:
             global_state = downlink.absorb(global_state, sent, from_record(arrays))
+        if average is not None:
+            average.update(global_state)
         bytes_down = downlink.bytes_down([int(msg.content["config"][CLIENT_ID_KEY]) for msg in messages],
                                          server_round)
         # central evaluation costs more than a small cohort's training: --eval-every thins it,
         # the last round is always evaluated (final accuracy)
         due = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
-        ev = evaluate_global(global_state) if due else None
+        ev = evaluate_global(published_model(global_state)) if due else None
         record = RoundRecord(
             round=server_round, clients_sampled=len(messages),
             train_loss=m.get("train-loss"), eval_loss=ev.loss if ev else None, eval_accuracy=ev.accuracy if ev else None,
@@ -228,18 +239,20 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             r.on_round(record)
         if cfg.checkpoint_every and cfg.output and server_round % cfg.checkpoint_every == 0:
             opt_state, opt_tensors = strategy.server_opt.state_dict()
+            ema_state, ema_tensors = average.state_dict() if average is not None else ({}, {})
             save_checkpoint(Path(cfg.output), Checkpoint(
                 round=server_round, global_state=global_state, records=records,
                 strategy_state=round_state(strategy), privacy_state=privacy.state_dict(),
                 downlink_state=downlink.state_dict(), downlink_tensors=downlink.tensors(),
                 streams=streams, published=published,
-                server_opt_state=opt_state, server_opt_tensors=opt_tensors), client_state)
+                server_opt_state=opt_state, server_opt_tensors=opt_tensors,
+                ema_state=ema_state, ema_tensors=ema_tensors), client_state)
             ledger = privacy.fresh_attempts
 
     wall = time.perf_counter() - t0
     if cfg.output:  # the final global model in the standard peft layout (fedpeft.export)
         from fedpeft.export import MODEL_DIR, export_model
-        export_model(ws, global_state, cfg, Path(cfg.output) / MODEL_DIR)
+        export_model(ws, published_model(global_state), cfg, Path(cfg.output) / MODEL_DIR)
 
     def final_of(rs: list[RoundRecord]) -> FinalRecord:
         return FinalRecord(

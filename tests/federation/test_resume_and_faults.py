@@ -46,7 +46,8 @@ def _strip(rounds):
 @pytest.mark.parametrize("extra", [{}, {"epsilon": 8.0, "compression": "compeft",
                                         "insecure_reproducible_noise": True},
                                    {"strategy": "flora", "compression": "stc", "compress_down": True},
-                                   {"server_opt": "fedadam", "server_lr": 0.05}])  # moments checkpointed
+                                   {"server_opt": "fedadam", "server_lr": 0.05},  # moments checkpointed
+                                   {"epsilon": 8.0, "insecure_reproducible_noise": True, "ema": 0.8}])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, extra):
     base = {**TINY, "clients": 8, "cohort": 3, "rounds": 4, "checkpoint_every": 2, **extra}
     full_cfg = resolve({**base, "output": str(tmp_path / "full")})
