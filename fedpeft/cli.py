@@ -79,7 +79,8 @@ class RichReporter:
         self.progress.start()
 
     def on_round(self, r: RoundRecord) -> None:
-        status = (f"acc {_fmt(r.eval_accuracy)}  loss {_fmt(r.eval_loss)}  clients {_fmt(r.clients_sampled, 'd')}  "
+        score = f"ppl {_fmt(r.eval_perplexity, '.2f')}" if r.eval_perplexity is not None else f"acc {_fmt(r.eval_accuracy)}"
+        status = (f"{score}  loss {_fmt(r.eval_loss)}  clients {_fmt(r.clients_sampled, 'd')}  "
                   f"up {r.bytes_up / 1e6:.2f} MB  agg-err {_fmt(r.aggregation_error, '.2e')}  ε {_fmt(r.epsilon, '.3f')}")
         if r.personalized_accuracy is not None:
             status += f"  personal acc {_fmt(r.personalized_accuracy)}"
@@ -92,13 +93,15 @@ class RichReporter:
 def summary_table(writer: ResultsWriter) -> Table:
     table = Table(title="fedpeft run summary")
     personal = any(r.personalized_accuracy is not None for r in writer.rounds)  # fedsa-lora
-    for col in ("round", "clients", "train loss", "eval loss", "accuracy",
+    lm = any(r.eval_perplexity is not None for r in writer.rounds)  # --task causal-lm
+    for col in ("round", "clients", "train loss", "eval loss", "perplexity" if lm else "accuracy",
                 *(("personal acc.",) if personal else ()), "up (bytes)",
                 "down (bytes)", "agg. error", "rank", "ε", "wall s"):
         table.add_column(col, justify="right")
     for r in writer.rounds:
         table.add_row(str(r.round), _fmt(r.clients_sampled, "d"), _fmt(r.train_loss), _fmt(r.eval_loss),
-                      _fmt(r.eval_accuracy), *((_fmt(r.personalized_accuracy),) if personal else ()),
+                      _fmt(r.eval_perplexity, ".3f") if lm else _fmt(r.eval_accuracy),
+                      *((_fmt(r.personalized_accuracy),) if personal else ()),
                       f"{r.bytes_up:,}", f"{r.bytes_down:,}",
                       _fmt(r.aggregation_error, ".2e"), _fmt(r.rank, "d"), _fmt(r.epsilon, ".3f"),
                       _fmt(r.wall_s, ".1f"))
@@ -167,6 +170,7 @@ def simulate(
     ema: Optional[float] = typer.Option(None, "--ema", help="Evaluate and export the exponential moving average of the global model over rounds with this β (e.g. 0.9): it averages out the DP noise the last rounds added; post-processing, ε unchanged. [default: 0 = the last round's model]"),
     partition: Optional[str] = typer.Option(None, "--partition", help="iid or dirichlet. [default: iid]"),
     dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="Dirichlet concentration (smaller = more label skew). [default: 0.5]"),
+    task: Optional[str] = typer.Option(None, "--task", help=f"What is learned: {_names('fedpeft.tasks', 'TASKS')} (causal-lm: instruction tuning of a causal LM on prompt/response pairs, loss on the answer tokens, evaluated by held-out loss and perplexity). [default: classification]"),
     model: Optional[str] = typer.Option(None, "--model", help="embedded:all-MiniLM-L6-v2, a local directory or a Hugging Face hub id."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="rotten-tomatoes, bbc-news, a local path or a hub id."),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --dataset. [default: text]"),
@@ -239,7 +243,9 @@ def simulate(
                       f"randomness {f.randomness}")
         if f.privacy_warning:
             err_console.print(f"[bold red]WARNING[/]: {f.privacy_warning}")
-    console.print(f"final accuracy [bold]{_fmt(f.accuracy)}[/], bytes up {f.bytes_up_total:,}, "
+    score = (f"final eval loss [bold]{_fmt(f.eval_loss)}[/], perplexity [bold]{_fmt(f.perplexity, '.3f')}[/]"
+             if f.perplexity is not None else f"final accuracy [bold]{_fmt(f.accuracy)}[/]")
+    console.print(f"{score}, bytes up {f.bytes_up_total:,}, "
                   f"bytes down {f.bytes_down_total:,}, wall {f.wall_s:.1f} s -> {out / 'results.json'}")
 
 

@@ -64,6 +64,8 @@ class RunConfig:
     #: per-client LoRA ranks, e.g. "2,4,8" (client i trains rank ranks[i % len]); "" = --rank
     client_ranks: str = ""
     # model and data
+    #: what is learned (fedpeft.tasks): classification | causal-lm
+    task: str = "classification"
     model: str = DEFAULT_MODEL
     dataset: str = DEFAULT_DATASET
     text_column: str = "text"

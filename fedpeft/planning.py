@@ -333,17 +333,17 @@ def plan_for_config(cfg: Any) -> Plan:  # RunConfig
     """The plan of a resolved config without training: the model is built and the adapter
     injected to count the uploaded coordinates; the data is read but not tokenised."""
     from fedpeft.adapters import build_adapter
-    from fedpeft.data.sources import load_splits
     from fedpeft.federation.validation import honest_upload_layout
     from fedpeft.pipeline import BuildEnv, Pipeline
     from fedpeft.federation.workspace import adapter_spec
-    from fedpeft.model.loading import load_classifier
     from fedpeft.privacy.calibration import default_delta, noise_multiplier_for
     from fedpeft.strategy import STRATEGIES
+    from fedpeft.tasks import get_task
 
-    splits = load_splits(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.max_test_examples)
+    task = get_task(cfg.task)
+    splits = task.load_splits(cfg)
     adapter = build_adapter(cfg.adapter, adapter_spec(cfg))
-    model = adapter.inject(load_classifier(cfg.model, splits.num_labels, cfg.seed, cfg.pooling))
+    model = adapter.inject(task.base_model(cfg, splits))
     # what an honest client uploads after its pipeline stages (e.g. without FedSA-LoRA's B)
     pipeline = Pipeline.build(BuildEnv(cfg, STRATEGIES.get(cfg.strategy), "client"))
     layout = pipeline.client_layout(honest_upload_layout(adapter, model)(None), None)
@@ -366,6 +366,10 @@ def auto_plan(values: dict[str, Any], check: Callable[[dict[str, Any]], Any]) ->
     given = [k for k in PLANNED_SETTINGS if k in values]
     if values.get("epsilon") is None or dp not in (None, "user") or given not in ([], ["adapter"]):
         return values
+    from fedpeft.tasks import DEFAULT_TASK, get_task
+
+    if not get_task(values.get("task", DEFAULT_TASK)).planned:
+        return values  # the candidates were measured on the classification task only
     candidates = tuple(c for c in CANDIDATES if c.settings["adapter"] == values.get("adapter", c.settings["adapter"]))
     if not any(c.measured for c in candidates):
         return values  # no measured recipe for this adapter: the user's flags and defaults decide

@@ -48,6 +48,8 @@ class RoundRecord:
     #: sample-level DP: the largest ε the clients that returned reported (a statistic of the
     #: cohort, so diagnostics only; the published ε is the planned bound)
     reported_epsilon_max: float | None = None
+    #: exp(eval_loss) when the loss is a mean over tokens (``--task causal-lm``), else null
+    eval_perplexity: float | None = None
 
 
 @dataclass
@@ -67,6 +69,9 @@ class FinalRecord:
     randomness: str | None = None
     #: set when the run's privacy guarantee is weaker than its ε says (seeded noise)
     privacy_warning: str | None = None
+    #: the last evaluated round's held-out loss, and its perplexity where the task has one
+    eval_loss: float | None = None
+    perplexity: float | None = None
 
 
 ROUND_KEYS = [f.name for f in fields(RoundRecord)]

@@ -41,6 +41,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite number > 0")
     _check(cfg.max_client_examples >= 0, "max_client_examples", cfg.max_client_examples,
            "an integer >= 0 (0 = no cap)")
+    from fedpeft.tasks import TASKS, get_task
+
+    _check(cfg.task in TASKS, "task", cfg.task, ", ".join(TASKS.names()))
     _check(cfg.adapter in ADAPTERS, "adapter", cfg.adapter, ", ".join(ADAPTERS.names()))
     _check(cfg.strategy in STRATEGIES, "strategy", cfg.strategy, ", ".join(STRATEGIES.names()))
     from fedpeft.server_optim import build_server_optimizer
@@ -121,8 +124,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(all(name in by_name for name in cfg.stage_list), "stages", cfg.stages,
            f"comma-separated names of plug-in stages ({', '.join(by_name) or 'none registered'}); "
            "the built-in stages switch on from their own settings")
-    # every strategy and stage refusal (e.g. LoRA-FAIR behind user-level DP), in one place
-    refusal = refusals(cfg, STRATEGIES.get(cfg.strategy))
+    # every strategy and stage refusal (e.g. LoRA-FAIR behind user-level DP), in one place,
+    # then what the task cannot run with (e.g. the head adapter on a causal LM)
+    refusal = refusals(cfg, STRATEGIES.get(cfg.strategy)) or get_task(cfg.task).refusal(cfg)
     if refusal is not None:
         raise UsageError(refusal)
     return cfg
@@ -193,6 +197,12 @@ def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunCo
     if config_path is not None:
         values.update(load_toml(config_path))
     values.update({k: v for k, v in cli_values.items() if v is not None})
+    from fedpeft.tasks import DEFAULT_TASK, TASKS
+
+    # the task's own defaults (e.g. a causal LM and chat data for causal-lm) sit below both
+    task = values.get("task", DEFAULT_TASK)
+    _check(task in TASKS, "task", task, ", ".join(TASKS.names()))
+    values = {**TASKS.get(task).defaults, **values}
     from fedpeft.planning import auto_plan
 
     return validate(RunConfig(**auto_plan(values, lambda v: validate(RunConfig(**v)))))

@@ -51,8 +51,9 @@ def test_cli_help_lists_exactly_the_registered_plug_ins():
     from fedpeft.pipeline import STAGES
     from fedpeft.registry import declared_names
     from fedpeft.strategy import STRATEGIES
+    from fedpeft.tasks import TASKS
 
-    for package, variable, registry in (("strategies", "STRATEGIES", STRATEGIES),
+    for package, variable, registry in (("strategies", "STRATEGIES", STRATEGIES), ("fedpeft.tasks", "TASKS", TASKS),
                                         ("fedpeft.compression", "CODECS", CODECS),
                                         ("fedpeft.adapters", "ADAPTERS", ADAPTERS),
                                         ("fedpeft.stages", "STAGES", STAGES)):

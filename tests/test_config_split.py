@@ -18,6 +18,7 @@ CLIENT_SIDE = [
                                          "faults.py", "local_params.py")),
     *sorted((ROOT / "training").glob("*.py")), *sorted((ROOT / "data").glob("*.py")),
     *sorted((ROOT / "model").glob("*.py")), *sorted((ROOT / "adapters").glob("*.py")),
+    *sorted((ROOT / "tasks").glob("*.py")),
     ROOT / "privacy" / "client_accounting.py",
 ]
 

@@ -87,6 +87,9 @@ class AdapterSpec:
     seed: int = 0
     #: encoder layer indices to adapt (() = every layer), e.g. the top k
     layers: tuple[int, ...] = ()
+    #: peft task type of the run's task (``Task.peft_task_type``): SEQ_CLS trains the head
+    #: beside the adapter (``modules_to_save``), CAUSAL_LM only the adapter
+    task_type: str = "SEQ_CLS"
 
 
 class Adapter(ABC):

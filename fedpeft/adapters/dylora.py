@@ -108,7 +108,7 @@ class DyLoRA(Adapter):
 
     def inject(self, model: nn.Module) -> nn.Module:
         s = self.spec
-        peft_model = inject_lora(model, s.rank, s.alpha, s.target_modules, s.seed, s.layers)
+        peft_model = inject_lora(model, s.rank, s.alpha, s.target_modules, s.seed, s.layers, s.task_type)
         install_rank_hooks(peft_model)
         return peft_model
 

@@ -36,7 +36,7 @@ class FFALoRA(Adapter):
 
     def inject(self, model: nn.Module) -> nn.Module:
         s = self.spec
-        peft_model = inject_lora(model, s.rank, s.alpha, s.target_modules, s.seed, s.layers)
+        peft_model = inject_lora(model, s.rank, s.alpha, s.target_modules, s.seed, s.layers, s.task_type)
         self._shared_a = freeze_lora_a(peft_model)
         return peft_model
 

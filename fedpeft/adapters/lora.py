@@ -13,11 +13,12 @@ from fedpeft.adapters.registry import ADAPTERS
 
 
 def inject_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], seed: int,
-                layers: tuple[int, ...] = ()) -> nn.Module:
-    """peft LoRA on ``targets`` with a seeded init; the head goes to ``modules_to_save``.
+                layers: tuple[int, ...] = (), task_type: str = "SEQ_CLS") -> nn.Module:
+    """peft LoRA on ``targets`` with a seeded init; for ``SEQ_CLS`` the head goes to
+    ``modules_to_save`` (a causal LM, ``CAUSAL_LM``, trains the adapter alone).
     ``layers``: only these encoder layers (peft's ``layers_to_transform``; () = all) — fewer
     trainable coordinates, hence less DP noise (SPEC §3.5)."""
-    config = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=alpha, lora_dropout=0.0,
+    config = LoraConfig(task_type=task_type, r=rank, lora_alpha=alpha, lora_dropout=0.0,
                         target_modules=list(targets), bias="none",
                         layers_to_transform=list(layers) or None)
     with torch.random.fork_rng():
@@ -37,4 +38,4 @@ class LoRA(Adapter):
 
     def inject(self, model: nn.Module) -> nn.Module:
         s = self.spec
-        return inject_lora(model, s.rank, s.alpha, s.target_modules, s.seed, s.layers)
+        return inject_lora(model, s.rank, s.alpha, s.target_modules, s.seed, s.layers, s.task_type)

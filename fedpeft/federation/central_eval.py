@@ -5,8 +5,8 @@ In simulation the Ray actors are idle while the server evaluates; evaluating the
 summing the results) uses every core without the driver's threads competing with the
 actors' — the measured lead of issue #15 (the driver's 2-thread evaluation took 31.7 s
 under load where 1 thread took 8.9 s), and what pfl-research does. The shards together are
-exactly the local batches (:func:`fedpeft.data.tokenized.eval_batches`), so the result is
-the local one up to float summation order.
+exactly the local batches (the task's, e.g. :func:`fedpeft.data.tokenized.eval_batches`), so
+the result is the local one up to float summation order.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from flwr.serverapp import Grid
 
 from fedpeft.adapters import State
 from fedpeft.config import RunConfig
-from fedpeft.data.tokenized import eval_batches
 from fedpeft.federation.records import to_record
 from fedpeft.federation.workspace import Workspace
-from fedpeft.training.evaluate import EvalResult, evaluate
+from fedpeft.training.evaluate import EvalResult
 
 EVAL_BATCH = 64
 #: eval message config keys: this worker's share of the test batches
@@ -33,7 +32,7 @@ Evaluator = Callable[[State], EvalResult]
 def evaluate_shard(ws: Workspace, state: State, shard: tuple[int, int] = (0, 1)) -> EvalResult:
     """``state`` loaded into this process' model, evaluated on test shard ``shard``."""
     ws.adapter.load_state(ws.model, state)
-    return evaluate(ws.model, eval_batches(ws.test, EVAL_BATCH, ws.pad_id, shard))
+    return ws.task.evaluate(ws.model, ws.test, ws.pad_id, shard)
 
 
 def local_evaluator(ws: Workspace) -> Evaluator:
@@ -61,7 +60,8 @@ def sharded_evaluator(grid: Grid, cfg: RunConfig, ws: Workspace, timeout: float)
         if len(replies) != len(messages) or any(r.has_error() for r in replies):
             return local(state)
         return EvalResult.combine(
-            EvalResult(loss=float(m["loss"]), accuracy=float(m["accuracy"]), examples=int(m["examples"]))
+            EvalResult(loss=float(m["loss"]), accuracy=float(m["accuracy"]), examples=int(m["examples"]),
+                       tokens=int(m.get("tokens", 0)))
             for m in (r.content["metrics"] for r in replies))
 
     return run

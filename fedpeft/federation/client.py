@@ -32,7 +32,7 @@ import torch
 from fedpeft.adapters import State
 from fedpeft.adapters.base import StepHook
 from fedpeft.config import RunConfig
-from fedpeft.data.tokenized import collate, shuffled_batches
+from fedpeft.data.tokenized import shuffled_batches
 from fedpeft.model.packing import collate_packed
 from fedpeft.federation.local_params import (
     LOCAL_PARAMS_DIR,
@@ -115,7 +115,7 @@ def train_plain(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
     if dp_sgd is not None:  # this worker ran --dp sample clients before: back to plain autograd
         dp_sgd.release_grad_sample_module()
     # packed: the same rows per batch, without the padding tokens (fedpeft.model.packing)
-    make = collate_packed if ws.packed else collate
+    make = collate_packed if ws.packed else ws.task.collate
     epochs = (shuffled_batches(ws.train, task.rows, cfg.batch_size, task.rng, ws.pad_id, make)
               for _ in range(cfg.local_epochs))
     return train_local(ws.model, epochs, cfg.lr, before_step=task.hook), {}
@@ -163,7 +163,7 @@ def train_dp_sample(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
     sampling = torch.Generator().manual_seed(seeds[0])
     noise = torch.Generator().manual_seed(seeds[1])
     epochs = (poisson_batches(ws.train, rows, plan.sample_rate, schedule.steps_per_epoch, sampling,
-                              ws.pad_id)
+                              ws.pad_id, ws.task.collate)
               for _ in range(cfg.local_epochs))
     result = train_local_dp(ws.model, epochs, lr=cfg.lr, noise_multiplier=plan.noise_multiplier,
                             sample_clip=cfg.sample_clip, sample_rate=plan.sample_rate,

@@ -88,7 +88,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(client_threads(cfg, context.node_config))
     ev = evaluate_shard(get_workspace(cfg), from_record(msg.content["arrays"]),
                         (int(config[SHARD_KEY]), int(config[SHARDS_KEY])))
-    metrics = MetricRecord({"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples})
+    metrics = MetricRecord({"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples, "tokens": ev.tokens})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

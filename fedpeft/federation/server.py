@@ -217,7 +217,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         ev = evaluate_global(published_model(global_state)) if due else None
         record = RoundRecord(
             round=server_round, clients_sampled=len(messages),
-            train_loss=m.get("train-loss"), eval_loss=ev.loss if ev else None, eval_accuracy=ev.accuracy if ev else None,
+            train_loss=m.get("train-loss"), **ws.task.round_metrics(ev),
             bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)) if bytes_down is None else bytes_down,
             aggregation_error=m.get("aggregation-error"), epsilon=privacy.observe_round(m, server_round),
             rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
@@ -257,6 +257,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     def final_of(rs: list[RoundRecord]) -> FinalRecord:
         return FinalRecord(
             accuracy=next((r.eval_accuracy for r in reversed(rs) if r.eval_accuracy is not None), None),
+            eval_loss=next((r.eval_loss for r in reversed(rs) if r.eval_loss is not None), None),
+            perplexity=next((r.eval_perplexity for r in reversed(rs) if r.eval_perplexity is not None), None),
             sample_rate=rate, **privacy.final_fields(),
             bytes_up_total=sum(r.bytes_up for r in rs), bytes_down_total=sum(r.bytes_down for r in rs),
             wall_s=wall)

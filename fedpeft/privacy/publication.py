@@ -10,7 +10,8 @@ that goes into results.json, rounds.csv, the terminal or the logs:
 ====================  =====================================================================
 published under DP    why it is covered
 ====================  =====================================================================
-eval_loss/accuracy    the released model evaluated on server-held test data
+eval_loss/accuracy    the released model evaluated on server-held test data (perplexity:
+                      exp of that loss)
 epsilon, rank         the accountant's output; DP-DyLoRA's rank is drawn independently of data
 bytes_up/down         planned figures: expected cohort q·N × the dense payload of one client
 plan                  ε target, δ, z, q, T, clip, accountant, planned cohort, dimensions
@@ -37,7 +38,7 @@ DIAGNOSTICS_WARNING = ("NOT covered by the run's differential-privacy guarantee:
                        "Do not publish or share this file as part of a DP result.")
 
 #: RoundRecord fields a DP run publishes as they are (bytes are replaced by planned figures).
-COVERED_ROUND_FIELDS = frozenset({"round", "eval_loss", "eval_accuracy", "epsilon", "rank"})
+COVERED_ROUND_FIELDS = frozenset({"round", "eval_loss", "eval_accuracy", "eval_perplexity", "epsilon", "rank"})
 #: Plan keys that describe the data rather than the settings (kept out of a DP run's plan).
 UNCOVERED_PLAN_KEYS = frozenset({"train_examples"})
 #: Planner keys computed from the data's size (the time estimate scales with the examples).

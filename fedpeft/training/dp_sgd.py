@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,13 +76,15 @@ class PoissonSchedule:
 
 
 def poisson_batches(split: TokenizedSplit, rows: np.ndarray, sample_rate: float, steps: int,
-                    generator: torch.Generator, pad_id: int) -> Iterator[Batch]:
-    """``steps`` Poisson batches over ``rows`` (each row independently with ``sample_rate``)."""
+                    generator: torch.Generator, pad_id: int,
+                    collate_fn: Callable[..., dict] = collate) -> Iterator[Batch]:
+    """``steps`` Poisson batches over ``rows`` (each row independently with ``sample_rate``),
+    each made by ``collate_fn`` (the task's batches; padded classification rows by default)."""
     rows = np.asarray(rows)
     sampler = UniformWithReplacementSampler(num_samples=len(rows), sample_rate=sample_rate,
                                             generator=generator, steps=steps)
     for picked in sampler:
-        yield collate(split, rows[np.asarray(picked, dtype=np.int64)], pad_id) if picked else None
+        yield collate_fn(split, rows[np.asarray(picked, dtype=np.int64)], pad_id) if picked else None
 
 
 # -- the wrapped model -------------------------------------------------------------------

@@ -14,14 +14,25 @@ class EvalResult:
     loss: float
     accuracy: float
     examples: int
+    #: what ``loss`` and ``accuracy`` are means over when it is not the examples: the scored
+    #: tokens of a causal LM (its answer tokens); 0 = per example
+    tokens: int = 0
+
+    @property
+    def units(self) -> int:
+        return self.tokens or self.examples
 
     @staticmethod
     def combine(parts: Iterable[EvalResult]) -> EvalResult:
-        """The result over the union of disjoint evaluations (example-weighted)."""
+        """The result over the union of disjoint evaluations (weighted by examples, or by
+        scored tokens when the parts count them)."""
         parts = list(parts)
         n = sum(p.examples for p in parts)
-        return EvalResult(loss=sum(p.loss * p.examples for p in parts) / max(n, 1),
-                          accuracy=sum(round(p.accuracy * p.examples) for p in parts) / max(n, 1), examples=n)
+        tokens = sum(p.tokens for p in parts)
+        units = tokens or n
+        return EvalResult(loss=sum(p.loss * p.units for p in parts) / max(units, 1),
+                          accuracy=sum(round(p.accuracy * p.units) for p in parts) / max(units, 1), examples=n,
+                          tokens=tokens)
 
 
 @torch.inference_mode()

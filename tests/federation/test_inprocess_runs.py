@@ -85,7 +85,7 @@ def test_inprocess_clients_and_evaluation_use_every_core_of_the_process(tmp_path
     import fedpeft.federation.client as client
 
     seen: dict[str, list[int]] = {"train": [], "eval": []}
-    train, evaluate = client.train_client, central_eval.evaluate
+    train, evaluate = client.train_client, central_eval.evaluate_shard
 
     def spy_train(*a, **kw):
         seen["train"].append(torch.get_num_threads())
@@ -96,7 +96,7 @@ def test_inprocess_clients_and_evaluation_use_every_core_of_the_process(tmp_path
         return evaluate(*a, **kw)
 
     monkeypatch.setattr(client, "train_client", spy_train)
-    monkeypatch.setattr(central_eval, "evaluate", spy_eval)
+    monkeypatch.setattr(central_eval, "evaluate_shard", spy_eval)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -1,0 +1,84 @@
+"""The task interface: what a run learns, and everything about it that is not the federation.
+
+A task (``--task``) owns the four places where "what is being learned" shows: the frozen base
+model it builds (a sentence classifier, a causal LM), the data it reads and how rows become
+token ids, how a batch is collated (its labels: class ids, or next tokens with the prompt
+masked), and how the server's evaluation scores the global model (accuracy, or held-out loss
+and perplexity). Adapters, strategies, the update pipeline, DP and compression act on the
+trainable tensors only and never ask which task runs. Tasks are registered by name in
+:data:`TASKS` (one module per task, as adapters and strategies are).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft.registry import Registry
+
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
+    from fedpeft.data.sources import LabeledSplits
+    from fedpeft.training.evaluate import EvalResult
+
+#: ``--task`` name -> Task class
+TASKS: Registry[type[Task]] = Registry("task")
+DEFAULT_TASK = "classification"
+
+
+class Task(ABC):
+    """One kind of learning problem: its base model, data, batches and evaluation."""
+
+    name: ClassVar[str]
+    #: peft ``task_type`` of the injected LoRA (decides peft's model wrapper and which head
+    #: modules it trains beside the adapter)
+    peft_task_type: ClassVar[str]
+    #: settings whose default differs for this task (``RunConfig`` field -> value); applied
+    #: below the config file and CLI flags (:func:`fedpeft.settings.resolve`)
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: the planner's measured candidates (``fedpeft.planning.CANDIDATES``) are for this task
+    planned: ClassVar[bool] = False
+    #: the encoder speed-ups apply: cached head features (``--adapter head``), the cached
+    #: frozen bottom (``--train-top-k``) and packed training batches
+    encoder_speedups: ClassVar[bool] = False
+
+    def refusal(self, cfg: RunConfig) -> str | None:
+        """One line saying which setting this task cannot run with and what is allowed, or None."""
+        return None
+
+    @abstractmethod
+    def load_splits(self, cfg: RunConfig) -> LabeledSplits:
+        """The train/test rows. Their ``label`` column is what partitioners split by (the class;
+        for chat data, the topic)."""
+
+    @abstractmethod
+    def tokenize(self, cfg: RunConfig, splits: LabeledSplits) -> tuple[Any, Any, int]:
+        """``(train, test, pad_id)``: the splits as token ids (one array per row)."""
+
+    @abstractmethod
+    def base_model(self, cfg: RunConfig, splits: LabeledSplits) -> nn.Module:
+        """The frozen base (every weight ``requires_grad=False``, eval mode); the adapter is
+        injected afterwards."""
+
+    @abstractmethod
+    def collate(self, split: Any, rows: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:  # noqa: ANN401
+        """A training batch of ``rows``: model inputs plus ``labels`` (first dimension = rows),
+        whose forward returns the loss the client minimises."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, split: Any, pad_id: int,  # noqa: ANN401
+                 shard: tuple[int, int] = (0, 1)) -> EvalResult:
+        """The model scored on shard ``shard = (i, k)`` of ``split`` (every k-th batch from i;
+        the shards' results combine with :meth:`EvalResult.combine` into the whole)."""
+
+    def round_metrics(self, ev: EvalResult | None) -> dict[str, float | None]:
+        """The ``RoundRecord`` evaluation fields of ``ev`` (all None when not evaluated)."""
+        return {"eval_loss": ev.loss if ev else None, "eval_accuracy": ev.accuracy if ev else None,
+                "eval_perplexity": None}
+
+
+__all__ = ["DEFAULT_TASK", "TASKS", "Task"]
