@@ -48,6 +48,9 @@ class RunConfig:
     batch_size: int = 8
     lr: float = 3e-3
     max_client_examples: int = 0  # 0 = use the whole partition; >0 caps local data per round
+    #: LP-FT (fedpeft.training.probe): rounds 1..K train the classification head alone
+    probe_rounds: int = 0
+    probe_lr: float = 0.03  # the head's local lr in those rounds (the head candidate's recipe)
     # adapter
     adapter: str = "lora"
     rank: int = 8

@@ -24,7 +24,7 @@ from typing import Any
 
 #: Settings the planner may choose; giving any of them means "I decide" (no auto-plan).
 PLANNED_SETTINGS = ("adapter", "cohort", "rounds", "clip", "lr", "local_epochs", "server_opt", "server_lr",
-                    "server_momentum", "ema", "rank", "alpha", "target_modules", "lora_layers", "train_top_k", "batch_size",
+                    "server_momentum", "ema", "probe_rounds", "probe_lr", "rank", "alpha", "target_modules", "lora_layers", "train_top_k", "batch_size",
                     "noise_multiplier",
                     "adaptive_clip", "strategy", "compression")
 

@@ -50,6 +50,12 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     build_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.server_beta2,
                            cfg.server_tau)  # one-line UsageError naming a bad name or value
+    _check(0 <= cfg.probe_rounds < cfg.rounds, "probe_rounds", cfg.probe_rounds,
+           f"an integer in 0..{cfg.rounds - 1} (fewer than --rounds)")
+    _check(math.isfinite(cfg.probe_lr) and cfg.probe_lr > 0, "probe_lr", cfg.probe_lr, "a finite number > 0")
+    if cfg.probe_rounds and cfg.adapter == "head":
+        raise UsageError(f"--probe-rounds {cfg.probe_rounds} trains the head before an adapter; with --adapter "
+                         "head there is none; allowed: --probe-rounds 0")
     _check(0 <= cfg.ema < 1, "ema", cfg.ema, "a number in [0, 1) (0 = evaluate the last iterate)")
     if cfg.server_opt != "none" and not STRATEGIES.get(cfg.strategy).supports_server_optimizer:
         raise UsageError(f"--server-opt {cfg.server_opt} cannot drive --strategy {cfg.strategy} (its global "

@@ -45,6 +45,7 @@ from fedpeft.federation.workspace import Workspace
 from fedpeft.pipeline import BuildEnv, ClientContext, Pipeline
 from fedpeft.registry import Registry
 from fedpeft.training.local import LocalResult, train_local
+from fedpeft.training.probe import probing, train_head_only
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,9 @@ def train_plain(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
     make = collate_packed if ws.packed else ws.task.collate
     epochs = (shuffled_batches(ws.train, task.rows, cfg.batch_size, task.rng, ws.pad_id, make)
               for _ in range(cfg.local_epochs))
+    if probing(task.rnd.server_round, cfg.probe_rounds):  # LP-FT: the head alone, at its own lr
+        with train_head_only(ws.model):
+            return train_local(ws.model, epochs, cfg.probe_lr, before_step=task.hook), {}
     return train_local(ws.model, epochs, cfg.lr, before_step=task.hook), {}
 
 

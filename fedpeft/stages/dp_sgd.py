@@ -32,3 +32,10 @@ class DpSgd(Stage):
     @classmethod
     def active(cls, cfg: RunConfig, strategy: type[FedPeftStrategy]) -> bool:
         return cfg.dp == "sample"
+
+    @classmethod
+    def refusal(cls, cfg: RunConfig, strategy: type[FedPeftStrategy]) -> str | None:
+        if cfg.probe_rounds:  # the DP-SGD training mode has no head-only phase (fedpeft.training.probe)
+            return (f"--probe-rounds {cfg.probe_rounds} is not implemented with --dp sample (DP-SGD trains "
+                    "every adapter tensor); allowed: --probe-rounds 0, or --dp user / none")
+        return None

@@ -44,6 +44,7 @@ from fedpeft.privacy.calibration import would_exceed_budget
 from fedpeft.privacy.mechanisms import clip_by_l2, dp_fedavg_aggregate
 from fedpeft.privacy.randomness import SERVER_NOISE, RandomStreams, SecretStreams
 from fedpeft.strategy import ClientUpdate
+from fedpeft.training.probe import head_only, probing
 from fedpeft.updates import apply_update, client_delta
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class UserLevelDP(Stage):
             fresh secret key from the OS CSPRNG — never a public seed, or anyone holding it
             could subtract the noise.
         adaptive: adaptive clipping options, or None for fixed clipping.
+        probe_rounds: in rounds 1..probe_rounds (LP-FT) only the head's coordinates are
+            clipped, noised and released; the clients' values of the others are ignored.
     """
 
     name = "user-dp"
@@ -86,7 +89,7 @@ class UserLevelDP(Stage):
     def __init__(self, noise_multiplier: float, clip: float, expected_cohort: float,
                  sample_rate: float, accountant: Accountant, delta: float,
                  streams: RandomStreams | None = None,
-                 adaptive: AdaptiveClipConfig | None = None) -> None:
+                 adaptive: AdaptiveClipConfig | None = None, probe_rounds: int = 0) -> None:
         if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
             raise ValueError(f"noise multiplier {noise_multiplier} must be finite and > 0")
         if not (math.isfinite(clip) and clip > 0):
@@ -105,6 +108,8 @@ class UserLevelDP(Stage):
         self.delta = float(delta)
         self.streams = streams if streams is not None else SecretStreams.fresh()
         self.adaptive = adaptive
+        #: LP-FT (:mod:`fedpeft.training.probe`): rounds 1..probe_rounds release the head alone
+        self.probe_rounds = int(probe_rounds)
         self.count_std = adaptive.count_std(self.expected_cohort) if adaptive else 0.0
         #: z_Δ, the multiplier of the noise actually added to the update sum.
         self.update_noise_multiplier = (
@@ -126,7 +131,7 @@ class UserLevelDP(Stage):
                     if cfg.adaptive_clip else None)
         return cls(privacy.noise_multiplier, cfg.clip, cfg.cohort, privacy.sample_rate,
                    make_accountant(cfg.accountant), privacy.delta, streams=privacy.streams,
-                   adaptive=adaptive)
+                   adaptive=adaptive, probe_rounds=cfg.probe_rounds)
 
     def describe(self) -> str:
         return (f"clip to S={self.clip:.4g}{' (adaptive)' if self.adaptive else ''} + Gaussian noise "
@@ -138,12 +143,13 @@ class UserLevelDP(Stage):
         global_state = ctx.global_state
         clip = self.clip
         clipped, norms = [], []
+        released = head_only if probing(ctx.server_round, self.probe_rounds) else dict
         for u in updates:
-            c, n = clip_by_l2(client_delta(global_state, u.state), clip)
+            c, n = clip_by_l2(released(client_delta(global_state, u.state)), clip)
             clipped.append(c)
             norms.append(n)
         generator = self.streams.torch(SERVER_NOISE, ctx.server_round)
-        template = {k: torch.zeros(s, dtype=torch.float64) for k, s in ctx.upload_layout.items()}
+        template = {k: torch.zeros(s, dtype=torch.float64) for k, s in released(ctx.upload_layout).items()}
         mean_update = dp_fedavg_aggregate(clipped, self.update_noise_multiplier, clip,
                                           self.expected_cohort, generator, template=template)
         pseudo = ClientUpdate(node_id=-1, client_id=-1, num_examples=1,
