@@ -345,6 +345,19 @@ def predict(
         print(f"{p.label}\t{p.probability:.4f}\t{p.text}")
 
 
+@app.command()
+def generate(
+    run: str = typer.Argument(..., help="Run directory of a --task causal-lm run (or its model/ directory)."),
+    prompts: list[str] = typer.Argument(..., help="Prompts (user turns); the chat template is applied."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest completion in tokens (greedy decoding)."),
+) -> None:
+    """Complete prompts with a causal-LM run's exported model: one completion per prompt."""
+    from fedpeft.generation import generate_run
+
+    for text in generate_run(run, prompts, max_new_tokens):
+        print(text)
+
+
 @app.command("evaluate")
 def evaluate_command(
     run: str = typer.Argument(..., help="Run directory."),

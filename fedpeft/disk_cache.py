@@ -87,3 +87,32 @@ def _mapped_entry(folder: Path, compute: Callable[[], dict[str, np.ndarray]]) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in arrays}
+
+
+def cached_folder(kind: str, key: str, fill: Callable[[Path], None], complete: str) -> Path:
+    """``$FEDPEFT_CACHE_DIR/<kind>/<key>/``, filled once per machine by ``fill(tmp)`` (for
+    files that are not arrays, e.g. a converted model folder). Same discipline as
+    :func:`cached_arrays`: a lock file per key (the first process fills, the others wait and
+    reuse), filled beside its final name and renamed into place, so a crash never leaves a
+    partial folder; ``complete`` names the file whose presence marks a usable entry."""
+    directory = cache_root() / kind
+    directory.mkdir(parents=True, exist_ok=True)
+    folder = directory / key
+    with open(directory / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (folder / complete).is_file():
+                return folder
+            tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{key}.", suffix=".tmp"))
+            try:
+                fill(tmp)
+                if not (tmp / complete).is_file():
+                    raise RuntimeError(f"filling cache entry {kind}/{key} wrote no {complete}")
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

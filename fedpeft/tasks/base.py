@@ -23,6 +23,8 @@ from fedpeft.registry import Registry
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
     from fedpeft.data.sources import LabeledSplits
+    from fedpeft.export import Export
+    from fedpeft.federation.workspace import Workspace
     from fedpeft.training.evaluate import EvalResult
 
 #: ``--task`` name -> Task class
@@ -74,6 +76,11 @@ class Task(ABC):
                  shard: tuple[int, int] = (0, 1)) -> EvalResult:
         """The model scored on shard ``shard = (i, k)`` of ``split`` (every k-th batch from i;
         the shards' results combine with :meth:`EvalResult.combine` into the whole)."""
+
+    @abstractmethod
+    def build_export(self, ws: Workspace, global_state: dict[str, torch.Tensor], cfg: RunConfig) -> Export:
+        """The final global model as a standard peft folder (:mod:`fedpeft.export`); raises
+        :class:`fedpeft.export.ExportUnsupported` when no stock class reproduces it."""
 
     def round_metrics(self, ev: EvalResult | None) -> dict[str, float | None]:
         """The ``RoundRecord`` evaluation fields of ``ev`` (all None when not evaluated)."""

@@ -14,6 +14,8 @@ from fedpeft.tasks.base import TASKS, Task
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
     from fedpeft.data.sources import LabeledSplits
+    from fedpeft.export import Export
+    from fedpeft.federation.workspace import Workspace
     from fedpeft.training.evaluate import EvalResult
 
 #: examples per central-evaluation batch
@@ -72,3 +74,8 @@ class Classification(Task):
         from fedpeft.training.evaluate import evaluate
 
         return evaluate(model, eval_batches(split, EVAL_BATCH, pad_id, shard))
+
+    def build_export(self, ws: Workspace, global_state: dict[str, torch.Tensor], cfg: RunConfig) -> Export:
+        from fedpeft.export import build_export
+
+        return build_export(ws, global_state, cfg)

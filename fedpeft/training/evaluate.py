@@ -46,3 +46,23 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Ev
         correct += int((logits.argmax(-1) == labels).sum())
         n += int(labels.shape[0])
     return EvalResult(loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), examples=n)
+
+
+@torch.inference_mode()
+def evaluate_tokens(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
+    """A causal LM scored on its labelled tokens: ``labels[t]`` (-100 = not scored) is predicted
+    from the positions before ``t``. ``loss`` is the mean cross-entropy per scored token (its
+    exp is the perplexity), ``accuracy`` the share of scored tokens that are the argmax."""
+    model.eval()
+    loss_sum, correct, tokens, n = 0.0, 0, 0, 0
+    for batch in batches:
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        target = labels[:, 1:]
+        scored = target != -100
+        picked = logits[:, :-1][scored].float()
+        loss_sum += float(torch.nn.functional.cross_entropy(picked, target[scored], reduction="sum"))
+        correct += int((picked.argmax(-1) == target[scored]).sum())
+        tokens += int(scored.sum())
+        n += int(labels.shape[0])
+    return EvalResult(loss=loss_sum / max(tokens, 1), accuracy=correct / max(tokens, 1), examples=n, tokens=tokens)
