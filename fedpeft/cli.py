@@ -93,15 +93,17 @@ class RichReporter:
 def summary_table(writer: ResultsWriter) -> Table:
     table = Table(title="fedpeft run summary")
     personal = any(r.personalized_accuracy is not None for r in writer.rounds)  # fedsa-lora
+    validation = any(r.validation_accuracy is not None for r in writer.rounds)  # --validation-fraction
     lm = any(r.eval_perplexity is not None for r in writer.rounds)  # --task causal-lm
     for col in ("round", "clients", "train loss", "eval loss", "perplexity" if lm else "accuracy",
-                *(("personal acc.",) if personal else ()), "up (bytes)",
+                *(("personal acc.",) if personal else ()), *(("val. acc.",) if validation else ()), "up (bytes)",
                 "down (bytes)", "agg. error", "rank", "ε", "wall s"):
         table.add_column(col, justify="right")
     for r in writer.rounds:
         table.add_row(str(r.round), _fmt(r.clients_sampled, "d"), _fmt(r.train_loss), _fmt(r.eval_loss),
                       _fmt(r.eval_perplexity, ".3f") if lm else _fmt(r.eval_accuracy),
                       *((_fmt(r.personalized_accuracy),) if personal else ()),
+                      *((_fmt(r.validation_accuracy),) if validation else ()),
                       f"{r.bytes_up:,}", f"{r.bytes_down:,}",
                       _fmt(r.aggregation_error, ".2e"), _fmt(r.rank, "d"), _fmt(r.epsilon, ".3f"),
                       _fmt(r.wall_s, ".1f"))
@@ -197,6 +199,7 @@ def simulate(
     compress_down: Optional[bool] = typer.Option(None, "--compress-down/--no-compress-down", help="Also compress the server broadcast."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Plug-in update-pipeline stages to switch on, comma-separated (see README, 'The update pipeline'; the built-in stages switch on from --compression, --dp, --strategy, --client-ranks). [default: none]"),
     test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Held-out fraction of a dataset without a test split. [default: 0.1]"),
+    validation_fraction: Optional[float] = typer.Option(None, "--validation-fraction", help="Hold this fraction of the training examples out as a validation split before partitioning (stratified, the same rows for every --seed; no client holds them) and score the model on it when the test set is scored, e.g. to choose ComPEFT's --gamma ([compare] tune). [default: 0 = none]"),
     max_test_examples: Optional[int] = typer.Option(None, "--max-test-examples", help="Cap on held-out test examples evaluated. [default: 2000]"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate the global model every K rounds (always after the last). [default: 1]"),
     max_client_examples: Optional[int] = typer.Option(None, "--max-client-examples", help="Cap on examples a client trains on per round (0 = all). [default: 0]"),
@@ -247,6 +250,8 @@ def simulate(
             err_console.print(f"[bold red]WARNING[/]: {f.privacy_warning}")
     score = (f"final eval loss [bold]{_fmt(f.eval_loss)}[/], perplexity [bold]{_fmt(f.perplexity, '.3f')}[/]"
              if f.perplexity is not None else f"final accuracy [bold]{_fmt(f.accuracy)}[/]")
+    if f.validation_accuracy is not None:
+        score += f" (validation {_fmt(f.validation_accuracy)})"
     console.print(f"{score}, bytes up {f.bytes_up_total:,}, "
                   f"bytes down {f.bytes_down_total:,}, wall {f.wall_s:.1f} s -> {out / 'results.json'}")
 

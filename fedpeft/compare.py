@@ -1,20 +1,31 @@
 """``fedpeft compare``: a grid of simulations side by side.
 
 An experiment file is TOML with a ``[base]`` table (any ``simulate`` setting) and a ``[grid]``
-table of lists; the cartesian product of the grid lists is run, one Ray simulation per cell.
+table of lists; the cartesian product of the grid lists is run, one simulation per cell and seed.
 Grid keys are any setting (typically ``strategy``, ``adapter``, ``compression``, ``seed``,
 ``epsilon``). Every grid key but ``seed`` defines a cell (a row of the comparison); a cell's
-seeds give its mean and 95% confidence interval (fedpeft/seed_statistics.py).
+seeds give its mean and 95% confidence interval (fedpeft/seed_statistics.py). A key that a
+cell's components do not read (``fair-solver`` without LoRA-FAIR, ``density`` without
+compression: options a strategy, codec or stage declares, fedpeft/options.py) is left out of
+that cell, so the grid runs it once instead of once per value.
 
 An optional ``[compare]`` table names a baseline, e.g. ``baseline = {strategy = "fedavg"}``:
 each cell is then paired by seed with the cell that has the baseline's values for the keys it
 names and the cell's own values for the other grid keys, and the table reports the paired
 difference with its interval, p-value and a verdict (better / worse / no detectable difference).
+It may also tune settings on the validation split, e.g. ``tune = {gamma = [0.5, 1.0, 2.0]}``
+(with ``validation-fraction`` in ``[base]``): every cell runs each candidate on every seed and
+reports the candidate with the best mean validation accuracy over its seeds; its test accuracy
+(and paired difference) is the only one reported, the others stay in ``comparison.csv``'s
+``tuning`` column as validation accuracies.
 
-Outputs in the comparison directory: one run directory per cell and seed (``results.json``
-each), ``comparison.csv`` (every number of the table, and more), ``comparison.md`` and PNG plots
+Outputs in the comparison directory: one run directory per run (``results.json`` each),
+``comparison.csv`` (every number of the table, and more), ``comparison.md`` and PNG plots
 (accuracy vs round and vs cumulative upload bytes with 95% intervals over seeds, aggregation
-error vs round, final accuracy per cell and its difference to the baseline).
+error vs round, final accuracy per cell and its difference to the baseline, final accuracy vs
+total upload bytes). A rerun into the same directory skips every run whose results.json is
+complete and was made with the same settings, re-runs interrupted ones, and refuses (before
+running anything) a complete run made with other settings.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +68,46 @@ SUMMARY_COLUMNS = ["setting", "runs",
                    "personalized_accuracy_mean", "personalized_accuracy_ci_low", "personalized_accuracy_ci_high",
                    *(f"personalized_accuracy_{f}" for f in _DIFF_FIELDS),
                    "personalized_majority_mean",
-                   "bytes_up_total", "bytes_down_total", "epsilon", "aggregation_error_mean", "wall_s_mean"]
+                   "tuned", "tuning", "validation_accuracy_mean",
+                   "bytes_up_total", "bytes_down_total", "epsilon", "aggregation_error_mean",
+                   "aggregation_error_outside_span_mean", "wall_s_mean"]
+
+#: settings that say where and how a run executes, not what it computes: a finished run made
+#: with other values of these is still the same run (compare resumes it)
+EXECUTION_SETTINGS = frozenset({"output", "backend", "cpus_per_client", "ray_address", "round_timeout",
+                                "checkpoint_every", "diagnostics"})
+
+
+def inert_settings(cfg: RunConfig) -> frozenset[str]:
+    """Component options (fedpeft/options.py) that none of the components ``cfg`` runs reads:
+    ``gamma`` without ComPEFT, ``fair_solver`` without LoRA-FAIR, ``sample_clip`` without
+    sample-level DP. Cells that differ only in these are the same run."""
+    from fedpeft.compression import CODECS
+    from fedpeft.pipeline import STAGES
+    from fedpeft.strategy import STRATEGIES
+
+    strategy = STRATEGIES.get(cfg.strategy)
+    stages = [STAGES.get(n) for n in STAGES.names()]
+    every = [*(STRATEGIES.get(n) for n in STRATEGIES.names()), *(CODECS.get(n) for n in CODECS.names()), *stages]
+    used = [strategy, CODECS.get(cfg.compression), *(s for s in stages if s.active(cfg, strategy))]
+
+    def declared(components: list[Any]) -> set[str]:
+        return {o.name for c in components for o in getattr(c, "options", ())}
+
+    return frozenset(declared(every) - declared(used))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One simulation of the grid: a cell's seed (and, when tuning, one candidate)."""
+
+    cfg: RunConfig
+    #: directory name under ``runs/``: the grid (and tuned) keys the run reads, and the seed
+    name: str
+    #: effective values of the row keys (None where the run's components do not read the key)
+    row: tuple[Any, ...]
+    #: the tuned keys' values as ``gamma=2.0`` ("" when nothing is tuned or read)
+    candidate: str
 
 
 @dataclass(frozen=True)
@@ -66,36 +117,60 @@ class Experiment:
     grid: dict[str, list[Any]]
     #: grid values the baseline cell has, for some or all of the row keys (empty: no baseline)
     baseline: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: settings chosen per cell on the validation split: key -> candidate values (empty: none)
+    tune: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
 
     def combos(self) -> list[dict[str, Any]]:
-        """The grid's values of every run, in the order of ``cells``."""
+        """The grid's values of every cell and seed, in grid order."""
         keys = list(self.grid)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(self.grid[k] for k in keys))]
 
+    def candidates(self) -> list[dict[str, Any]]:
+        """Every combination of the tuned values (``[{}]`` without tuning)."""
+        keys = list(self.tune)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.tune[k] for k in keys))]
+
+    def runs(self) -> list[Run]:
+        """The distinct simulations, in grid order: a combination whose only differences from an
+        earlier one are keys its components do not read is that same run."""
+        runs: dict[str, Run] = {}
+        for combo in self.combos():
+            for candidate in self.candidates():
+                cfg = validate(RunConfig(**{**self.base, **combo, **candidate}))
+                run = self._run(cfg)
+                runs.setdefault(run.name, run)
+        return list(runs.values())
+
     def cells(self) -> list[RunConfig]:
-        return [validate(RunConfig(**{**self.base, **combo})) for combo in self.combos()]
+        """The settings of every distinct run (validated)."""
+        return [r.cfg for r in self.runs()]
+
+    def _run(self, cfg: RunConfig) -> Run:
+        inert = inert_settings(cfg)
+        read = [k for k in (*self.row_keys, *self.tune) if k not in inert]
+        row = tuple(None if k in inert else getattr(cfg, k) for k in self.row_keys)
+        candidate = ", ".join(f"{k}={getattr(cfg, k)}" for k in self.tune if k not in inert)
+        return Run(cfg, cell_name(cfg, read), row, candidate)
+
+    def row_of(self, combo: dict[str, Any]) -> tuple[Any, ...]:
+        """The row (effective values of the row keys) a grid combination belongs to."""
+        return self._run(validate(RunConfig(**{**self.base, **combo, **self.candidates()[0]}))).row
 
     @property
     def row_keys(self) -> list[str]:
         return [k for k in self.grid if k != "seed"]
 
-    def baseline_of(self, setting: tuple[Any, ...]) -> tuple[Any, ...]:
-        """The setting a row is paired with: the baseline's values, the row's own elsewhere."""
-        return tuple(self.baseline.get(k, v) for k, v in zip(self.row_keys, setting))
+    def baseline_combo(self, combo: dict[str, Any]) -> dict[str, Any]:
+        """The grid values a cell is paired with: the baseline's values, the cell's own elsewhere."""
+        return {**combo, **self.baseline}
 
 
 def _dashed(key: str) -> str:
     return key.replace("_", "-")
 
 
-def _load_baseline(data: dict[str, Any], grid: dict[str, list[Any]], path: str | Path) -> dict[str, Any]:
+def _load_baseline(table: dict[str, Any], grid: dict[str, list[Any]], path: str | Path) -> dict[str, Any]:
     """``[compare] baseline = {key = value, ...}``: grid values of non-seed keys, checked here."""
-    table = data.get("compare", {})
-    if not isinstance(table, dict):
-        raise UsageError(f"compare in {path} must be a table, e.g. [compare] baseline = {{strategy = \"fedavg\"}}")
-    unknown = set(table) - {"baseline"}
-    if unknown:
-        raise UsageError(f"unknown key(s) {sorted(unknown)} in [compare] of {path}; allowed: baseline")
     raw = table.get("baseline")
     if raw is None:
         return {}
@@ -119,6 +194,33 @@ def _load_baseline(data: dict[str, Any], grid: dict[str, list[Any]], path: str |
     return baseline
 
 
+def _load_tune(table: dict[str, Any], base: dict[str, Any], grid: dict[str, list[Any]],
+               path: str | Path) -> dict[str, list[Any]]:
+    """``[compare] tune = {key = [candidates], ...}``: settings chosen per cell on the validation
+    split, neither in [grid] nor in [base]; needs ``validation-fraction`` > 0."""
+    raw = table.get("tune")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise UsageError(f"[compare] tune in {path} must be a table of candidate lists, e.g. tune = {{gamma = [0.5, 1.0, 2.0]}}")
+    tune: dict[str, list[Any]] = {}
+    for key, values in raw.items():
+        name = key.replace("-", "_")
+        if not isinstance(values, list) or not values:
+            raise UsageError(f"[compare] tune {key} = {json.dumps(values)} in {path} must be a non-empty list of "
+                             f"candidates, e.g. tune = {{{key} = [0.5, 1.0, 2.0]}}")
+        checked = [normalize_keys({key: v}, source=f"{path} [compare] tune")[name] for v in values]
+        if name == "seed" or name in grid or name in base:
+            where = "the seed" if name == "seed" else "in [grid]" if name in grid else "in [base]"
+            raise UsageError(f"[compare] tune names {key!r} in {path}, which is {where}; allowed: a setting that is "
+                             "neither the seed nor in [grid] or [base] (tuning chooses its value)")
+        if len(set(map(json.dumps, checked))) != len(checked):
+            raise UsageError(f"[compare] tune {key} = {json.dumps(values)} in {path} repeats a candidate; "
+                             "allowed: distinct values")
+        tune[name] = checked
+    return tune
+
+
 def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     data = read_toml(p, "experiment config")
@@ -136,9 +238,20 @@ def load_experiment(path: str | Path) -> Experiment:
         grid[name] = [c[name] for c in checked]
     if not grid:
         raise UsageError(f"{path} has no [grid] table; add e.g. strategy = [\"fedavg\"]")
+    table = data.get("compare", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"compare in {path} must be a table, e.g. [compare] baseline = {{strategy = \"fedavg\"}}")
+    unknown = set(table) - {"baseline", "tune"}
+    if unknown:
+        raise UsageError(f"unknown key(s) {sorted(unknown)} in [compare] of {path}; allowed: baseline, tune")
     exp = Experiment(name=str(data.get("name", p.stem)), base=base, grid=grid,
-                     baseline=_load_baseline(data, grid, path))
-    exp.cells()  # validate every cell before anything runs
+                     baseline=_load_baseline(table, grid, path), tune=_load_tune(table, base, grid, path))
+    runs = exp.runs()  # validate every run before anything runs
+    if exp.tune:
+        missing = sorted({r.cfg.validation_fraction for r in runs if r.candidate and not r.cfg.validation_fraction})
+        if missing:
+            raise UsageError(f"[compare] tune in {path} chooses by validation accuracy, but validation-fraction is "
+                             f"{missing[0]:g}; allowed: validation-fraction in (0, 0.5) in [base], e.g. 0.1")
     return exp
 
 
@@ -147,36 +260,93 @@ def cell_name(cfg: RunConfig, keys: list[str]) -> str:
     return "__".join(parts).replace("/", "_")
 
 
+def _differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The settings (other than :data:`EXECUTION_SETTINGS`) in which a saved run's config
+    differs from ``cfg``; a setting the saved config predates counts at its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    return [f"{_dashed(k)} = {json.dumps(saved.get(k, defaults[k]))} there, {json.dumps(v)} here"
+            for k, v in cfg.to_dict().items()
+            if k not in EXECUTION_SETTINGS and saved.get(k, defaults[k]) != v]
+
+
+def finished(run_dir: Path, cfg: RunConfig) -> bool:
+    """True when ``run_dir`` holds a complete run of ``cfg`` (its results.json has the final
+    record); False when there is none or it was interrupted. A complete run of other settings
+    is refused in one line: re-running would overwrite it, skipping would report it as ``cfg``."""
+    path = run_dir / "results.json"
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return False  # cut off mid-write by a crash (results.json is replaced atomically, so rare)
+    if not saved or not saved.get("final"):
+        return False
+    diffs = _differences(saved.get("config") or {}, cfg)
+    if diffs:
+        raise UsageError(f"{run_dir} holds a finished run with other settings ({'; '.join(diffs[:3])}); delete that "
+                         "directory to re-run it, or compare into another --output")
+    return True
+
+
 def run_experiment(exp: Experiment, out_dir: Path,
                    run_one: Callable[[RunConfig, Path], None]) -> list[dict[str, Any]]:
-    """Run every cell (``run_one(cfg, run_dir)`` writes results.json), then summarise."""
+    """Run every run not finished yet (``run_one(cfg, run_dir)`` writes results.json), then
+    summarise. Finished runs are checked before anything runs; an interrupted run starts over."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for cfg in exp.cells():
-        run_dir = out_dir / "runs" / cell_name(cfg, exp.row_keys)
-        if (run_dir / "results.json").is_file() and json.loads((run_dir / "results.json").read_text()).get("final"):
+    runs = exp.runs()
+    done = {r.name: finished(out_dir / "runs" / r.name, r.cfg) for r in runs}
+    for run in runs:
+        run_dir = out_dir / "runs" / run.name
+        if done[run.name]:
             continue  # finished earlier: a rerun of compare resumes the grid
-        run_one(dataclasses.replace(cfg, output=str(run_dir)), run_dir)
+        if run_dir.exists():  # interrupted: results, checkpoints and client state of a partial run
+            shutil.rmtree(run_dir)
+        run_one(dataclasses.replace(run.cfg, output=str(run_dir)), run_dir)
     return summarise(exp, out_dir)
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting of the grid's non-seed keys (a row of the comparison) and its runs by seed."""
+    """One setting of the grid's non-seed keys (a row of the comparison) and its runs by seed
+    (when tuning: the chosen candidate's)."""
 
     label: str
-    values: tuple[Any, ...]  # the row keys' grid values, in ``Experiment.row_keys`` order
+    values: tuple[Any, ...]  # the row keys' effective values, in ``Experiment.row_keys`` order
     runs: dict[int, dict[str, Any]]
+    #: the chosen candidate, e.g. ``gamma=2.0`` ("" without tuning)
+    chosen: str = ""
+    #: candidate -> mean validation accuracy over the cell's seeds (empty without tuning)
+    tuning: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
-def _load_runs(exp: Experiment, out_dir: Path) -> list[Setting]:
-    settings: dict[tuple[Any, ...], Setting] = {}
-    for combo, cfg in zip(exp.combos(), exp.cells()):
-        run_dir = out_dir / "runs" / cell_name(cfg, exp.row_keys)
-        values = tuple(combo[k] for k in exp.row_keys)
-        label = ", ".join(f"{k}={getattr(cfg, k)}" for k in exp.row_keys) or "base"
-        setting = settings.setdefault(values, Setting(label, values, {}))
-        setting.runs[cfg.seed] = json.loads((run_dir / "results.json").read_text())
-    return list(settings.values())
+def _choose(candidates: dict[str, dict[int, dict[str, Any]]]) -> tuple[str, dict[str, float | None]]:
+    """The candidate with the highest mean validation accuracy over its seeds (the first listed
+    on a tie), and every candidate's mean."""
+    means = {c: _mean([run["final"].get("validation_accuracy") for run in runs.values()])
+             for c, runs in candidates.items()}
+    scored = [c for c in candidates if means[c] is not None]
+    if len(candidates) > 1 and not scored:
+        raise UsageError(f"[compare] tune: no run of {', '.join(candidates)} reported a validation accuracy; "
+                         "allowed: runs with validation-fraction > 0")
+    chosen = max(scored, key=lambda c: means[c]) if scored else next(iter(candidates))  # max keeps the first
+    return chosen, means
+
+
+def _load_runs(exp: Experiment, out_dir: Path) -> tuple[list[Setting], dict[tuple[Any, ...], tuple[Any, ...]]]:
+    """The rows, and for each grid combination (without seed) the row it is shown in."""
+    rows: dict[tuple[Any, ...], dict[str, dict[int, dict[str, Any]]]] = {}
+    labels: dict[tuple[Any, ...], str] = {}
+    for run in exp.runs():
+        labels.setdefault(run.row, ", ".join(f"{k}={v}" for k, v in zip(exp.row_keys, run.row) if v is not None)
+                          or "base")
+        per_seed = rows.setdefault(run.row, {}).setdefault(run.candidate, {})
+        per_seed[run.cfg.seed] = json.loads((out_dir / "runs" / run.name / "results.json").read_text())
+    settings = []
+    for row, candidates in rows.items():
+        chosen, tuning = _choose(candidates)
+        settings.append(Setting(labels[row], row, candidates[chosen], chosen if len(candidates) > 1 or exp.tune else "",
+                                tuning if exp.tune else {}))
+    combos = {tuple(c[k] for k in exp.row_keys): c for c in exp.combos()}
+    return settings, {values: exp.row_of(combo) for values, combo in combos.items()}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -205,14 +375,26 @@ def _metric_fields(name: str, setting: Setting, baseline: Setting | None) -> dic
     return out
 
 
+def _round_mean(runs: list[dict[str, Any]], key: str) -> float | None:
+    """Mean over seeds of a run's mean over rounds of a per-round key."""
+    return _mean([_mean([x.get(key) for x in r["rounds"]]) for r in runs])
+
+
 def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
-    settings = _load_runs(exp, out_dir)
+    settings, row_of = _load_runs(exp, out_dir)
     by_values = {s.values: s for s in settings}
+    # every row's grid values (the first combination shown in it), to find its baseline's row
+    grid_values = {}
+    for values, row in row_of.items():
+        grid_values.setdefault(row, dict(zip(exp.row_keys, values)))
     rows = []
     for setting in settings:
         runs = list(setting.runs.values())
         accs = [a for a in (r["final"]["accuracy"] for r in runs) if a is not None]
-        baseline = by_values[exp.baseline_of(setting.values)] if exp.baseline else None
+        baseline = None
+        if exp.baseline:
+            paired = exp.baseline_combo(grid_values[setting.values])
+            baseline = by_values[row_of[tuple(paired[k] for k in exp.row_keys)]]
         rows.append({
             "setting": setting.label,
             "runs": len(runs),
@@ -221,10 +403,14 @@ def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
             "baseline": baseline.label if baseline else None,
             **_metric_fields("personalized_accuracy", setting, baseline),
             "personalized_majority_mean": _mean([_last(r["rounds"], "personalized_majority") for r in runs]),
+            "tuned": setting.chosen or None,
+            "tuning": "; ".join(f"{c}: {'—' if v is None else f'{v:.4f}'}" for c, v in setting.tuning.items()) or None,
+            "validation_accuracy_mean": _mean([r["final"].get("validation_accuracy") for r in runs]),
             "bytes_up_total": _mean([r["final"]["bytes_up_total"] for r in runs]),
             "bytes_down_total": _mean([r["final"]["bytes_down_total"] for r in runs]),
             "epsilon": _mean([r["final"]["epsilon"] for r in runs]),
-            "aggregation_error_mean": _mean([_mean([x["aggregation_error"] for x in r["rounds"]]) for r in runs]),
+            "aggregation_error_mean": _round_mean(runs, "aggregation_error"),
+            "aggregation_error_outside_span_mean": _round_mean(runs, "aggregation_error_outside_span"),
             "wall_s_mean": _mean([r["final"]["wall_s"] for r in runs]),
         })
     with (out_dir / "comparison.csv").open("w", newline="") as fh:
@@ -266,14 +452,28 @@ def format_p(p: float | None) -> str:
     return "—" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
+def _reports_outside_span(exp: Experiment) -> bool:
+    """Whether a run's strategy reports metrics of its aggregation (LoRA-FAIR: the share of the
+    aggregation error outside Ā's row space)."""
+    from fedpeft.strategy import STRATEGIES, FedPeftStrategy
+
+    return any(STRATEGIES.get(s).aggregation_metrics is not FedPeftStrategy.aggregation_metrics
+               for s in {r.cfg.strategy for r in exp.runs()})
+
+
 def table_columns(exp: Experiment, short: bool = False) -> list[str]:
     """Column titles of the comparison table (comparison.md, or ``short`` for the terminal;
     both print the same cells)."""
     paired = [("Δ vs baseline [95% CI]" if short else "Δ accuracy vs baseline [95% CI]"), "pairs", "p", "verdict"]
+    tuned = ", ".join(_dashed(k) for k in exp.tune)
     return ["setting", "runs", "accuracy [95% CI]" if short else "final accuracy, mean [95% CI]",
             *(paired if exp.baseline else []),
+            *([f"{tuned} (val. acc.)" if short else f"chosen {tuned} (mean validation accuracy)"] if exp.tune else []),
             "personal acc. [95% CI]" if short else "personalized accuracy [95% CI] (local majority)",
-            "bytes up", "bytes down", "ε", "agg. error" if short else "mean aggregation error", "wall s"]
+            "bytes up", "bytes down", "ε", "agg. error" if short else "mean aggregation error",
+            *(["outside Ā's span" if short else "share of FedAvg's error outside Ā's row space"]
+              if _reports_outside_span(exp) else []),
+            "wall s"]
 
 
 def table_row(exp: Experiment, row: dict[str, Any]) -> list[str]:
@@ -281,9 +481,12 @@ def table_row(exp: Experiment, row: dict[str, Any]) -> list[str]:
     personal = format_interval(row, "personalized_accuracy") + ("" if maj is None else f" (maj. {maj:.4f})")
     paired = ([format_difference(row, "accuracy"), _f(row["accuracy_diff_pairs"], "d"),
                format_p(row["accuracy_diff_p"]), row["accuracy_verdict"] or "—"] if exp.baseline else [])
-    return [row["setting"], str(row["runs"]), format_interval(row, "accuracy"), *paired, personal,
+    tuned = ([f"{row['tuned']} ({_f(row['validation_accuracy_mean'], '.4f')})" if row["tuned"] else "—"]
+             if exp.tune else [])
+    span = [_f(row["aggregation_error_outside_span_mean"], ".3f")] if _reports_outside_span(exp) else []
+    return [row["setting"], str(row["runs"]), format_interval(row, "accuracy"), *paired, *tuned, personal,
             _f(row["bytes_up_total"], ",.0f"), _f(row["bytes_down_total"], ",.0f"), _f(row["epsilon"], ".3f"),
-            _f(row["aggregation_error_mean"], ".3e"), _f(row["wall_s_mean"], ".1f")]
+            _f(row["aggregation_error_mean"], ".3e"), *span, _f(row["wall_s_mean"], ".1f")]
 
 
 def reading_notes(exp: Experiment) -> list[str]:
@@ -297,6 +500,27 @@ def reading_notes(exp: Experiment) -> list[str]:
                      "initialisation), over the seeds both ran, with its 95% interval and paired t test p; "
                      "an interval that covers 0 reads \"no detectable difference\", otherwise better or worse "
                      "(higher accuracy is better).")
+    runs = exp.runs()
+    if exp.tune:
+        options = "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in exp.tune.items())
+        fraction = sorted({r.cfg.validation_fraction for r in runs})[-1]
+        notes.append(f"Tuned per cell: {options}. Every candidate ran on every seed; the cell reports the one with "
+                     f"the highest mean validation accuracy over its seeds (validation: {fraction:g} of the training "
+                     "examples, held out before partitioning, so no client holds them) and only that candidate's "
+                     "test accuracy; ties go to the first listed. A cell whose components do not read a tuned "
+                     "setting ran it once.")
+        if any(r.cfg.dp != "none" for r in runs):
+            k = len(exp.candidates())
+            notes.append(f"Under DP each ε is one run's: a tuned cell trained up to {k} models on the same clients, "
+                         f"so choosing among them spends up to {k}·ε (basic composition).")
+    inert = sorted({k for r in runs for k in exp.row_keys if r.row[exp.row_keys.index(k)] is None})
+    if inert:
+        notes.append(f"A cell whose components do not read {', '.join(_dashed(k) for k in inert)} leaves it out of "
+                     "its label and ran once (e.g. a compressor option without compression).")
+    if _reports_outside_span(exp):
+        notes.append("Outside Ā's span: per round and layer, the share of FedAvg's squared aggregation error "
+                     "‖ΔW − B̄Ā‖² outside the row space of Ā, which no LoRA-FAIR correction ΔB can reach "
+                     "(mean over rounds and seeds); near 1, LoRA-FAIR cannot do much better than FedAvg.")
     return notes
 
 

@@ -76,6 +76,10 @@ class RunConfig:
     max_length: int = 64
     pooling: str = "auto"  # auto (what the checkpoint declares) | mean | cls
     test_fraction: float = 0.1
+    #: fraction of the training examples held out as a validation split before partitioning
+    #: (no client holds them; the server scores the model on them, e.g. to choose ComPEFT's γ);
+    #: 0 = none, every training example goes to the clients
+    validation_fraction: float = 0.0
     max_test_examples: int = 2000
     eval_every: int = 1  # evaluate the global model every K rounds (and always after the last)
     partition: str = "iid"

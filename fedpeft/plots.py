@@ -77,6 +77,7 @@ def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
         paths.append(path)
     if rows is not None:
         paths.append(plot_final_accuracy(rows, out_dir / "final_accuracy.png"))
+        paths.append(plot_accuracy_vs_bytes(rows, out_dir / "final_accuracy_vs_bytes.png"))
     return paths
 
 
@@ -126,6 +127,41 @@ def plot_final_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("Δ accuracy vs baseline (paired by seed, 95% CI)")
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout(w_pad=2.0)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (fewer or equal bytes and higher or equal
+    accuracy, one of them strictly), by increasing bytes."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 <= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
+def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Final accuracy (mean, 95% interval over seeds) against total upload bytes per cell, log
+    bytes, with the Pareto front of the means (the cells no other cell beats on both)."""
+    shown = [r for r in rows if r["accuracy_mean"] is not None and r["bytes_up_total"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    if shown:
+        x = [float(r["bytes_up_total"]) / 1e6 for r in shown]
+        y = [r["accuracy_mean"] for r in shown]
+        ax.errorbar(x, y, yerr=_half_widths(shown, "accuracy_mean", "accuracy_ci_low", "accuracy_ci_high"),
+                    fmt="o", capsize=3, color="tab:blue")
+        for xi, yi, r in zip(x, y, shown):
+            ax.annotate(r["setting"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        front = pareto_front(list(zip(x, y)))
+        ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:orange", lw=1, label="Pareto front (means)")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no finished cells", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("total upload (MB, log scale)")
+    ax.set_ylabel("final test accuracy (95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -50,6 +50,13 @@ class RoundRecord:
     reported_epsilon_max: float | None = None
     #: exp(eval_loss) when the loss is a mean over tokens (``--task causal-lm``), else null
     eval_perplexity: float | None = None
+    #: LoRA-FAIR: share of FedAvg's squared aggregation error outside Ā's row space, which its
+    #: correction ΔB cannot reach (mean over adapted layers); null for other strategies
+    aggregation_error_outside_span: float | None = None
+    #: the evaluated model on the validation rows held out of the training data
+    #: (``--validation-fraction``; no client holds them), at the rounds the test set is scored
+    validation_loss: float | None = None
+    validation_accuracy: float | None = None
 
 
 @dataclass
@@ -72,6 +79,8 @@ class FinalRecord:
     #: the last evaluated round's held-out loss, and its perplexity where the task has one
     eval_loss: float | None = None
     perplexity: float | None = None
+    #: the last evaluated round's validation accuracy (``--validation-fraction``), else null
+    validation_accuracy: float | None = None
 
 
 ROUND_KEYS = [f.name for f in fields(RoundRecord)]

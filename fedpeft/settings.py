@@ -87,6 +87,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.pooling in POOLINGS, "pooling", cfg.pooling, ", ".join(POOLINGS))
     _check(8 <= cfg.max_length <= 512, "max_length", cfg.max_length, "an integer in 8..512")
     _check(0 < cfg.test_fraction < 0.5, "test_fraction", cfg.test_fraction, "a number in (0, 0.5)")
+    _check(math.isfinite(cfg.validation_fraction) and 0 <= cfg.validation_fraction < 0.5, "validation_fraction",
+           cfg.validation_fraction, "a number in [0, 0.5): the share of the training examples held out "
+           "for validation (0 = none)")
+    _check(cfg.validation_fraction == 0 or get_task(cfg.task).validates_on_train_rows, "validation_fraction",
+           cfg.validation_fraction, f"0 with --task {cfg.task} (its evaluation has no validation split yet)")
     _check(cfg.eval_every >= 1, "eval_every", cfg.eval_every, "an integer >= 1")
     _check(cfg.max_test_examples >= 10, "max_test_examples", cfg.max_test_examples, "an integer >= 10")
     _check(math.isfinite(cfg.dirichlet_alpha) and cfg.dirichlet_alpha > 0, "dirichlet_alpha",

@@ -77,9 +77,10 @@ def _processes(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
 def _run_pooled(grid: PooledGrid, cfg: RunConfig, reporters: list[Reporter],
                 resume: Checkpoint | None) -> RunOutcome:
     """The round loop on a worker pool, central evaluation sharded over its workers; closes it."""
-    from fedpeft.federation.central_eval import sharded_evaluator
+    from fedpeft.federation.central_eval import TEST, sharded_evaluator
 
-    evaluator = (lambda ws: sharded_evaluator(grid, cfg, ws, cfg.round_timeout)) if grid.num_workers > 1 else None
+    evaluator = ((lambda ws, split=TEST: sharded_evaluator(grid, cfg, ws, cfg.round_timeout, split))
+                 if grid.num_workers > 1 else None)
     try:
         return run_federation(grid, cfg, reporters, resume, roster=grid.roster(), evaluator=evaluator)
     finally:

@@ -102,6 +102,11 @@ class FedPeftStrategy(ABC):
         """Strategy-specific per-round metrics from the accepted replies (default: none)."""
         return {}
 
+    def aggregation_metrics(self) -> dict[str, float]:
+        """Strategy-specific metrics of the last :meth:`aggregate` (default: none); read, like
+        :meth:`aggregation_error`, only when the strategy saw the clients' own updates."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable strategy state for checkpoints (stateless strategies: empty)."""
         return {}

@@ -6,6 +6,8 @@ is a small residual that makes ``(B̄ + ΔB*) Ā`` point along ``ΔW`` (math in
 :mod:`strategies.lora_math`). Every other uploaded tensor (classifier head, ...) is the plain
 FedAvg mean. Next round every client starts from ``(Ā, B̄ + ΔB*)``; the aggregation error the
 base class logs is measured against exactly that sent state, so the correction shows up there.
+Every round also records how much of FedAvg's error lies outside ``Ā``'s row space, which no
+``ΔB`` can reach (``aggregation_error_outside_span`` in rounds.csv).
 
 The server needs each client's own factors, so the strategy declares
 ``needs_individual_updates``: it cannot sit behind secure aggregation or user-level central
@@ -32,6 +34,9 @@ from fedpeft.strategy import ClientUpdate, FedPeftStrategy, stack_uploads
 from fedpeft.options import choice, non_negative
 from strategies.lora_math import SOLVERS, ResidualSolve, Solver, lora_fair_residual
 from fedpeft.strategy import STRATEGIES
+
+#: round metric: the share of FedAvg's aggregation error no LoRA-FAIR correction can reach
+AGGREGATION_ERROR_OUTSIDE_SPAN = "aggregation-error-outside-span"
 
 
 @contextmanager
@@ -92,3 +97,12 @@ class LoraFair(FedPeftStrategy):
                 new[b_key] = solve.corrected_b.to(new[b_key].dtype)
                 self.last_solves[b_key] = solve
         return new
+
+    def aggregation_metrics(self) -> dict[str, float]:
+        """``aggregation-error-outside-span``: per layer, the share of FedAvg's squared error
+        ``‖ΔW − B̄Ā‖²`` outside Ā's row space, i.e. out of reach of any ``ΔB``
+        (:func:`strategies.lora_math.error_outside_row_space`), averaged over the layers where
+        FedAvg was inexact. It bounds what this strategy can gain over FedAvg: near 1, no
+        solver or λ can bring ``(B̄+ΔB)Ā`` much closer to ``ΔW`` than ``B̄Ā``."""
+        shares = [s.error_outside_span for s in self.last_solves.values() if s.error_outside_span is not None]
+        return {AGGREGATION_ERROR_OUTSIDE_SPAN: sum(shares) / len(shares)} if shares else {}

@@ -10,6 +10,8 @@ float64; callers cast back to their storage dtype.
 * :func:`lora_fair_residual` — LoRA-FAIR's residual ``ΔB*`` (SPEC §2.2, Bian et al.,
   ICCV 2025, arXiv 2411.14961) by iterative descent (``"sgd"``, the paper's method) or by the
   closed-form ridge variant (``"ridge"``).
+* :func:`error_outside_row_space` — the share of FedAvg's aggregation error that no
+  correction of ``B̄`` can remove (it lies outside the row space of ``Ā``).
 * :func:`stack_lora_factors` — FLoRA stacking (SPEC §2.4, Wang et al. 2024,
   arXiv 2409.05976): exact, heterogeneous ranks allowed.
 """
@@ -172,6 +174,34 @@ def solve_residual_sgd(a_bar: torch.Tensor, b_bar: torch.Tensor, delta_w: torch.
     return best_z @ precondition
 
 
+def error_outside_row_space(error: torch.Tensor, a_bar: torch.Tensor) -> float | None:
+    """Share of ``‖E‖_F²`` outside the row space of ``Ā``: ``‖E (I − P)‖_F² / ‖E‖_F²`` with
+    ``P = Ā⁺Ā`` the orthogonal projector onto that row space (None when ``E = 0``).
+
+    LoRA-FAIR (SPEC §2.2) keeps ``Ā`` and sends ``(B̄ + ΔB) Ā``: whatever ``ΔB``, the change
+    ``ΔB Ā`` has its rows in ``Ā``'s row space. With ``E = ΔW − B̄Ā`` FedAvg's aggregation error
+    (SPEC §1.1), ``min_ΔB ‖E − ΔB Ā‖_F² = ‖E (I − P)‖_F²`` (Pythagoras), so this share is the
+    part of FedAvg's squared error out of reach of any correction, whatever its solver or λ:
+    1 means LoRA-FAIR cannot improve on FedAvg's product at all, 0 that it could make it exact.
+    Its square root is the lowest relative error ``‖ΔW − (B̄+ΔB)Ā‖ / ‖ΔW − B̄Ā‖`` reachable.
+
+    The row space is spanned by the right singular vectors of ``Ā`` whose singular values exceed
+    ``σ_max · max(r, d_in) · eps`` (numpy's ``matrix_rank`` tolerance), so a rank-deficient ``Ā``
+    (e.g. identical client ``A`` rows) is handled.
+    """
+    e, a = _f64(error), _f64(a_bar)
+    if e.dim() != 2 or a.dim() != 2 or e.shape[1] != a.shape[1]:
+        raise ValueError(f"error {tuple(e.shape)} and Ā {tuple(a.shape)} must share d_in (columns)")
+    total = float(torch.linalg.matrix_norm(e) ** 2)
+    if total == 0.0:
+        return None
+    _, sigma, vh = torch.linalg.svd(a, full_matrices=False)
+    top = float(sigma.max()) if sigma.numel() else 0.0
+    basis = vh[sigma > top * max(a.shape) * torch.finfo(torch.float64).eps] if top > 0 else vh[:0]
+    outside = e - (e @ basis.T) @ basis
+    return min(1.0, float(torch.linalg.matrix_norm(outside) ** 2) / total)
+
+
 @dataclass(frozen=True)
 class ResidualSolve:
     """One layer's LoRA-FAIR result and how much it improved the sent product."""
@@ -181,6 +211,9 @@ class ResidualSolve:
     a_bar: torch.Tensor  # Ā (float64)
     cosine_before: float  # cos(ΔW, B̄Ā)      — FedAvg
     cosine_after: float  # cos(ΔW, (B̄+ΔB*)Ā) — LoRA-FAIR
+    #: share of FedAvg's squared error ``‖ΔW − B̄Ā‖²`` outside Ā's row space, which no ΔB
+    #: reaches (:func:`error_outside_row_space`); None when FedAvg's product is exact
+    error_outside_span: float | None = None
 
 
 def lora_fair_residual(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
@@ -200,7 +233,21 @@ def lora_fair_residual(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Te
         delta_b=delta_b, corrected_b=corrected, a_bar=a_bar,
         cosine_before=float(cosine_similarity(delta_w, b_bar @ a_bar)),
         cosine_after=float(cosine_similarity(delta_w, corrected @ a_bar)),
+        error_outside_span=_share_outside_span(delta_w, b_bar, a_bar),
     )
+
+
+#: FedAvg's error below this fraction of ‖ΔW‖ is float round-off (clients sharing A make
+#: ``Σ p_i B_i A − B̄A`` exactly 0 in exact arithmetic): its direction means nothing
+_ROUND_OFF = 1e-12
+
+
+def _share_outside_span(delta_w: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor) -> float | None:
+    """:func:`error_outside_row_space` of FedAvg's error ``ΔW − B̄Ā``; None when it is exact."""
+    error = delta_w - b_bar @ a_bar
+    if float(torch.linalg.matrix_norm(error)) <= _ROUND_OFF * float(torch.linalg.matrix_norm(delta_w)):
+        return None
+    return error_outside_row_space(error, a_bar)
 
 
 def stack_lora_factors(a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],

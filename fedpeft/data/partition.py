@@ -55,14 +55,19 @@ class Partitions:
     """Lazy ``client id -> train row indices`` for one partition scheme."""
 
     def __init__(self, train: Dataset, scheme: str, num_partitions: int, label_column: str,
-                 dirichlet_alpha: float, seed: int) -> None:
+                 dirichlet_alpha: float, seed: int, rows: np.ndarray | None = None) -> None:
+        """``rows``: the train rows the partitions are drawn from (the others are held out,
+        e.g. for validation, :mod:`fedpeft.data.holdout`); None = every row. Partitions always
+        hold indices into ``train``."""
         factory = PARTITIONERS.get(scheme)
         self.num_partitions = num_partitions
-        self._num_rows = len(train)
-        self._partitioner = factory(num_partitions, label_column, dirichlet_alpha, seed, len(train))
         # only the index and label columns: partitioners never need the text
         keep = [label_column]
         slim = train.select_columns(keep).add_column(INDEX_COLUMN, np.arange(len(train)))
+        if rows is not None:
+            slim = slim.select(np.asarray(rows, dtype=np.int64))
+        self._num_rows = len(slim)
+        self._partitioner = factory(num_partitions, label_column, dirichlet_alpha, seed, len(slim))
         self._partitioner.dataset = slim
         self.indices = lru_cache(maxsize=4096)(self._indices)
 

@@ -87,24 +87,34 @@ def stratified_split(ds: Dataset, label_column: str, test_fraction: float) -> tu
     paid by every process that builds a workspace); here it is one Arrow read. Falls back to
     datasets' own method if its index generator moves."""
     try:
-        from datasets.arrow_dataset import stratified_shuffle_split_generate_indices
+        from datasets.arrow_dataset import stratified_shuffle_split_generate_indices  # noqa: F401
     except ImportError:  # pragma: no cover - another datasets version
         parts = ds.train_test_split(test_size=test_fraction, seed=SPLIT_SEED, stratify_by_column=label_column)
         return parts["train"], parts["test"]
-    if not 0.0 < test_fraction < 1.0:
-        raise UsageError(f"test fraction {test_fraction} must be in (0, 1)")
-    n_test = ceil(test_fraction * len(ds))  # datasets' rounding
-    n_train = len(ds) - n_test
     labels = np.asarray(ds.select_columns([label_column]).with_format("numpy")[:][label_column])
+    train_idx, test_idx = stratified_indices(labels, test_fraction, SPLIT_SEED, what="test")
+    return ds.select(train_idx), ds.select(test_idx)
+
+
+def stratified_indices(labels: np.ndarray, fraction: float, seed: int,
+                       what: str = "held-out") -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, held_out)`` row indices: ``ceil(fraction · n)`` rows held out with the label
+    proportions of the whole, chosen by ``seed`` (datasets' stratified index generator, the one
+    ``Dataset.train_test_split`` uses, so the test split is the rows it would pick)."""
+    from datasets.arrow_dataset import stratified_shuffle_split_generate_indices
+
+    if not 0.0 < fraction < 1.0:
+        raise UsageError(f"{what} fraction {fraction} must be in (0, 1)")
+    n_out = ceil(fraction * len(labels))  # datasets' rounding
     try:
-        train_idx, test_idx = next(stratified_shuffle_split_generate_indices(
-            labels, n_train, n_test, rng=np.random.default_rng(SPLIT_SEED)))
+        kept, held_out = next(stratified_shuffle_split_generate_indices(
+            np.asarray(labels), len(labels) - n_out, n_out, rng=np.random.default_rng(seed)))
     except Exception as exc:  # noqa: BLE001 - datasets' own wording for a too-rare class
         if str(exc) == "Minimum class count error":
-            raise UsageError(f"a class of {label_column!r} has a single example: too few to split off a "
-                             "stratified test set") from None
+            raise UsageError(f"a class has a single example: too few to split off a stratified {what} "
+                             "set") from None
         raise
-    return ds.select(train_idx), ds.select(test_idx)
+    return np.asarray(kept, dtype=np.int64), np.asarray(held_out, dtype=np.int64)
 
 
 def load_all_rows(name: str, text_column: str, label_column: str) -> tuple[Dataset, list[str]]:

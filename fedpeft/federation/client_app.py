@@ -74,12 +74,12 @@ def _worker_node() -> int:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Central evaluation offloaded to a simulation worker: this worker's share of the test
-    batches under the broadcast global state (see ``federation/central_eval.py``)."""
+    """Central evaluation offloaded to a simulation worker: this worker's share of the test (or
+    validation) batches under the broadcast global state (see ``federation/central_eval.py``)."""
     install_logging()  # a Ray actor or deployed ClientApp: fedpeft decides what prints (fedpeft/logs.py)
     import torch
 
-    from fedpeft.federation.central_eval import SHARD_KEY, SHARDS_KEY, evaluate_shard
+    from fedpeft.federation.central_eval import SHARD_KEY, SHARDS_KEY, SPLIT_KEY, TEST, evaluate_shard
     from fedpeft.federation.records import from_record
     from fedpeft.federation.workspace import get_workspace
 
@@ -87,7 +87,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flat(dict(config))
     torch.set_num_threads(client_threads(cfg, context.node_config))
     ev = evaluate_shard(get_workspace(cfg), from_record(msg.content["arrays"]),
-                        (int(config[SHARD_KEY]), int(config[SHARDS_KEY])))
+                        (int(config[SHARD_KEY]), int(config[SHARDS_KEY])), str(config.get(SPLIT_KEY, TEST)))
     metrics = MetricRecord({"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples, "tokens": ev.tokens})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -186,7 +186,7 @@ class SampleLevel(PrivacyLevel):
 
     def __init__(self, cfg: RunConfig, ws: Workspace, sample_rate: float) -> None:
         super().__init__(cfg, ws, sample_rate)
-        mean_examples = max(1, len(ws.train) // cfg.clients)
+        mean_examples = max(1, ws.train_examples // cfg.clients)
         if cfg.max_client_examples:
             mean_examples = min(mean_examples, cfg.max_client_examples)
         self.delta = cfg.delta if cfg.delta is not None else default_delta(mean_examples)

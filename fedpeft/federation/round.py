@@ -111,6 +111,7 @@ class RoundStrategy(Strategy):
             err = self.strategy.aggregation_error(self._global, usable, new_global)
             if err is not None:  # of the aggregate itself, before the server optimiser moves it
                 metrics["aggregation-error"] = err
+            metrics.update(self.strategy.aggregation_metrics())
         return to_record(self.server_opt.step(self._global, new_global)), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -28,7 +28,7 @@ from fedpeft.adapters.base import State
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
 from fedpeft.federation.records import from_record, payload_bytes, to_record
-from fedpeft.federation.central_eval import Evaluator, local_evaluator
+from fedpeft.federation.central_eval import VALIDATION, Evaluator, local_evaluator
 from fedpeft.federation.checkpoint import (CHECKPOINT_DIR, Checkpoint, record_attempt, restore_client_state,
                                           save_checkpoint)
 from fedpeft.federation.downlink import build_downlink
@@ -79,12 +79,12 @@ def load_round_state(strategy: RoundStrategy, state: dict[str, Any]) -> None:
 
 def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
                    resume: Checkpoint | None = None, roster: Roster | None = None,
-                   evaluator: Callable[[Workspace], Evaluator] | None = None) -> RunOutcome:
+                   evaluator: Callable[..., Evaluator] | None = None) -> RunOutcome:
     """Run (or, from ``resume``, continue) the federation described by ``cfg``.
 
     ``roster`` routes logical clients to nodes; None (a real federation) asks the grid's
-    nodes which client each one is. ``evaluator`` builds the central evaluation (default:
-    in this process).
+    nodes which client each one is. ``evaluator(ws[, split])`` builds the central evaluation
+    of the test split (or of ``split``, e.g. the validation rows; default: in this process).
     """
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -122,13 +122,14 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     plan = {"clients": cfg.clients, "expected_cohort": cfg.cohort, "sample_rate": rate,
             "rounds": cfg.rounds, "adapter": cfg.adapter, "strategy": cfg.strategy,
             "trainable_parameters": sum(v.numel() for v in ws.initial_state.values()),
-            "train_examples": len(ws.train), "test_examples": len(ws.test),
+            "train_examples": ws.train_examples, "test_examples": len(ws.test),
+            **({"validation_examples": len(ws.holdout.validation_rows)} if ws.holdout is not None else {}),
             "num_labels": ws.splits.num_labels, "privacy": privacy.plan(),
             # encoder layers run once per example instead of every client visit (--train-top-k)
             "cached_layers": ws.cached_layers,
             "pipeline": pipeline.describe(cfg.strategy, cfg.server_opt,
                                           f"{cfg.compression} with error feedback" if cfg.compress_down else "dense"),
-            "utility": config_plan(cfg, shared_layout(None), len(ws.train), privacy.delta,
+            "utility": config_plan(cfg, shared_layout(None), ws.train_examples, privacy.delta,
                                    privacy.noise_multiplier).as_dict()}
     for r in reporters:
         r.on_start(cfg.to_dict(), publication.plan(plan))
@@ -169,6 +170,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         client_state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(client_state, 0o700)
     evaluate_global = (evaluator or local_evaluator)(ws)
+    # --validation-fraction: the same model scored on the held-out training rows, at the same rounds
+    evaluate_validation = (evaluator or local_evaluator)(ws, VALIDATION) if ws.holdout is not None else None
     # --ema: the model evaluated and exported is the average of the iterates (post-processing)
     average = IterateAverage(cfg.ema) if cfg.ema else None
     if average is not None and resume is not None:
@@ -214,12 +217,16 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
         # central evaluation costs more than a small cohort's training: --eval-every thins it,
         # the last round is always evaluated (final accuracy)
         due = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
-        ev = evaluate_global(published_model(global_state)) if due else None
+        evaluated = published_model(global_state) if due else None
+        ev = evaluate_global(evaluated) if evaluated is not None else None
+        val = evaluate_validation(evaluated) if evaluated is not None and evaluate_validation is not None else None
         record = RoundRecord(
             round=server_round, clients_sampled=len(messages),
             train_loss=m.get("train-loss"), **ws.task.round_metrics(ev),
             bytes_up=int(m.get("bytes-up", 0)), bytes_down=int(m.get("bytes-down", 0)) if bytes_down is None else bytes_down,
             aggregation_error=m.get("aggregation-error"), epsilon=privacy.observe_round(m, server_round),
+            aggregation_error_outside_span=m.get("aggregation-error-outside-span"),
+            validation_loss=val.loss if val else None, validation_accuracy=val.accuracy if val else None,
             rank=ws.adapter.rank_in_force(rank), wall_s=time.perf_counter() - t_round,
             clients_failed=failed, stragglers=int(m.get("late", 0)), rejected=len(strategy.rejections),
             rejections=[f"client {c}: {why}" for c, why in strategy.rejections],
@@ -259,6 +266,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             accuracy=next((r.eval_accuracy for r in reversed(rs) if r.eval_accuracy is not None), None),
             eval_loss=next((r.eval_loss for r in reversed(rs) if r.eval_loss is not None), None),
             perplexity=next((r.eval_perplexity for r in reversed(rs) if r.eval_perplexity is not None), None),
+            validation_accuracy=next((r.validation_accuracy for r in reversed(rs)
+                                      if r.validation_accuracy is not None), None),
             sample_rate=rate, **privacy.final_fields(),
             bytes_up_total=sum(r.bytes_up for r in rs), bytes_down_total=sum(r.bytes_down for r in rs),
             wall_s=wall)

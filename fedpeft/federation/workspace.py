@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from fedpeft.adapters import Adapter, AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
 from fedpeft.data.features import FeatureSplit, cache_key, cached_features, split_features
 from fedpeft.data.hidden_states import HiddenSplit
+from fedpeft.data.holdout import Holdout, RowSubset, carve_validation
 from fedpeft.data.partition import Partitions
 from fedpeft.data.sources import LabeledSplits
 from fedpeft.disk_cache import cached_arrays
@@ -32,7 +34,7 @@ from fedpeft.tasks.classification import text_and_labels  # noqa: F401 - its old
 
 # RunConfig fields that change what the workspace holds
 _KEY_FIELDS = ("task", "model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
-               "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "lora_layers", "train_top_k", "bottom_cache", "seed")
+               "validation_fraction", "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "lora_layers", "train_top_k", "bottom_cache", "seed")
 
 
 @dataclass
@@ -62,12 +64,35 @@ class Workspace:
     cached_layers: int = 0
     #: what is learned (``--task``): its batches and evaluation (fedpeft.tasks)
     task: Task = field(default_factory=lambda: get_task("classification"))
+    #: train rows held out for validation (``--validation-fraction``; fedpeft.data.holdout):
+    #: no partition contains them. None: every train row goes to the clients
+    holdout: Holdout | None = None
+
+    @property
+    def train_examples(self) -> int:
+        """Training rows the clients' partitions are drawn from (the train split minus the
+        validation rows)."""
+        return len(self.train) if self.holdout is None else len(self.holdout.train_rows)
+
+    @property
+    def validation(self) -> RowSubset | None:
+        """The validation rows as a split the server evaluates on, or None."""
+        return None if self.holdout is None else RowSubset(self.train, self.holdout.validation_rows)
+
+    def eval_split(self, name: str) -> Any:  # noqa: ANN401 - a split of the task's kind
+        """The split central evaluation scores: ``"test"`` or ``"validation"``."""
+        if name == "test":
+            return self.test
+        if name == "validation" and self.holdout is not None:
+            return self.validation
+        raise ValueError(f"no {name!r} split to evaluate (--validation-fraction is "
+                         f"{'set' if self.holdout is not None else '0'})")
 
     def partitions(self, scheme: str, num_partitions: int, dirichlet_alpha: float, seed: int) -> Partitions:
         key = (scheme, num_partitions, dirichlet_alpha)
         if key not in self._partitions:
-            self._partitions[key] = Partitions(self.splits.train, scheme, num_partitions,
-                                               "label", dirichlet_alpha, seed)
+            self._partitions[key] = Partitions(self.splits.train, scheme, num_partitions, "label", dirichlet_alpha,
+                                               seed, rows=None if self.holdout is None else self.holdout.train_rows)
         return self._partitions[key]
 
 
@@ -140,7 +165,9 @@ def _build(cfg: RunConfig) -> Workspace:
     return Workspace(adapter=adapter, model=model, pad_id=int(pad_id), splits=splits, train=train,
                      test=test, initial_state=adapter.trainable_state(model),
                      frozen_base=adapted_base_weights(model), _partitions={}, build_timings=timings,
-                     packed=packed, cached_layers=cached, task=task)
+                     packed=packed, cached_layers=cached, task=task,
+                     # before partitioning, from the labels every representation of train keeps
+                     holdout=carve_validation(train.labels, cfg.validation_fraction) if cfg.validation_fraction else None)
 
 
 #: training rows the packed forward is checked on against the padded one

@@ -12,6 +12,8 @@ published under DP    why it is covered
 ====================  =====================================================================
 eval_loss/accuracy    the released model evaluated on server-held test data (perplexity:
                       exp of that loss)
+validation_loss/acc.  the same model on the validation rows (--validation-fraction): held
+                      out of the training data before partitioning, so no client holds them
 epsilon, rank         the accountant's output; DP-DyLoRA's rank is drawn independently of data
 bytes_up/down         planned figures: expected cohort q·N × the dense payload of one client
 plan                  ε target, δ, z, q, T, clip, accountant, planned cohort, dimensions
@@ -38,9 +40,11 @@ DIAGNOSTICS_WARNING = ("NOT covered by the run's differential-privacy guarantee:
                        "Do not publish or share this file as part of a DP result.")
 
 #: RoundRecord fields a DP run publishes as they are (bytes are replaced by planned figures).
-COVERED_ROUND_FIELDS = frozenset({"round", "eval_loss", "eval_accuracy", "eval_perplexity", "epsilon", "rank"})
-#: Plan keys that describe the data rather than the settings (kept out of a DP run's plan).
-UNCOVERED_PLAN_KEYS = frozenset({"train_examples"})
+COVERED_ROUND_FIELDS = frozenset({"round", "eval_loss", "eval_accuracy", "eval_perplexity", "epsilon", "rank",
+                                  "validation_loss", "validation_accuracy"})
+#: Plan keys that describe the data rather than the settings (kept out of a DP run's plan;
+#: the validation count is a fraction of the training pool, so it would give that away).
+UNCOVERED_PLAN_KEYS = frozenset({"train_examples", "validation_examples"})
 #: Planner keys computed from the data's size (the time estimate scales with the examples).
 UNCOVERED_UTILITY_KEYS = frozenset({"examples_per_round", "data_warnings", "predicted_seconds"})
 

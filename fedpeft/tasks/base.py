@@ -47,6 +47,9 @@ class Task(ABC):
     #: the encoder speed-ups apply: cached head features (``--adapter head``), the cached
     #: frozen bottom (``--train-top-k``) and packed training batches
     encoder_speedups: ClassVar[bool] = False
+    #: :meth:`evaluate` scores a row subset of the train split (``--validation-fraction``,
+    #: fedpeft.data.holdout.RowSubset: labels, lengths and ``collate`` of its rows)
+    validates_on_train_rows: ClassVar[bool] = False
 
     def refusal(self, cfg: RunConfig) -> str | None:
         """One line saying which setting this task cannot run with and what is allowed, or None."""

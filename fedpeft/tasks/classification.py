@@ -35,6 +35,7 @@ class Classification(Task):
     peft_task_type = "SEQ_CLS"
     planned = True
     encoder_speedups = True
+    validates_on_train_rows = True
 
     def load_splits(self, cfg: RunConfig) -> LabeledSplits:
         from fedpeft.data.sources import LabeledSplits, load_splits
