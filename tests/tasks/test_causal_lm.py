@@ -24,7 +24,7 @@ from fedpeft.simulation import simulate
 def _settings(tiny_lm, **kw):
     model, data = tiny_lm
     return {"task": "causal-lm", "model": str(model), "dataset": str(data), "backend": "inprocess", "clients": 3,
-            "cohort": 3, "rounds": 2, "lr": 1e-2, "local_epochs": 2, "batch_size": 4, **kw}
+            "cohort": 3, "rounds": 2, "lr": 1e-2, "local_epochs": 2, "batch_size": 4, "max_client_examples": 0, **kw}
 
 
 def _loss(ws, state, split):

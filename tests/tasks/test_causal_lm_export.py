@@ -24,7 +24,8 @@ PROMPT = "What is two plus three?"
 def test_export_loads_with_plain_peft_and_reproduces_the_eval_loss(tiny_lm, tmp_path, adapter):
     model, data = tiny_lm
     cfg = resolve({"task": "causal-lm", "model": str(model), "dataset": str(data), "backend": "inprocess",
-                   "clients": 3, "cohort": 3, "rounds": 2, "lr": 1e-2, "batch_size": 4, "adapter": adapter,
+                   "clients": 3, "cohort": 3, "rounds": 2, "lr": 1e-2, "batch_size": 4, "max_client_examples": 0,
+                   "adapter": adapter,
                    "output": str(tmp_path / "run")})
     simulate(cfg, [ResultsWriter(cfg.output)])
     reported = json.loads((tmp_path / "run" / "results.json").read_text())["final"]
