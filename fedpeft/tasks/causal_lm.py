@@ -8,8 +8,8 @@ the adapter alone (there is no head). Strategies, compression and user-level DP 
 uploaded tensors and run unchanged; sample-level DP-SGD clips each example's gradient, whose
 loss is that example's share of the batch's mean over answer tokens.
 
-Not available (refused at settings validation with one line): the ``head`` adapter (no
-classification head), the frozen-bottom cache and packed batches (they are written for the
+Not available (refused at settings validation with one line): the ``head`` adapter and
+``--probe-rounds`` (no classification head), the frozen-bottom cache and packed batches (they are written for the
 encoder classifier), FedSA-LoRA (its personalised evaluation is a classification accuracy),
 ``--text-column``/``--label-column`` (chat data has fixed ``prompt``/``response`` columns).
 """
@@ -55,6 +55,9 @@ class CausalLM(Task):
         if cfg.adapter == "head":
             return (f"--adapter head trains a classification head, which --task causal-lm does not have; "
                     f"allowed: {allowed_adapters}")
+        if cfg.probe_rounds:
+            return (f"--probe-rounds {cfg.probe_rounds} trains a classification head before the adapter, which "
+                    "--task causal-lm does not have; allowed: --probe-rounds 0")
         if cfg.lora_layers and cfg.bottom_cache:
             return (f"--train-top-k/--lora-layers {cfg.lora_layers} compute the frozen bottom once, which is not "
                     "implemented for --task causal-lm; allowed: --no-bottom-cache (LoRA on those layers, the whole "

@@ -132,6 +132,9 @@ def test_adapters_and_dp_run_on_the_causal_lm(tiny_lm, tmp_path, settings):
     ({"lora_layers": "1"}, "--train-top-k/--lora-layers 1 compute the frozen bottom once, which is not implemented "
                            "for --task causal-lm; allowed: --no-bottom-cache"),
     ({"strategy": "fedsa-lora"}, "--strategy fedsa-lora reports a personalised classification accuracy"),
+    ({"probe_rounds": 1}, "--probe-rounds 1 trains a classification head before the adapter, which --task "
+                          "causal-lm does not have; allowed: --probe-rounds 0"),
+    ({"validation_fraction": 0.1}, "--validation-fraction 0.1 is invalid; allowed: 0 with --task causal-lm"),
     ({"text_column": "question"}, "--text-column 'question' applies to --task classification"),
     ({"task": "translation"}, "--task 'translation' is invalid; allowed: causal-lm, classification"),
 ])
