@@ -55,6 +55,9 @@ class Candidate:
     #: (q, T) the recipe was measured at, when its local schedule only works there (many small
     #: LoRA steps need many rounds); None: the planner searches q and T
     schedule: tuple[float, int] | None = None
+    #: (√T/R, test accuracy) points of the same recipe measured over ε at N = 1000 (the
+    #: privacy-utility curves, experiments/README.md); the forecast interpolates them
+    curve: tuple[tuple[float, float], ...] = ()
 
     @property
     def cost_key(self) -> str:
@@ -78,9 +81,24 @@ class Candidate:
         prediction lands in a DP run's results and must not depend on the data."""
         if self.measured is None:
             return None
-        accuracy, ref_score = self.measured
         chance = 1.0 / num_labels
+        if self.curve:
+            return _interpolate(sorted(self.curve), score, chance)
+        accuracy, ref_score = self.measured
         return chance + (accuracy - chance) * min(1.0, score / ref_score)
+
+
+def _interpolate(points: list[tuple[float, float]], score: float, chance: float) -> float:
+    """Accuracy at ``score`` on a measured (score, accuracy) curve: linear in log score between
+    points; beyond the largest, its accuracy (no extrapolated gain); below the smallest, its
+    gain over chance scaled down in proportion (as :meth:`Candidate.predicted_accuracy`)."""
+    lo_s, lo_a = points[0]
+    if score <= lo_s:
+        return chance + (lo_a - chance) * max(score, 0.0) / lo_s
+    for (s0, a0), (s1, a1) in zip(points, points[1:]):
+        if score <= s1:
+            return a0 + (a1 - a0) * math.log(score / s0) / math.log(s1 / s0)
+    return points[-1][1]
 
 
 #: What the planner chooses among, each with its measured recipe. head: measured on this machine
@@ -91,7 +109,10 @@ class Candidate:
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("head", {"adapter": "head"},
               {"lr": 0.03, "local_epochs": 5, "clip": 5.0, "server_opt": "fedadam", "server_lr": 0.1},
-              measured=(0.750, 16.7)),
+              measured=(0.750, 16.7),
+              # dp_utility_head (3 seeds each): ε 0.5, 1, 2, 4, 8 at q = 1, T = 5 (√T/R from the
+              # RDP calibration of each ε)
+              curve=((4.61, 0.720), (8.60, 0.740), (16.6, 0.752), (30.8, 0.760), (56.3, 0.755))),
     # LoRA r4 (scale alpha/r = 2, as the non-private default) on layer 5 of 6, on the cached
     # bottom: many small steps (AdamW 3e-3 x 2 local epochs, plain FedAvg, clip 1) over 50 rounds
     # of 10% cohorts; measured 0.732 ± 0.007 at eps 2 (3 secret-noise runs, sqrt(T)/R = 4.49;
