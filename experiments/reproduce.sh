@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
-# Re-run every experiment grid and regenerate its committed summary (comparison.md/.csv, plots).
-# Usage: experiments/reproduce.sh [name ...]   (default: all; run from anywhere)
-# Finished cells are skipped, so an interrupted run continues where it stopped; delete
-# experiments/results/<name>/runs to start a grid from scratch.
+# Re-run experiment grids and regenerate their committed summaries (comparison.md/.csv, plots).
+# Usage: experiments/reproduce.sh            the four powered grids of issue 25 (~3.8 h on 2 cores)
+#        experiments/reproduce.sh all        those and the earlier small-scale grids
+#        experiments/reproduce.sh name ...   the named grids (experiments/<name>.toml)
+# Resumable: `fedpeft compare` skips every run whose results.json is complete and has the same
+# settings, and starts interrupted runs over, so re-running this script continues where it
+# stopped. A finished run of other settings (a config edited since) is refused in one line:
+# delete experiments/results/<name>/runs (or that run's directory) to run it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEDPEFT="${FEDPEFT:-$(command -v fedpeft || echo .venv/bin/fedpeft)}"
+# estimated minutes at load ~1-3 on 2 cores (how: experiments/README.md, "Time estimates")
+declare -A minutes=([ffa_lora_sample_dp_powered]=46 [ffa_lora_sample_dp_powered_nodp]=16 [lora_fair_powered]=73
+                    [compeft_powered]=42 [dp_dylora_powered]=51)
+powered=(ffa_lora_sample_dp_powered ffa_lora_sample_dp_powered_nodp lora_fair_powered compeft_powered dp_dylora_powered)
+earlier=(lora_fair_noniid lora_fair_ridge compeft_density compeft_downlink ffa_vs_lora_sample_dp dp_dylora_user_dp
+         dp_dylora_nonprivate_ref dp_utility_head dp_utility_head_nodp dp_utility_lora_r8 dp_utility_lora_r8_nodp
+         sample_dp_topk dp_adapters_topk dp_adapters_topk_nodp)
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
-  names=(lora_fair_noniid lora_fair_ridge compeft_density compeft_downlink ffa_vs_lora_sample_dp dp_dylora_user_dp dp_dylora_nonprivate_ref
-         dp_utility_head dp_utility_head_nodp dp_utility_lora_r8 dp_utility_lora_r8_nodp
-         sample_dp_topk dp_adapters_topk dp_adapters_topk_nodp)
+  names=("${powered[@]}")
+elif [ "${names[*]}" = "all" ]; then
+  names=("${powered[@]}" "${earlier[@]}")
 fi
 for name in "${names[@]}"; do
-  echo "== $name"
+  echo "== $name${minutes[$name]+ (estimated ${minutes[$name]} min)}"
   start=$(date +%s)
   "$FEDPEFT" compare "experiments/$name.toml" --output "experiments/results/$name"
   echo "== $name: $(( $(date +%s) - start )) s"

@@ -310,8 +310,11 @@ def compare(
         outcome = run(cfg, [ResultsWriter(run_dir)], verbose=verbose)
         progress.update(task, advance=1, status=f"{run_dir.name}: acc {_fmt(outcome.final.accuracy)}")
 
+    def skipped(run_dir: Path) -> None:
+        progress.update(task, advance=1, status=f"{run_dir.name}: finished earlier")
+
     with progress:
-        rows = run_experiment(exp, out, run_one)
+        rows = run_experiment(exp, out, run_one, on_skip=skipped)
     cells = [table_row(exp, r) for r in rows]
     # a column no cell fills (personalized accuracy without FedSA-LoRA, ε without DP) is left out here only
     shown = [i for i, _ in enumerate(table_columns(exp)) if any(c[i] != "—" for c in cells) or i < 2]

@@ -287,17 +287,20 @@ def finished(run_dir: Path, cfg: RunConfig) -> bool:
     return True
 
 
-def run_experiment(exp: Experiment, out_dir: Path,
-                   run_one: Callable[[RunConfig, Path], None]) -> list[dict[str, Any]]:
-    """Run every run not finished yet (``run_one(cfg, run_dir)`` writes results.json), then
-    summarise. Finished runs are checked before anything runs; an interrupted run starts over."""
+def run_experiment(exp: Experiment, out_dir: Path, run_one: Callable[[RunConfig, Path], None],
+                   on_skip: Callable[[Path], None] | None = None) -> list[dict[str, Any]]:
+    """Run every run not finished yet (``run_one(cfg, run_dir)`` writes results.json; ``on_skip``
+    hears of each finished one), then summarise. Finished runs are checked before anything runs;
+    an interrupted run starts over."""
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = exp.runs()
     done = {r.name: finished(out_dir / "runs" / r.name, r.cfg) for r in runs}
     for run in runs:
         run_dir = out_dir / "runs" / run.name
         if done[run.name]:
-            continue  # finished earlier: a rerun of compare resumes the grid
+            if on_skip is not None:  # finished earlier: a rerun of compare resumes the grid
+                on_skip(run_dir)
+            continue
         if run_dir.exists():  # interrupted: results, checkpoints and client state of a partial run
             shutil.rmtree(run_dir)
         run_one(dataclasses.replace(run.cfg, output=str(run_dir)), run_dir)

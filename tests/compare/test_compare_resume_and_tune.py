@@ -63,9 +63,10 @@ def test_an_interrupted_run_starts_over_and_finished_ones_are_skipped(tmp_path):
     (cut / "results.json").write_text(json.dumps({**saved, "rounds": saved["rounds"][:1], "final": None}))
     (cut / "checkpoint").mkdir()
     (cut / "checkpoint" / "stale").write_text("x")
-    calls = []
-    rows = run_experiment(exp, out, _fake(lambda cfg: 0.8, calls=calls))
+    calls, skipped = [], []
+    rows = run_experiment(exp, out, _fake(lambda cfg: 0.8, calls=calls), on_skip=skipped.append)
     assert [(c.rank, c.seed) for c in calls] == [(4, 1)]
+    assert [d.name for d in skipped] == ["rank=2__seed=0", "rank=2__seed=1", "rank=4__seed=0"]
     assert not (cut / "checkpoint").exists()  # started over from an empty directory
     assert json.loads((cut / "results.json").read_text())["final"]["accuracy"] == 0.8
     assert {r["setting"]: r["accuracy_mean"] for r in rows}["rank=4"] == pytest.approx(0.75)
