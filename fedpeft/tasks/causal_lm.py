@@ -44,7 +44,7 @@ class CausalLM(Task):
     #: names), and a run small enough for a CPU: one client visit of 8 chats costs 2 steps of
     #: a 135M-parameter model (7-25 s each on the loaded 2-core build machine)
     defaults = {"model": "embedded:SmolLM2-135M-Instruct", "dataset": "chatterbot",
-                "target_modules": "q_proj,v_proj", "max_length": 128, "clients": 20, "cohort": 2, "rounds": 2,
+                "target_modules": "q_proj,v_proj", "max_length": 128, "clients": 20, "cohort": 5, "rounds": 2,
                 "batch_size": 4, "max_client_examples": 8, "max_test_examples": 64}
 
     def refusal(self, cfg: RunConfig) -> str | None:

@@ -166,3 +166,17 @@ def test_a_model_without_a_chat_template_or_data_without_prompts_is_refused(tiny
     texts.write_text("text,label\na,0\nb,1\n")
     with pytest.raises(UsageError, match="has no column 'prompt'; --task causal-lm needs prompt and response"):
         get_workspace(resolve(_settings(tiny_lm, dataset=str(texts))))
+
+
+def test_sharded_evaluation_combines_to_the_whole_by_answer_tokens(tiny_lm):
+    """The process pool evaluates strided shards on its workers; weighting each shard's mean by
+    its answer tokens (not its chats) gives the unsharded mean (shards differ in tokens per chat)."""
+    from fedpeft.training.evaluate import EvalResult
+
+    ws = get_workspace(resolve(_settings(tiny_lm)))
+    whole = _loss(ws, ws.initial_state, ws.train)
+    parts = [ws.task.evaluate(ws.model, ws.train, ws.pad_id, (i, 3)) for i in range(3)]
+    assert len({p.tokens / p.examples for p in parts}) > 1   # the shards' chats differ in length
+    combined = EvalResult.combine(parts)
+    assert combined.tokens == whole.tokens and combined.examples == whole.examples
+    assert combined.loss == pytest.approx(whole.loss, rel=1e-6)
