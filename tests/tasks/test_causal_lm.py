@@ -109,10 +109,11 @@ def test_the_cli_summary_prints_loss_and_perplexity(tiny_lm, tmp_path, capsys):
 
 @pytest.mark.parametrize("settings", [
     {"adapter": "ffa-lora"},
+    {"adapter": "dylora", "rank": 4},
     {"adapter": "dp-dylora", "rank": 4},
     {"epsilon": 8.0},                      # user-level DP-FedAvg
     {"dp": "sample", "epsilon": 8.0},      # Opacus DP-SGD per client
-], ids=["ffa-lora", "dp-dylora", "user-dp", "sample-dp"])
+], ids=["ffa-lora", "dylora", "dp-dylora", "user-dp", "sample-dp"])
 def test_adapters_and_dp_run_on_the_causal_lm(tiny_lm, tmp_path, settings):
     cfg = resolve(_settings(tiny_lm, rounds=1, local_epochs=1, output=str(tmp_path / "r"), **settings))
     out = simulate(cfg, [])
