@@ -33,6 +33,7 @@ with the request (``SCM_RIGHTS``), so a worker is the template's child, the driv
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing as mp
 import os
@@ -40,6 +41,7 @@ import queue
 import select
 import signal
 import socket
+import sys
 import struct
 import threading
 import time
@@ -76,9 +78,23 @@ def _serve(conn: Connection, client_app: ClientApp) -> None:
         conn.send(reply)
 
 
-def _template(control: socket.socket, client_app: ClientApp) -> None:
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent ends (a worker when the template ends), so a
+    driver killed mid-visit leaves no worker computing for nobody; elsewhere a no-op (the
+    worker then exits when its next receive sees the driver gone)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _template(control: socket.socket, client_app: ClientApp, driver_end: socket.socket) -> None:
     """The template's loop: for each request (one file descriptor: the worker's end of its
-    socket pair) fork a worker, reply with its pid. Ends when the driver closes ``control``."""
+    socket pair) fork a worker, reply with its pid. Ends when the driver closes ``control``
+    (or dies): the fork copied the driver's end of the pair too, and a copy held here would
+    keep the socket open and the template (and its workers) alive after the driver is gone."""
+    driver_end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
     while True:
@@ -92,6 +108,7 @@ def _template(control: socket.socket, client_app: ClientApp) -> None:
         if pid == 0:  # the worker
             code = 0
             try:
+                _die_with_parent()
                 control.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 _serve(Connection(fds[0]), client_app)
@@ -108,7 +125,7 @@ class _Template:
 
     def __init__(self, ctx: Any, client_app: ClientApp) -> None:
         self._control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.process = ctx.Process(target=_template, args=(child, client_app), daemon=True,
+        self.process = ctx.Process(target=_template, args=(child, client_app, self._control), daemon=True,
                                    name="fedpeft-pool-template")
         self.process.start()
         child.close()
