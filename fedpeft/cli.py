@@ -290,7 +290,8 @@ def compare(
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
 ) -> None:
     """Run a grid of simulations and write comparison.md/.csv and plots: per cell the mean and 95% interval over
-    seeds and, with a [compare] baseline, the paired difference to it and a verdict."""
+    seeds and, with a [compare] baseline, the paired difference to it and a verdict; [compare] tune chooses
+    settings per cell on the validation split. Into an existing --output, finished runs are skipped."""
     from rich.text import Text
 
     from fedpeft.compare import load_experiment, reading_notes, run_experiment, table_columns, table_row

@@ -65,3 +65,19 @@ def test_under_dp_validation_accuracy_is_published_and_the_split_size_is_not(tmp
     # its count is a fraction of the clients' pool: withheld, as train_examples is
     assert "validation_examples" not in saved["plan"] and "train_examples" not in saved["plan"]
     assert last["train_loss"] is None  # the client statistics stay unpublished as before
+
+
+def test_the_pool_scores_the_validation_rows_in_shards_as_the_driver_does(tmp_path, small_csv):
+    """On the process pool each worker scores its share of the validation batches (the split is
+    named in the evaluation message); together they are the in-process score."""
+    from fedpeft.threads import process_cores
+
+    if process_cores() < 2:
+        pytest.skip("one core: the pool has one worker and evaluates in the driver")
+    _, pool = _run(tmp_path, small_csv, "pool", backend="processes", rounds=2)
+    _, local = _run(tmp_path, small_csv, "local", backend="inprocess", rounds=2)
+    for a, b in zip(pool.rounds, local.rounds, strict=True):
+        assert a.validation_accuracy == b.validation_accuracy is not None
+        assert a.validation_loss == pytest.approx(b.validation_loss, rel=1e-4)
+        assert a.eval_accuracy == b.eval_accuracy
+        assert a.validation_loss != pytest.approx(a.eval_loss, rel=1e-6)  # other rows than the test split
