@@ -16,7 +16,8 @@ declare -A minutes=([ffa_lora_sample_dp_powered]=46 [ffa_lora_sample_dp_powered_
 powered=(ffa_lora_sample_dp_powered ffa_lora_sample_dp_powered_nodp lora_fair_powered compeft_powered dp_dylora_powered)
 earlier=(lora_fair_noniid lora_fair_ridge compeft_density compeft_downlink ffa_vs_lora_sample_dp dp_dylora_user_dp
          dp_dylora_nonprivate_ref dp_utility_head dp_utility_head_nodp dp_utility_lora_r8 dp_utility_lora_r8_nodp
-         sample_dp_topk dp_adapters_topk dp_adapters_topk_nodp)
+         sample_dp_topk dp_adapters_topk dp_adapters_topk_nodp
+         dp_utility_topk dp_utility_topk_nodp)
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
   names=("${powered[@]}")

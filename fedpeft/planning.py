@@ -119,7 +119,9 @@ CANDIDATES: tuple[Candidate, ...] = (
     # non-private twin 0.779, 1 run), ~6 min per run on the process pool (experiments/README.md, §7)
     Candidate("lora top-1 r4", {"adapter": "lora", "train_top_k": 1, "rank": 4, "alpha": 8.0},
               {"lr": 0.003, "local_epochs": 2, "clip": 1.0, "server_opt": "none", "eval_every": 10},
-              measured=(0.732, 4.49), schedule=(0.1, 50)),
+              measured=(0.732, 4.49), schedule=(0.1, 50),
+              # dp_utility_topk (3 seeds each) + dp_adapters_topk at eps 2: eps 0.5, 1, 2, 4, 8
+              curve=((1.361, 0.583), (2.592, 0.686), (4.443, 0.732), (6.911, 0.759), (9.895, 0.762))),
 )
 RECIPES: dict[str, dict[str, Any]] = {c.name: c.recipe for c in CANDIDATES}
 
@@ -317,7 +319,8 @@ def choose_settings(clients: int, epsilon: float, delta: float, accountant: str,
     why = {
         "adapter": f"{cand.name} (d = {dim:,}): highest forecast accuracy {predicted:.3f} (measured "
                    f"{measured_acc:.3f} at N = 1000, ε = 2 with √T/R = {measured_score:.3g}; here √T/R = "
-                   f"{score:.3g})" + (f"; forecast lower or over the time budget: {others}" if others else "")
+                   f"{score:.3g}" + (f", read off its curve measured at {len(cand.curve)} ε" if cand.curve else "")
+                   + ")" + (f"; forecast lower or over the time budget: {others}" if others else "")
                    + (f"; not measured, so not chosen: {', '.join(unmeasured)}" if unmeasured else ""),
         # no time quoted: the estimate scales with the training-set size, which a DP run does not
         # publish (config.planned lands in results.json); `fedpeft plan` prints it with its basis

@@ -28,7 +28,9 @@ def test_without_a_curve_the_single_point_rule_still_applies():
     assert c.predicted_accuracy(8.0, 2) == pytest.approx(0.8)
 
 
-def test_the_shipped_head_curve_reproduces_its_measurements():
-    head = next(c for c in CANDIDATES if c.name == "head")
-    for score, acc in head.curve:
-        assert head.predicted_accuracy(score, 2) == pytest.approx(acc)
+@pytest.mark.parametrize("name", ["head", "lora top-1 r4"])
+def test_the_shipped_curves_reproduce_their_measurements(name):
+    cand = next(c for c in CANDIDATES if c.name == name)
+    assert len(cand.curve) == 5  # eps 0.5, 1, 2, 4, 8 (experiments/README.md, sections 6 and 8)
+    for score, acc in cand.curve:
+        assert cand.predicted_accuracy(score, 2) == pytest.approx(acc)
