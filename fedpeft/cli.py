@@ -295,6 +295,7 @@ def compare(
     from rich.text import Text
 
     from fedpeft.compare import load_experiment, reading_notes, run_experiment, table_columns, table_row
+    from fedpeft.tasks import get_task
 
     exp = load_experiment(config)
     cells = exp.cells()
@@ -309,7 +310,9 @@ def compare(
 
         progress.update(task, status=run_dir.name)
         outcome = run(cfg, [ResultsWriter(run_dir)], verbose=verbose)
-        progress.update(task, advance=1, status=f"{run_dir.name}: acc {_fmt(outcome.final.accuracy)}")
+        head = get_task(cfg.task).metrics[0]
+        value = getattr(outcome.final, head.final_key or "", None)
+        progress.update(task, advance=1, status=f"{run_dir.name}: {head.title} {_fmt(value)}")
 
     def skipped(run_dir: Path) -> None:
         progress.update(task, advance=1, status=f"{run_dir.name}: finished earlier")

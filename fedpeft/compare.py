@@ -23,7 +23,9 @@ Outputs in the comparison directory: one run directory per run (``results.json``
 ``comparison.csv`` (every number of the table, and more), ``comparison.md`` and PNG plots
 (accuracy vs round and vs cumulative upload bytes with 95% intervals over seeds, aggregation
 error vs round, final accuracy per cell and its difference to the baseline, final accuracy vs
-total upload bytes). A rerun into the same directory skips every run whose results.json is
+total upload bytes). "Accuracy" is the metric the runs' task declares (``Task.metrics``): a
+``--task causal-lm`` grid reports held-out eval loss and perplexity instead, lower is better,
+and its baseline pairs the eval loss. A rerun into the same directory skips every run whose results.json is
 complete and was made with the same settings, re-runs interrupted ones, and refuses (before
 running anything) a complete run made with other settings.
 """
@@ -44,7 +46,8 @@ from typing import Any
 from fedpeft.config import RunConfig, normalize_keys, read_toml
 from fedpeft.errors import UsageError
 from fedpeft.seed_statistics import BASELINE, TOO_FEW, mean_interval, paired_difference
-from fedpeft.settings import validate
+from fedpeft.settings import validate, with_task_defaults
+from fedpeft.tasks import Metric, all_metrics, get_task
 
 
 def _last(rounds: list[dict[str, Any]], key: str) -> float | None:
@@ -52,19 +55,19 @@ def _last(rounds: list[dict[str, Any]], key: str) -> float | None:
     return next((r[key] for r in reversed(rounds) if r.get(key) is not None), None)
 
 
-#: metrics that vary with the seed: each gets a 95% interval over seeds and, with a baseline,
-#: a paired difference (higher is better for both). Bytes, ε and aggregation error are
-#: properties of the mechanism and stay plain means.
-PAIRED_METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
-    "accuracy": lambda run: run["final"]["accuracy"],
-    # FedSA-LoRA: the sampled clients' own models on their local test sets (last round)
-    "personalized_accuracy": lambda run: _last(run["rounds"], "personalized_accuracy"),
-}
+#: FedSA-LoRA: the sampled clients' own models on their local test sets (last round that reported it)
+PERSONALIZED_ACCURACY = Metric("personalized_accuracy", "personalized accuracy", "personalized accuracy",
+                               "personalized_accuracy", None, higher_is_better=True)
+#: metrics that vary with the seed: the tasks' own (fedpeft/tasks: accuracy; eval loss and
+#: perplexity) and the personalised accuracy. Each gets a 95% interval over seeds and, with a
+#: baseline, a paired difference in its own direction (higher or lower is better). Bytes, ε and
+#: aggregation error are properties of the mechanism and stay plain means.
+TASK_METRICS: list[Metric] = all_metrics()
 _DIFF_FIELDS = ["diff_mean", "diff_ci_low", "diff_ci_high", "diff_p", "diff_pairs", "verdict"]
 
 SUMMARY_COLUMNS = ["setting", "runs",
-                   "accuracy_mean", "accuracy_std", "accuracy_ci_low", "accuracy_ci_high",
-                   "baseline", *(f"accuracy_{f}" for f in _DIFF_FIELDS),
+                   *(f"{m.name}_{f}" for m in TASK_METRICS for f in ("mean", "std", "ci_low", "ci_high")),
+                   "baseline", *(f"{m.name}_{f}" for m in TASK_METRICS for f in _DIFF_FIELDS),
                    "personalized_accuracy_mean", "personalized_accuracy_ci_low", "personalized_accuracy_ci_high",
                    *(f"personalized_accuracy_{f}" for f in _DIFF_FIELDS),
                    "personalized_majority_mean",
@@ -136,10 +139,19 @@ class Experiment:
         runs: dict[str, Run] = {}
         for combo in self.combos():
             for candidate in self.candidates():
-                cfg = validate(RunConfig(**{**self.base, **combo, **candidate}))
+                cfg = validate(RunConfig(**with_task_defaults({**self.base, **combo, **candidate})))
                 run = self._run(cfg)
                 runs.setdefault(run.name, run)
         return list(runs.values())
+
+    def metrics(self) -> list[Metric]:
+        """The metrics of the tasks the grid runs, each once; the first is the headline (the
+        one paired against the baseline and plotted per cell)."""
+        seen: dict[str, Metric] = {}
+        for task in dict.fromkeys(r.cfg.task for r in self.runs()):
+            for metric in get_task(task).metrics:
+                seen.setdefault(metric.name, metric)
+        return list(seen.values())
 
     def cells(self) -> list[RunConfig]:
         """The settings of every distinct run (validated)."""
@@ -154,7 +166,8 @@ class Experiment:
 
     def row_of(self, combo: dict[str, Any]) -> tuple[Any, ...]:
         """The row (effective values of the row keys) a grid combination belongs to."""
-        return self._run(validate(RunConfig(**{**self.base, **combo, **self.candidates()[0]}))).row
+        values = with_task_defaults({**self.base, **combo, **self.candidates()[0]})
+        return self._run(validate(RunConfig(**values))).row
 
     @property
     def row_keys(self) -> list[str]:
@@ -357,25 +370,32 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _metric_fields(name: str, setting: Setting, baseline: Setting | None) -> dict[str, Any]:
+def _metric_fields(metric: Metric, setting: Setting, baseline: Setting | None) -> dict[str, Any]:
     """Mean and interval of a per-seed metric; with a baseline, the paired difference."""
-    per_seed = {seed: PAIRED_METRICS[name](run) for seed, run in setting.runs.items()}
+    name = metric.name
+    per_seed = {seed: metric.final(run) for seed, run in setting.runs.items()}
     interval = mean_interval(list(per_seed.values()))
     out: dict[str, Any] = {f"{name}_mean": interval.mean, f"{name}_ci_low": interval.low,
                            f"{name}_ci_high": interval.high}
     out.update({f"{name}_{f}": None for f in _DIFF_FIELDS})
     if baseline is None:
         return out
-    base_seed = {seed: PAIRED_METRICS[name](run) for seed, run in baseline.runs.items()}
+    base_seed = {seed: metric.final(run) for seed, run in baseline.runs.items()}
     if all(v is None for v in per_seed.values()) or all(v is None for v in base_seed.values()):
         return out  # one side never reports this metric (e.g. personalized accuracy of FedAvg)
     if baseline is setting:
         out[f"{name}_verdict"] = BASELINE
         return out
-    diff = paired_difference(per_seed, base_seed)
+    diff = paired_difference(per_seed, base_seed, higher_is_better=metric.higher_is_better)
     out.update({f"{name}_diff_mean": diff.mean, f"{name}_diff_ci_low": diff.low, f"{name}_diff_ci_high": diff.high,
                 f"{name}_diff_p": diff.p_value, f"{name}_diff_pairs": diff.pairs, f"{name}_verdict": diff.verdict})
     return out
+
+
+def _std(values: list[float | None]) -> float | None:
+    """Sample standard deviation over seeds (0 for one seed, None for none)."""
+    vals = [v for v in values if v is not None]
+    return (statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
 
 
 def _round_mean(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -393,7 +413,6 @@ def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for setting in settings:
         runs = list(setting.runs.values())
-        accs = [a for a in (r["final"]["accuracy"] for r in runs) if a is not None]
         baseline = None
         if exp.baseline:
             paired = exp.baseline_combo(grid_values[setting.values])
@@ -401,10 +420,10 @@ def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
         rows.append({
             "setting": setting.label,
             "runs": len(runs),
-            **_metric_fields("accuracy", setting, baseline),
-            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            **{k: v for m in TASK_METRICS for k, v in _metric_fields(m, setting, baseline).items()},
+            **{f"{m.name}_std": _std([m.final(r) for r in runs]) for m in TASK_METRICS},
             "baseline": baseline.label if baseline else None,
-            **_metric_fields("personalized_accuracy", setting, baseline),
+            **_metric_fields(PERSONALIZED_ACCURACY, setting, baseline),
             "personalized_majority_mean": _mean([_last(r["rounds"], "personalized_majority") for r in runs]),
             "tuned": setting.chosen or None,
             "tuning": "; ".join(f"{c}: {'—' if v is None else f'{v:.4f}'}" for c, v in setting.tuning.items()) or None,
@@ -423,7 +442,7 @@ def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
     (out_dir / "comparison.md").write_text(markdown_table(exp, rows))
     from fedpeft.plots import plot_comparison
 
-    plot_comparison({s.label: list(s.runs.values()) for s in settings}, out_dir, rows)
+    plot_comparison({s.label: list(s.runs.values()) for s in settings}, out_dir, rows, exp.metrics())
     return rows
 
 
@@ -467,9 +486,12 @@ def _reports_outside_span(exp: Experiment) -> bool:
 def table_columns(exp: Experiment, short: bool = False) -> list[str]:
     """Column titles of the comparison table (comparison.md, or ``short`` for the terminal;
     both print the same cells)."""
-    paired = [("Δ vs baseline [95% CI]" if short else "Δ accuracy vs baseline [95% CI]"), "pairs", "p", "verdict"]
+    metrics = exp.metrics()
+    head = metrics[0]
+    paired = [("Δ vs baseline [95% CI]" if short else f"Δ {head.title} vs baseline [95% CI]"), "pairs", "p", "verdict"]
     tuned = ", ".join(_dashed(k) for k in exp.tune)
-    return ["setting", "runs", "accuracy [95% CI]" if short else "final accuracy, mean [95% CI]",
+    return ["setting", "runs",
+            *(f"{m.title} [95% CI]" if short else f"final {m.title}, mean [95% CI]" for m in metrics),
             *(paired if exp.baseline else []),
             *([f"{tuned} (val. acc.)" if short else f"chosen {tuned} (mean validation accuracy)"] if exp.tune else []),
             "personal acc. [95% CI]" if short else "personalized accuracy [95% CI] (local majority)",
@@ -480,14 +502,17 @@ def table_columns(exp: Experiment, short: bool = False) -> list[str]:
 
 
 def table_row(exp: Experiment, row: dict[str, Any]) -> list[str]:
+    metrics = exp.metrics()
+    head = metrics[0].name
     maj = row["personalized_majority_mean"]
     personal = format_interval(row, "personalized_accuracy") + ("" if maj is None else f" (maj. {maj:.4f})")
-    paired = ([format_difference(row, "accuracy"), _f(row["accuracy_diff_pairs"], "d"),
-               format_p(row["accuracy_diff_p"]), row["accuracy_verdict"] or "—"] if exp.baseline else [])
+    paired = ([format_difference(row, head, "+" + metrics[0].spec), _f(row[f"{head}_diff_pairs"], "d"),
+               format_p(row[f"{head}_diff_p"]), row[f"{head}_verdict"] or "—"] if exp.baseline else [])
     tuned = ([f"{row['tuned']} ({_f(row['validation_accuracy_mean'], '.4f')})" if row["tuned"] else "—"]
              if exp.tune else [])
     span = [_f(row["aggregation_error_outside_span_mean"], ".3f")] if _reports_outside_span(exp) else []
-    return [row["setting"], str(row["runs"]), format_interval(row, "accuracy"), *paired, *tuned, personal,
+    return [row["setting"], str(row["runs"]), *(format_interval(row, m.name, m.spec) for m in metrics),
+            *paired, *tuned, personal,
             _f(row["bytes_up_total"], ",.0f"), _f(row["bytes_down_total"], ",.0f"), _f(row["epsilon"], ".3f"),
             _f(row["aggregation_error_mean"], ".3e"), *span, _f(row["wall_s_mean"], ".1f")]
 
@@ -495,6 +520,7 @@ def table_row(exp: Experiment, row: dict[str, Any]) -> list[str]:
 def reading_notes(exp: Experiment) -> list[str]:
     """What the interval and the verdict mean, for the lines above the table."""
     notes = ["Mean over a cell's seeds with its 95% Student t interval."]
+    head = exp.metrics()[0]
     if exp.baseline:
         named = ", ".join(f"{k}={v}" for k, v in exp.baseline.items())
         others = [k for k in exp.row_keys if k not in exp.baseline]
@@ -502,7 +528,7 @@ def reading_notes(exp: Experiment) -> list[str]:
         notes.append(f"Baseline: {named}{where}. Δ = cell − baseline, paired by seed (same partition and "
                      "initialisation), over the seeds both ran, with its 95% interval and paired t test p; "
                      "an interval that covers 0 reads \"no detectable difference\", otherwise better or worse "
-                     "(higher accuracy is better).")
+                     f"({'higher' if head.higher_is_better else 'lower'} {head.title} is better).")
     runs = exp.runs()
     if exp.tune:
         options = "; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in exp.tune.items())

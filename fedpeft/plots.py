@@ -1,4 +1,5 @@
-"""Comparison plots (matplotlib, headless Agg backend).
+"""Comparison plots (matplotlib, headless Agg backend), of the metrics the runs' tasks declare
+(fedpeft/tasks: accuracy; eval loss and perplexity for --task causal-lm).
 
 Error bars are 95% Student t intervals over a cell's seeds (fedpeft/seed_statistics.py); a
 point from fewer than 2 seeds has none.
@@ -6,8 +7,9 @@ point from fewer than 2 seeds has none.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -17,6 +19,9 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedpeft.seed_statistics import BASELINE, BETTER, NO_DIFFERENCE, WORSE, mean_interval  # noqa: E402
+
+if TYPE_CHECKING:
+    from fedpeft.tasks.base import Metric
 
 
 def _curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -31,15 +36,19 @@ def _curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray
 
 
 def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
-                    rows: list[dict[str, Any]] | None = None) -> list[Path]:
-    """accuracy vs round, accuracy vs cumulative upload bytes (both with 95% intervals over
-    seeds), aggregation error vs round (means) and, given the summary ``rows``, final accuracy
-    per cell with its paired difference to the baseline."""
+                    rows: list[dict[str, Any]] | None = None, metrics: Sequence[Metric] | None = None) -> list[Path]:
+    """Per task metric (default: accuracy; ``<name>_vs_round.png``, ``<name>_vs_bytes.png``)
+    its value vs round and vs cumulative upload bytes (both with 95% intervals over seeds),
+    aggregation error vs round (means) and, given the summary ``rows``, the headline metric per
+    cell with its paired difference to the baseline and against total upload bytes."""
+    from fedpeft.tasks.base import ACCURACY
+
+    metrics = list(metrics or [ACCURACY])
     paths = []
-    specs = [("accuracy_vs_round.png", "round", "eval_accuracy", "test accuracy (95% CI over seeds)", False),
-             ("accuracy_vs_bytes.png", "cumulative upload (MB)", "eval_accuracy", "test accuracy (95% CI over seeds)",
-              False),
-             ("aggregation_error_vs_round.png", "round", "aggregation_error", "aggregation error (SPEC §1.1)", True)]
+    specs = [spec for m in metrics for spec in (
+        (f"{m.name}_vs_round.png", "round", m.round_key, f"{m.label} (95% CI over seeds)", False),
+        (f"{m.name}_vs_bytes.png", "cumulative upload (MB)", m.round_key, f"{m.label} (95% CI over seeds)", False))]
+    specs.append(("aggregation_error_vs_round.png", "round", "aggregation_error", "aggregation error (SPEC §1.1)", True))
     for filename, xlabel, key, ylabel, logy in specs:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
         drawn = False
@@ -76,8 +85,9 @@ def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
         plt.close(fig)
         paths.append(path)
     if rows is not None:
-        paths.append(plot_final_accuracy(rows, out_dir / "final_accuracy.png"))
-        paths.append(plot_accuracy_vs_bytes(rows, out_dir / "final_accuracy_vs_bytes.png"))
+        head = metrics[0]
+        paths.append(plot_final_accuracy(rows, out_dir / f"final_{head.name}.png", head))
+        paths.append(plot_accuracy_vs_bytes(rows, out_dir / f"final_{head.name}_vs_bytes.png", head))
     return paths
 
 
@@ -96,35 +106,40 @@ def _half_widths(rows: list[dict[str, Any]], mean: str, low: str, high: str) -> 
                      [0.0 if r[high] is None else r[high] - r[mean] for r in rows]])
 
 
-def plot_final_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Final accuracy per cell with its 95% interval; with a baseline, a second panel of the
-    paired difference (cell − baseline) with its interval against the line at 0."""
-    shown = [r for r in rows if r["accuracy_mean"] is not None]
-    paired = any(r["accuracy_verdict"] is not None for r in rows)
+def plot_final_accuracy(rows: list[dict[str, Any]], path: Path, metric: Metric | None = None) -> Path:
+    """A metric's final value (default: accuracy) per cell with its 95% interval; with a
+    baseline, a second panel of the paired difference (cell − baseline) with its interval
+    against the line at 0."""
+    from fedpeft.tasks.base import ACCURACY
+
+    m = (metric or ACCURACY).name
+    label = (metric or ACCURACY).label
+    shown = [r for r in rows if r[f"{m}_mean"] is not None]
+    paired = any(r[f"{m}_verdict"] is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(9.6 if paired else 6.4, 1.2 + 0.45 * max(len(shown), 1)),
                              dpi=110, sharey=True, squeeze=False)
     y = np.arange(len(shown))[::-1]
     ax = axes[0][0]
-    ax.errorbar([r["accuracy_mean"] for r in shown], y, xerr=_half_widths(shown, "accuracy_mean", "accuracy_ci_low",
-                                                                           "accuracy_ci_high"),
+    ax.errorbar([r[f"{m}_mean"] for r in shown], y, xerr=_half_widths(shown, f"{m}_mean", f"{m}_ci_low",
+                                                                       f"{m}_ci_high"),
                 fmt="o", capsize=3, color="tab:blue")
     ax.set_yticks(y, [r["setting"] for r in shown], fontsize=7)
-    ax.set_xlabel("final test accuracy (mean, 95% CI over seeds)")
+    ax.set_xlabel(f"final {label} (mean, 95% CI over seeds)")
     ax.grid(alpha=0.3, axis="x")
     if paired:
         ax = axes[0][1]
         ax.axvline(0.0, color="black", lw=0.8)
         for yi, r in zip(y, shown):
-            if r["accuracy_diff_mean"] is None:
-                ax.text(0.0, yi, f" {r['accuracy_verdict'] or '—'}", va="center", fontsize=7)
+            if r[f"{m}_diff_mean"] is None:
+                ax.text(0.0, yi, f" {r[f'{m}_verdict'] or '—'}", va="center", fontsize=7)
                 continue
-            colour = _VERDICT_COLOURS.get(r["accuracy_verdict"], "tab:orange")  # orange: n < 2
-            ax.errorbar([r["accuracy_diff_mean"]], [yi],
-                        xerr=_half_widths([r], "accuracy_diff_mean", "accuracy_diff_ci_low", "accuracy_diff_ci_high"),
+            colour = _VERDICT_COLOURS.get(r[f"{m}_verdict"], "tab:orange")  # orange: n < 2
+            ax.errorbar([r[f"{m}_diff_mean"]], [yi],
+                        xerr=_half_widths([r], f"{m}_diff_mean", f"{m}_diff_ci_low", f"{m}_diff_ci_high"),
                         fmt="o", capsize=3, color=colour)
-            ax.annotate(r["accuracy_verdict"], (r["accuracy_diff_mean"], yi), textcoords="offset points",
+            ax.annotate(r[f"{m}_verdict"], (r[f"{m}_diff_mean"], yi), textcoords="offset points",
                         xytext=(0, 6), ha="center", fontsize=7, color=colour)
-        ax.set_xlabel("Δ accuracy vs baseline (paired by seed, 95% CI)")
+        ax.set_xlabel(f"Δ {(metric or ACCURACY).title} vs baseline (paired by seed, 95% CI)")
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout(w_pad=2.0)
     fig.savefig(path)
@@ -140,26 +155,32 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Final accuracy (mean, 95% interval over seeds) against total upload bytes per cell, log
-    bytes, with the Pareto front of the means (the cells no other cell beats on both)."""
-    shown = [r for r in rows if r["accuracy_mean"] is not None and r["bytes_up_total"]]
+def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path, metric: Metric | None = None) -> Path:
+    """A metric's final value (default: accuracy; mean, 95% interval over seeds) against total
+    upload bytes per cell, log bytes, with the Pareto front of the means (the cells no other
+    cell beats on both; for a lower-is-better metric, lower counts as better)."""
+    from fedpeft.tasks.base import ACCURACY
+
+    metric = metric or ACCURACY
+    m = metric.name
+    shown = [r for r in rows if r[f"{m}_mean"] is not None and r["bytes_up_total"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     if shown:
         x = [float(r["bytes_up_total"]) / 1e6 for r in shown]
-        y = [r["accuracy_mean"] for r in shown]
-        ax.errorbar(x, y, yerr=_half_widths(shown, "accuracy_mean", "accuracy_ci_low", "accuracy_ci_high"),
+        y = [r[f"{m}_mean"] for r in shown]
+        ax.errorbar(x, y, yerr=_half_widths(shown, f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high"),
                     fmt="o", capsize=3, color="tab:blue")
         for xi, yi, r in zip(x, y, shown):
             ax.annotate(r["setting"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6)
-        front = pareto_front(list(zip(x, y)))
+        sign = 1.0 if metric.higher_is_better else -1.0
+        front = pareto_front([(xi, sign * yi) for xi, yi in zip(x, y)])
         ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:orange", lw=1, label="Pareto front (means)")
         ax.set_xscale("log")
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no finished cells", ha="center", transform=ax.transAxes)
     ax.set_xlabel("total upload (MB, log scale)")
-    ax.set_ylabel("final test accuracy (95% CI over seeds)")
+    ax.set_ylabel(f"final {metric.label} (95% CI over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -202,21 +202,26 @@ def _check_compression(cfg: RunConfig) -> None:
 
 
 
+def with_task_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over the defaults of the task they name (e.g. a causal LM, chat data and
+    ``q_proj,v_proj`` targets for causal-lm): below the config file, flags and grid values."""
+    from fedpeft.tasks import DEFAULT_TASK, TASKS
+
+    task = values.get("task", DEFAULT_TASK)
+    _check(task in TASKS, "task", task, ", ".join(TASKS.names()))
+    return {**TASKS.get(task).defaults, **values}
+
+
 def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunConfig:
     """Defaults < config file < CLI flags (``None`` CLI values mean "not given")."""
     values: dict[str, Any] = {}
     if config_path is not None:
         values.update(load_toml(config_path))
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    from fedpeft.tasks import DEFAULT_TASK, TASKS
-
-    # the task's own defaults (e.g. a causal LM and chat data for causal-lm) sit below both
-    task = values.get("task", DEFAULT_TASK)
-    _check(task in TASKS, "task", task, ", ".join(TASKS.names()))
-    values = {**TASKS.get(task).defaults, **values}
+    values = with_task_defaults(values)
     from fedpeft.planning import auto_plan
 
     return validate(RunConfig(**auto_plan(values, lambda v: validate(RunConfig(**v)))))
 
 
-__all__ = ["resolve", "validate"]
+__all__ = ["resolve", "validate", "with_task_defaults"]

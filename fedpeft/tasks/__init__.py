@@ -6,7 +6,7 @@ Every module here is imported so its ``@TASKS.register`` runs: a new task is one
 from functools import lru_cache
 
 from fedpeft.plugins import import_submodules
-from fedpeft.tasks.base import DEFAULT_TASK, TASKS, Task
+from fedpeft.tasks.base import ACCURACY, DEFAULT_TASK, TASKS, Metric, Task
 
 import_submodules(__name__, __path__, skip=("base",))
 
@@ -17,4 +17,14 @@ def get_task(name: str) -> Task:
     return TASKS.get(name)()
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "Task", "get_task"]
+def all_metrics() -> list[Metric]:
+    """Every registered task's metrics, each once (by name): the default task's first, then the
+    others' in name order (the column order of comparison.csv)."""
+    seen: dict[str, Metric] = {}
+    for name in sorted(TASKS.names(), key=lambda n: n != DEFAULT_TASK):
+        for metric in TASKS.get(name).metrics:
+            seen.setdefault(metric.name, metric)
+    return list(seen.values())
+
+
+__all__ = ["ACCURACY", "DEFAULT_TASK", "TASKS", "Metric", "Task", "all_metrics", "get_task"]

@@ -12,6 +12,7 @@ trainable tensors only and never ask which task runs. Tasks are registered by na
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -32,10 +33,41 @@ TASKS: Registry[type[Task]] = Registry("task")
 DEFAULT_TASK = "classification"
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A held-out score a task is judged by, declared by the task so that ``fedpeft compare``
+    tabulates, pairs and plots it without asking which task ran."""
+
+    #: column stem in comparison.csv (``<name>_mean``, ``<name>_ci_low``, ...) and plot file stem
+    name: str
+    #: short title in the comparison table ("accuracy", "eval loss")
+    title: str
+    #: axis label of the plots
+    label: str
+    #: key of the per-round value in results.json's ``rounds``
+    round_key: str
+    #: key of the run's value in results.json's ``final``; None: the last round that reported it
+    final_key: str | None
+    higher_is_better: bool
+    #: format of the value (and its interval) in the table
+    spec: str = ".4f"
+
+    def final(self, run: dict[str, Any]) -> float | None:
+        """The run's value of this metric (None when the run does not report it)."""
+        if self.final_key is not None:
+            return run["final"].get(self.final_key)
+        return next((r[self.round_key] for r in reversed(run["rounds"]) if r.get(self.round_key) is not None), None)
+
+
+ACCURACY = Metric("accuracy", "accuracy", "test accuracy", "eval_accuracy", "accuracy", higher_is_better=True)
+
+
 class Task(ABC):
     """One kind of learning problem: its base model, data, batches and evaluation."""
 
     name: ClassVar[str]
+    #: what the task is judged by, the headline first (compare pairs it against the baseline)
+    metrics: ClassVar[tuple[Metric, ...]] = (ACCURACY,)
     #: peft ``task_type`` of the injected LoRA (decides peft's model wrapper and which head
     #: modules it trains beside the adapter)
     peft_task_type: ClassVar[str]
@@ -91,4 +123,4 @@ class Task(ABC):
                 "eval_perplexity": None}
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "Task"]
+__all__ = ["ACCURACY", "DEFAULT_TASK", "TASKS", "Metric", "Task"]

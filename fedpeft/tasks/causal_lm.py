@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.tasks.base import TASKS, Task
+from fedpeft.tasks.base import TASKS, Metric, Task
 
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from fedpeft.export import Export
     from fedpeft.federation.workspace import Workspace
     from fedpeft.training.evaluate import EvalResult
+
+#: held-out loss per answer token (the headline) and its perplexity: lower is better
+EVAL_LOSS = Metric("eval_loss", "eval loss", "held-out loss per answer token", "eval_loss", "eval_loss",
+                   higher_is_better=False)
+PERPLEXITY = Metric("perplexity", "perplexity", "held-out perplexity", "eval_perplexity", "perplexity",
+                    higher_is_better=False, spec=".3f")
 
 #: chats per central-evaluation batch (a 49k-token vocabulary makes logits the big tensor)
 EVAL_BATCH = 8
@@ -40,6 +46,7 @@ EVAL_BATCH = 8
 class CausalLM(Task):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
+    metrics = (EVAL_LOSS, PERPLEXITY)
     #: the embedded SmolLM2 on the chatterbot corpus, LoRA on the attention's q and v (Llama
     #: names), and a run small enough for a CPU: one client visit of 8 chats costs 2 steps of
     #: a 135M-parameter model (7-25 s each on the loaded 2-core build machine)
