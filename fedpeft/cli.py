@@ -21,6 +21,7 @@ from rich.table import Table
 from fedpeft.errors import UsageError
 from fedpeft.logs import install as install_logging
 from fedpeft.registry import declared_names
+from fedpeft.reporting import optional_reporters
 from fedpeft.results import FinalRecord, ResultsWriter, RoundRecord
 from fedpeft.threads import passive_omp_wait
 
@@ -208,6 +209,7 @@ def simulate(
     cpus_per_client: Optional[float] = typer.Option(None, "--cpus-per-client", help="Ray CPUs per client actor. [default: 1]"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (host:port or auto) so clients run on its nodes; the round loop stays here. [default: $RAY_ADDRESS, else a local Ray on 127.0.0.1]"),
     output: Optional[str] = typer.Option(None, "--output", help="Run directory. [default: runs/<timestamp>]"),
+    tensorboard: Optional[str] = typer.Option(None, "--tensorboard", help="Also log the per-round numbers of rounds.csv (under DP only the published ones) as TensorBoard scalars to DIR/<run name>; needs the tensorboard package (pip install 'fedpeft[tensorboard]'). [default: off]"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write an atomic checkpoint every K rounds. [default: 0 = never]"),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Probability that a sampled client fails to return. [default: 0]"),
     straggler_prob: Optional[float] = typer.Option(None, "--straggler-prob", help="Probability that a sampled client is slowed down by --straggler-slowdown. [default: 0]"),
@@ -239,7 +241,8 @@ def simulate(
     with console.status("loading model and data…"):
         get_workspace(cfg)  # fail fast on model/data errors, before Ray starts or files appear
     writer = ResultsWriter(out)
-    outcome = run(cfg, [writer, RichReporter(cfg.rounds)], verbose=verbose, resume=checkpoint)
+    outcome = run(cfg, [writer, RichReporter(cfg.rounds), *optional_reporters(cfg)], verbose=verbose,
+                  resume=checkpoint)
     console.print(summary_table(writer))
     f = outcome.final
     if f.dp_level:
@@ -309,7 +312,7 @@ def compare(
         from fedpeft.simulation import simulate as run
 
         progress.update(task, status=run_dir.name)
-        outcome = run(cfg, [ResultsWriter(run_dir)], verbose=verbose)
+        outcome = run(cfg, [ResultsWriter(run_dir), *optional_reporters(cfg)], verbose=verbose)
         head = get_task(cfg.task).metrics[0]
         value = getattr(outcome.final, head.final_key or "", None)
         progress.update(task, advance=1, status=f"{run_dir.name}: {head.title} {_fmt(value)}")

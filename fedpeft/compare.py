@@ -78,7 +78,7 @@ SUMMARY_COLUMNS = ["setting", "runs",
 #: settings that say where and how a run executes, not what it computes: a finished run made
 #: with other values of these is still the same run (compare resumes it)
 EXECUTION_SETTINGS = frozenset({"output", "backend", "cpus_per_client", "ray_address", "round_timeout",
-                                "checkpoint_every", "diagnostics"})
+                                "checkpoint_every", "diagnostics", "tensorboard"})
 
 
 def inert_settings(cfg: RunConfig) -> frozenset[str]:

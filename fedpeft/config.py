@@ -126,6 +126,9 @@ class RunConfig:
     #: Ray cluster to join ("host:port", "auto"); empty: $RAY_ADDRESS, else a local Ray on 127.0.0.1
     ray_address: str = ""
     output: str | None = None
+    #: also log the per-round numbers of rounds.csv as TensorBoard scalars to DIR/<run name>
+    #: (fedpeft.reporting.TensorBoardReporter; needs the optional tensorboard package)
+    tensorboard: str | None = None
     #: why the planner chose settings the user did not give (fedpeft.planning.auto_plan); ""
     #: when the user set them
     planned: str = ""
@@ -182,7 +185,7 @@ SERVER_ONLY: frozenset[str] = frozenset({
     "clients", "cohort", "fair_solver", "fair_lambda", "server_opt", "server_lr", "server_momentum",
     "server_beta2", "server_tau", "ema", "eval_every", "clip", "adaptive_clip", "target_quantile", "clip_lr",
     "diagnostics", "compress_down", "deadline", "max_upload_bytes", "checkpoint_every",
-    "round_timeout", "backend", "ray_address", "planned",
+    "round_timeout", "backend", "ray_address", "planned", "tensorboard",
 })
 
 

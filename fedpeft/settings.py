@@ -57,6 +57,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError(f"--probe-rounds {cfg.probe_rounds} trains the head before an adapter; with --adapter "
                          "head there is none; allowed: --probe-rounds 0")
     _check(0 <= cfg.ema < 1, "ema", cfg.ema, "a number in [0, 1) (0 = evaluate the last iterate)")
+    from fedpeft.reporting import check_tensorboard
+
+    check_tensorboard(cfg.tensorboard)
     if cfg.server_opt != "none" and not STRATEGIES.get(cfg.strategy).supports_server_optimizer:
         raise UsageError(f"--server-opt {cfg.server_opt} cannot drive --strategy {cfg.strategy} (its global "
                          "state is rebuilt every round); allowed: --server-opt none")

@@ -17,7 +17,7 @@ from fedpeft.config import RunConfig
 from fedpeft.settings import resolve
 from fedpeft.federation.server import run_federation
 from fedpeft.logs import install as install_logging
-from fedpeft.reporting import LogReporter
+from fedpeft.reporting import LogReporter, optional_reporters
 from fedpeft.results import ResultsWriter
 
 app = ServerApp()
@@ -41,4 +41,4 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(dict(context.run_config))
     # one run directory for results, checkpoints and the exported model (<output>/model)
     cfg = replace(cfg, output=cfg.output or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
-    run_federation(grid, cfg, [LogReporter(), ResultsWriter(cfg.output)])
+    run_federation(grid, cfg, [LogReporter(), ResultsWriter(cfg.output), *optional_reporters(cfg)])
