@@ -172,6 +172,7 @@ def simulate(
     server_tau: Optional[float] = typer.Option(None, "--server-tau", help="Adaptivity τ for fedadam/fedyogi. [default: 1e-3]"),
     probe_rounds: Optional[int] = typer.Option(None, "--probe-rounds", help="LP-FT: the first K rounds train only the classification head (a linear probe), then the adapter starts from it; under user-level DP those rounds release only the head's coordinates (less noise, same ε per round). [default: 0]"),
     probe_lr: Optional[float] = typer.Option(None, "--probe-lr", help="Local learning rate of the head in the --probe-rounds. [default: 0.03]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Local training precision: fp32, or bf16 (opt-in: torch.autocast bfloat16 for the client's forward/backward; parameters, uploads and evaluation stay float32; ~1.5x cheaper client steps on CPUs with AVX512-BF16, accuracy cost in the README; refused with --dp sample). [default: fp32]"),
     ema: Optional[float] = typer.Option(None, "--ema", help="Evaluate and export the exponential moving average of the global model over rounds with this β (e.g. 0.9): it averages out the DP noise the last rounds added; post-processing, ε unchanged. [default: 0 = the last round's model]"),
     partition: Optional[str] = typer.Option(None, "--partition", help="iid or dirichlet. [default: iid]"),
     dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="Dirichlet concentration (smaller = more label skew). [default: 0.5]"),

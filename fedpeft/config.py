@@ -51,6 +51,8 @@ class RunConfig:
     #: LP-FT (fedpeft.training.probe): rounds 1..K train the classification head alone
     probe_rounds: int = 0
     probe_lr: float = 0.03  # the head's local lr in those rounds (the head candidate's recipe)
+    #: local training's matmul precision (fedpeft.training.precision): fp32 | bf16 (opt-in autocast)
+    precision: str = "fp32"
     # adapter
     adapter: str = "lora"
     rank: int = 8

@@ -56,6 +56,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.probe_rounds and cfg.adapter == "head":
         raise UsageError(f"--probe-rounds {cfg.probe_rounds} trains the head before an adapter; with --adapter "
                          "head there is none; allowed: --probe-rounds 0")
+    from fedpeft.training.precision import PRECISIONS
+
+    _check(cfg.precision in PRECISIONS, "precision", cfg.precision,
+           ", ".join(PRECISIONS.names()) + " (bf16: opt-in autocast of local training, changes the numbers)")
     _check(0 <= cfg.ema < 1, "ema", cfg.ema, "a number in [0, 1) (0 = evaluate the last iterate)")
     from fedpeft.reporting import check_tensorboard
 

@@ -45,6 +45,7 @@ from fedpeft.federation.workspace import Workspace
 from fedpeft.pipeline import BuildEnv, ClientContext, Pipeline
 from fedpeft.registry import Registry
 from fedpeft.training.local import LocalResult, train_local
+from fedpeft.training.precision import training_precision
 from fedpeft.training.probe import probing, train_head_only
 
 
@@ -268,7 +269,8 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
     hook = ws.adapter.step_hook(ws.model, rng, rnd.round_rank)
     if rank_cap is not None:  # --client-ranks: this client is a rank-r_i LoRA
         hook = _after_every_step(hook, ws.adapter.limit_rank(ws.model, rank_cap))
-    result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
+    with training_precision(cfg.precision):  # fp32 unless --precision bf16 (opt-in)
+        result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
     # before the personalized evaluation, which loads the broadcast's shared tensors back
     upload, stage_metrics = pipeline.on_client(ws.adapter.upload(ws.model, rnd.round_rank), ctx)
     if store is not None:

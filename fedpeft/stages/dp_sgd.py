@@ -38,4 +38,8 @@ class DpSgd(Stage):
         if cfg.probe_rounds:  # the DP-SGD training mode has no head-only phase (fedpeft.training.probe)
             return (f"--probe-rounds {cfg.probe_rounds} is not implemented with --dp sample (DP-SGD trains "
                     "every adapter tensor); allowed: --probe-rounds 0, or --dp user / none")
+        if cfg.precision != "fp32":  # fedpeft.training.precision: per-example norms in bfloat16
+            return (f"--precision {cfg.precision} with --dp sample would compute per-example gradients and "
+                    "their norms in bfloat16, so the clip bound --sample-clip would hold only to ~3 digits "
+                    "(a weaker guarantee than asked); allowed: --precision fp32")
         return None
