@@ -17,10 +17,42 @@ def test_a_ray_or_deployed_client_gets_the_cpus_reserved_for_it(cpus, expected):
     assert client_threads(RunConfig(cpus_per_client=cpus), {"partition-id": 3, "num-partitions": 10}) == expected
 
 
-def test_an_inprocess_client_gets_every_core_of_the_process():
-    assert process_cores() == len(os.sched_getaffinity(0))
-    node = {"partition-id": 3, "num-partitions": 10, IN_PROCESS_KEY: True}
-    assert client_threads(RunConfig(cpus_per_client=1.0), node) == len(os.sched_getaffinity(0))
+#: prints what a process reports as its cores and an in-process client's threads
+CORES_PROBE = ("from fedpeft.config import RunConfig; from fedpeft.threads import IN_PROCESS_KEY, "
+               "client_threads, process_cores; "
+               "print(process_cores(), client_threads(RunConfig(cpus_per_client=1.0), "
+               "{'partition-id': 3, 'num-partitions': 10, IN_PROCESS_KEY: True}))")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+@pytest.mark.parametrize("allowed", [1, 2])
+def test_an_inprocess_client_gets_every_core_the_process_may_run_on(allowed):
+    """A process pinned to ``allowed`` CPUs (as ``taskset`` or a container's cpuset does) reports
+    that many cores, and its in-process client gets that many threads, whatever the machine has."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < allowed:
+        pytest.skip(f"this process may run on {len(cpus)} CPU(s) only")
+    pinned = set(cpus[:allowed])
+    out = subprocess.run([sys.executable, "-c", CORES_PROBE], capture_output=True, text=True, check=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, pinned)).stdout.split()
+    assert out == [str(allowed), str(allowed)]
+
+
+def test_without_an_affinity_mask_the_cores_are_the_cpu_count(monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert process_cores() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undeterminable": still one thread
+    assert process_cores() == 1
+
+
+def test_an_unreadable_affinity_mask_falls_back_to_the_cpu_count(monkeypatch):
+    def refuse(pid):  # noqa: ANN001, ANN202
+        raise OSError("sched_getaffinity: operation not permitted")
+
+    monkeypatch.setattr(os, "sched_getaffinity", refuse)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert process_cores() == 3
 
 
 def test_only_the_inprocess_grid_marks_its_nodes():
