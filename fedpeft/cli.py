@@ -157,7 +157,7 @@ def simulate(
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (r_max for dylora/dp-dylora). [default: 8]"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (scale alpha/r). [default: 16]"),
     min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest rank, drawn uniformly in [min-rank, rank] per step (dylora) or per round by the server (dp-dylora). [default: 1]"),
-    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt. [default: query,value]"),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt, or auto (peft's default targets for the model's type: q_proj,v_proj for Llama, c_attn for GPT-2). [default: query,value; --task causal-lm: auto]"),
     lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="Encoder layers that get LoRA, e.g. 5 or 4,5 (the top k of the default's 6); fewer coordinates, less DP noise. [default: all]"),
     train_top_k: Optional[int] = typer.Option(None, "--train-top-k", help="Adapt only the top k encoder layers (LoRA there, the rest frozen): the frozen bottom runs once per example, not per client visit, so each visit costs ~k/L of the encoder. Alternative to --lora-layers. [default: 0 = all layers]"),
     bottom_cache: Optional[bool] = typer.Option(None, "--bottom-cache/--no-bottom-cache", help="Compute the frozen layers below the lowest adapted one once per example (disk-cached, memory-mapped); --no-bottom-cache runs the whole encoder every visit (same numbers, slower; for measuring). [default: on]"),

@@ -87,8 +87,9 @@ def validate(cfg: RunConfig) -> RunConfig:
            "an integer >= 0: the number of top encoder layers to adapt (0 = --lora-layers decides)")
     if cfg.train_top_k:
         cfg = dataclasses.replace(cfg, lora_layers=_top_layers(cfg))
+    cfg = get_task(cfg.task).complete(cfg)  # --target-modules auto: the model type's defaults
     _check(bool(cfg.target_module_list), "target_modules", cfg.target_modules,
-           "a comma-separated list of module names, e.g. query,value")
+           "a comma-separated list of module names, e.g. query,value, or auto")
     from fedpeft.model.loading import POOLINGS
 
     _check(cfg.pooling in POOLINGS, "pooling", cfg.pooling, ", ".join(POOLINGS))

@@ -49,6 +49,9 @@ class GgufModel:
     #: what an export names as its base (``adapter_config.json``): the wheel and the file,
     #: never this machine's path
     published: str
+    #: transformers ``model_type`` of the converted model, known without converting it
+    #: (``--target-modules auto`` reads it while the settings are validated)
+    model_type: str = "llama"
 
     def source(self) -> Path:
         path = package_dir(self.package) / self.file

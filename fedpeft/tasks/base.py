@@ -11,6 +11,7 @@ trainable tensors only and never ask which task runs. Tasks are registered by na
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpeft.errors import UsageError
 from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
     from fedpeft.export import Export
     from fedpeft.federation.workspace import Workspace
     from fedpeft.training.evaluate import EvalResult
+
+#: ``--target-modules auto``: the LoRA targets peft uses by default for the model's type
+AUTO_TARGETS = "auto"
 
 #: ``--task`` name -> Task class
 TASKS: Registry[type[Task]] = Registry("task")
@@ -83,6 +88,20 @@ class Task(ABC):
     #: fedpeft.data.holdout.RowSubset: labels, lengths and ``collate`` of its rows)
     validates_on_train_rows: ClassVar[bool] = False
 
+    def model_type(self, model: str) -> str:
+        """transformers ``model_type`` of ``--model``, read from its config only."""
+        from fedpeft.model.loading import resolve_model_path
+
+        return config_model_type(model, resolve_model_path(model))
+
+    def complete(self, cfg: RunConfig) -> RunConfig:
+        """``cfg`` with ``--target-modules auto`` replaced by peft's default LoRA targets for the
+        model's type (q_proj,v_proj for Llama/Qwen/Mistral, c_attn for GPT-2's Conv1D,
+        query,value for BERT), so results.json and the export name the modules adapted."""
+        if cfg.target_modules != AUTO_TARGETS:
+            return cfg
+        return dataclasses.replace(cfg, target_modules=default_target_modules(cfg.model, self.model_type(cfg.model)))
+
     def refusal(self, cfg: RunConfig) -> str | None:
         """One line saying which setting this task cannot run with and what is allowed, or None."""
         return None
@@ -123,4 +142,27 @@ class Task(ABC):
                 "eval_perplexity": None}
 
 
-__all__ = ["ACCURACY", "DEFAULT_TASK", "TASKS", "Metric", "Task"]
+def config_model_type(model: str, path: str) -> str:
+    """``model_type`` in the config at ``path`` (``--model`` named in the error)."""
+    from transformers import AutoConfig
+
+    try:
+        return str(AutoConfig.from_pretrained(path).model_type)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {model!r} could not be loaded ({str(exc).splitlines()[0]})") from None
+
+
+def default_target_modules(model: str, model_type: str) -> str:
+    """peft's own default LoRA targets for ``model_type``
+    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``), comma-separated."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    targets = PEFT_TARGETS.get(model_type)
+    if not targets:
+        raise UsageError(f"--target-modules auto: peft has no default LoRA targets for --model {model!r} (model type "
+                         f"{model_type!r}); allowed: --target-modules naming its attention projections, e.g. q_proj,v_proj")
+    return ",".join(targets)
+
+
+__all__ = ["ACCURACY", "AUTO_TARGETS", "DEFAULT_TASK", "TASKS", "Metric", "Task", "config_model_type",
+           "default_target_modules"]

@@ -3,7 +3,8 @@ pairs, the loss on the answer tokens only, evaluated by held-out loss per answer
 its perplexity.
 
 The adapters (lora, ffa-lora, dylora, dp-dylora) inject into the LM's attention projections
-(``q_proj,v_proj`` by default for Llama-family models); peft's ``CAUSAL_LM`` task type trains
+(by default peft's targets for the model's type: ``q_proj,v_proj`` for Llama/Qwen/Mistral,
+``c_attn`` for GPT-2); peft's ``CAUSAL_LM`` task type trains
 the adapter alone (there is no head). Strategies, compression and user-level DP act on the
 uploaded tensors and run unchanged; sample-level DP-SGD clips each example's gradient, whose
 loss is that example's share of the batch's mean over answer tokens.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.tasks.base import TASKS, Metric, Task
+from fedpeft.tasks.base import AUTO_TARGETS, TASKS, Metric, Task, config_model_type
 
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
@@ -47,12 +48,21 @@ class CausalLM(Task):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
     metrics = (EVAL_LOSS, PERPLEXITY)
-    #: the embedded SmolLM2 on the chatterbot corpus, LoRA on the attention's q and v (Llama
-    #: names), and a run small enough for a CPU: one client visit of 8 chats costs 2 steps of
-    #: a 135M-parameter model (7-25 s each on the loaded 2-core build machine)
+    #: the embedded SmolLM2 on the chatterbot corpus, LoRA on peft's default targets for the
+    #: model's type (q_proj,v_proj for Llama, c_attn for GPT-2), and a run small enough for a
+    #: CPU: one client visit of 8 chats costs 2 steps of a 135M-parameter model (7-25 s each on
+    #: the loaded 2-core build machine)
     defaults = {"model": "embedded:SmolLM2-135M-Instruct", "dataset": "chatterbot",
-                "target_modules": "q_proj,v_proj", "max_length": 128, "clients": 20, "cohort": 5, "rounds": 2,
+                "target_modules": AUTO_TARGETS, "max_length": 128, "clients": 20, "cohort": 5, "rounds": 2,
                 "batch_size": 4, "max_client_examples": 8, "max_test_examples": 64}
+
+    def model_type(self, model: str) -> str:
+        """An embedded model's declared type (no conversion), else its config's."""
+        from fedpeft.model.causal_lm import EMBEDDED_CAUSAL_LMS, resolve_causal_lm
+
+        if model in EMBEDDED_CAUSAL_LMS:
+            return EMBEDDED_CAUSAL_LMS[model].model_type
+        return config_model_type(model, resolve_causal_lm(model))
 
     def refusal(self, cfg: RunConfig) -> str | None:
         from fedpeft.config import RunConfig
