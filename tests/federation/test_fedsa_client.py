@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from itertools import combinations
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 from fedpeft.config import RunConfig
 from fedpeft.settings import resolve
 from fedpeft.federation import client as client_mod
-from fedpeft.federation.client import ClientRound, train_client, train_plain
+from fedpeft.data.tokenized import collate
+from fedpeft.federation.client import ClientRound, local_test_seed, train_client, train_plain
 from fedpeft.federation.local_params import LOCAL_PARAMS_DIR, LocalParamStore
 from fedpeft.federation.records import payload_bytes, to_record
 from fedpeft.federation.round import RoundStrategy
@@ -28,7 +30,7 @@ from fedpeft.errors import UsageError
 from fedpeft.privacy.publication import DIAGNOSTICS_FILE
 from fedpeft.results import ResultsWriter
 from fedpeft.simulation import simulate
-from fedpeft.training.personal_eval import label_quota, local_test_rows
+from fedpeft.training.personal_eval import LOCAL_TEST_SIZE, label_quota, local_test_rows
 from strategies.fedsa_lora import FedSaLora, is_lora_b
 
 CFG = RunConfig(strategy="fedsa-lora", clients=8, cohort=2, rounds=3, batch_size=8, max_client_examples=16,
@@ -80,6 +82,29 @@ def _saved_keys(store: LocalParamStore) -> list[str]:
     return sorted(p.stem for p in store.directory.glob("*.safetensors") if not p.name.startswith("."))
 
 
+def _local_test_set(ws, cfg: RunConfig, cid: int) -> np.ndarray:
+    """Client ``cid``'s local test rows: test rows in the label mix of the rows it trains on,
+    drawn from the run seed and the client (never the round)."""
+    parts = ws.partitions(cfg.partition, cfg.clients, cfg.dirichlet_alpha, cfg.seed)
+    rows = parts.indices(cid)[: cfg.max_client_examples or None]
+    rnd = ClientRound(client_id=cid, num_partitions=cfg.clients, server_round=1, round_rank=None)
+    return local_test_rows(ws.train.labels[rows], ws.test.labels, LOCAL_TEST_SIZE,
+                           np.random.default_rng(local_test_seed(cfg, rnd)))
+
+
+@torch.inference_mode()
+def _right_one_at_a_time(ws, rows: np.ndarray) -> int:
+    """How many of ``rows`` the model as it is now classifies right, scored by hand: one
+    example per forward pass (no batching, no padding), against the split's label."""
+    ws.model.eval()
+    right = 0
+    for row in rows:
+        batch = collate(ws.test, np.array([row]), ws.pad_id)
+        batch.pop("labels")
+        right += int(ws.model(**batch).logits.argmax(-1)) == int(ws.test.labels[row])
+    return right
+
+
 def _other_global(ws, seed: int) -> dict[str, torch.Tensor]:
     """A server global after some rounds: A and head moved, B at its initial value."""
     g = torch.Generator().manual_seed(seed)
@@ -118,8 +143,15 @@ def test_each_client_resumes_from_its_own_b_with_the_broadcast_a_and_head(ws, tm
     # after the round the model holds the personalized state: broadcast A/head + own new B
     now = ws.adapter.trainable_state(ws.model)
     assert all(torch.equal(now[k], resaved[k] if is_lora_b(k) else broadcast[k]) for k in initial)
-    assert 0.0 <= out.metrics["personalized-accuracy"] <= 1.0
-    assert out.metrics["personalized-examples"] > 0
+    # the personalized evaluation is that model on c1's local test set, scored by hand here
+    local_rows = _local_test_set(ws, CFG, c1)
+    n = len(local_rows)
+    assert out.metrics["personalized-examples"] == n > 0
+    assert out.metrics["personalized-accuracy"] == pytest.approx(_right_one_at_a_time(ws, local_rows) / n,
+                                                                 rel=0, abs=1e-12)
+    # the baseline: always answering the most frequent label of that local test set
+    majority = np.bincount(ws.test.labels[local_rows]).max() / n
+    assert out.metrics["personalized-majority"] == pytest.approx(majority, rel=0, abs=1e-12)
 
 
 def test_upload_has_no_b_and_its_bytes_are_the_shared_tensors_only(ws, tmp_path):
@@ -232,14 +264,33 @@ def _run(tmp_path, name, **kw):
     return cfg, out, json.loads((tmp_path / name / "results.json").read_text())
 
 
-def _assert_personalized(results: dict) -> None:
+def _assert_personalized(cfg: RunConfig, results: dict) -> None:
+    """A round's personalized numbers are means over its cohort's local test sets weighted by
+    their sizes. Computed here by hand from the data alone: the majority baseline exactly (for
+    every cohort of the round's size, when the sampling is secret), and the accuracy is a
+    count of right answers over the same examples (a multiple of 1/N)."""
+    ws = get_workspace(cfg)
+    parts = ws.partitions(cfg.partition, cfg.clients, cfg.dirichlet_alpha, cfg.seed)
+    sizes, majorities = {}, {}  # clients with rows to train on: local test size, majority count
+    for cid in range(cfg.clients):
+        if len(parts.indices(cid)):
+            labels = ws.test.labels[_local_test_set(ws, cfg, cid)]
+            sizes[cid], majorities[cid] = len(labels), int(np.bincount(labels).max())
     for r in results["rounds"]:
-        assert r["rejected"] == 0 and r["rejections"] == []
+        assert r["rejected"] == 0 and r["rejections"] == [] and r["clients_failed"] == 0
         assert r["personalized_accuracy"] is not None, (
             "server.py must pass personalized_accuracy=m.get('personalized-accuracy') to RoundRecord")
-        assert 0.0 <= r["personalized_accuracy"] <= 1.0
-        # the local-majority baseline of a two-label task is at least one half
-        assert 0.5 <= r["personalized_majority"] <= 1.0
+        baselines = {}  # majority rate -> local test examples of the cohorts that give it
+        for cohort in combinations(range(cfg.clients), r["clients_sampled"]):  # all of them when q = 1
+            trained = [c for c in cohort if c in sizes]  # a client without rows evaluates nothing
+            n = sum(sizes[c] for c in trained)
+            if n:
+                baselines.setdefault(sum(majorities[c] for c in trained) / n, set()).add(n)
+        matching = {n for rate, ns in baselines.items() for n in ns
+                    if rate == pytest.approx(r["personalized_majority"], rel=0, abs=1e-12)}
+        assert matching, f"round {r['round']}: majority {r['personalized_majority']} is none of {sorted(baselines)}"
+        right = [r["personalized_accuracy"] * n for n in matching]
+        assert any(abs(k - round(k)) < 1e-6 for k in right), f"round {r['round']}: no count over {matching} examples"
 
 
 def test_fedsa_run_keeps_b_at_home_and_reports_personalized_accuracy(tmp_path):
@@ -250,7 +301,7 @@ def test_fedsa_run_keeps_b_at_home_and_reports_personalized_accuracy(tmp_path):
         assert r.clients_sampled == 4 and r.bytes_up == 4 * shared
     store = LocalParamStore(tmp_path / "plain" / "client_state" / LOCAL_PARAMS_DIR)
     assert _saved_keys(store) == ["0", "1", "2", "3"]
-    _assert_personalized(results)
+    _assert_personalized(cfg, results)
 
 
 def _diagnostics(tmp_path, name: str) -> dict:
@@ -264,7 +315,7 @@ def _diagnostics(tmp_path, name: str) -> dict:
 def test_fedsa_run_with_user_dp_and_compeft(tmp_path):
     # seeded cohorts (seed 1 samples 4 clients in both rounds): a secret one may sample
     # nobody in a round (probability 2^-8), which leaves no personalized accuracy to report
-    _, out, _ = _run(tmp_path, "user", clients=8, cohort=4, epsilon=5.0, compression="compeft",
+    cfg, out, _ = _run(tmp_path, "user", clients=8, cohort=4, epsilon=5.0, compression="compeft",
                      density=0.2, diagnostics=True, insecure_reproducible_noise=True, seed=1)
     results = _diagnostics(tmp_path, "user")
     assert out.final.dp_level == "user" and 0 < out.final.epsilon <= 5.0
@@ -272,12 +323,12 @@ def test_fedsa_run_with_user_dp_and_compeft(tmp_path):
     for f in residuals.glob("*.safetensors"):  # error feedback never saw B
         assert not _b_keys(load_file(f))
     assert any(residuals.glob("*.safetensors"))
-    _assert_personalized(results)
+    _assert_personalized(cfg, results)
 
 
 def test_fedsa_run_with_sample_dp(tmp_path):
-    _, out, _ = _run(tmp_path, "sample", dp="sample", noise_multiplier=1.0, diagnostics=True,
+    cfg, out, _ = _run(tmp_path, "sample", dp="sample", noise_multiplier=1.0, diagnostics=True,
                      insecure_reproducible_noise=True)
     results = _diagnostics(tmp_path, "sample")
     assert out.final.dp_level == "sample" and out.final.epsilon > 0
-    _assert_personalized(results)
+    _assert_personalized(cfg, results)
