@@ -5,8 +5,9 @@ survive a crashing client, and give the same run as the in-process backend."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import time
+import threading
 
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -17,6 +18,10 @@ from fedpeft.federation.process_pool import ProcessPoolGrid
 probe = ClientApp()
 #: set in the driver before the pool forks: a worker sees it only by inheriting memory
 INHERITED: dict[str, int] = {}
+#: a two-party rendezvous made before any pool forks (its workers inherit it): two messages
+#: both pass it only if they run at the same time
+MEETING = multiprocessing.get_context("fork").Barrier(2)
+MEET_TIMEOUT_S = 30.0
 
 
 @probe.train()
@@ -26,8 +31,13 @@ def _train(msg: Message, context):  # noqa: ANN001, ANN202
         os._exit(3)  # a client process killed mid-message (OOM killer, segfault)
     if what == "raise":
         raise ValueError("client bug")
-    if what == "sleep":
-        time.sleep(1.0)
+    if what == "meet":  # wait (bounded) for the other message's worker to arrive
+        try:
+            MEETING.wait(timeout=MEET_TIMEOUT_S)
+            met = 1
+        except threading.BrokenBarrierError:
+            met = 0
+        return Message(RecordDict({"metrics": MetricRecord({"pid": os.getpid(), "met": met})}), reply_to=msg)
     if what == "scan":  # look for the driver's secret key, as code running in a worker could
         config = msg.content["config"]
         return Message(RecordDict({"metrics": MetricRecord({
@@ -94,11 +104,13 @@ def test_workers_are_forked_processes_that_inherit_the_drivers_memory(grid):
 
 
 def test_two_workers_run_messages_at_the_same_time(grid):
-    t0 = time.perf_counter()
-    replies = list(grid.send_and_receive(_msgs(grid, ["sleep", "sleep"]), timeout=60))
-    elapsed = time.perf_counter() - t0
-    assert len({int(r.content["metrics"]["pid"]) for r in replies}) == 2
-    assert elapsed < 1.9, f"two 1 s messages on 2 workers took {elapsed:.2f} s"
+    """Each message waits for the other at a rendezvous: run one after the other, the first
+    would give up after MEET_TIMEOUT_S and break it for the second (both report met = 0)."""
+    MEETING.reset()
+    replies = list(grid.send_and_receive(_msgs(grid, ["meet", "meet"]), timeout=2 * MEET_TIMEOUT_S + 30))
+    metrics = [r.content["metrics"] for r in replies]
+    assert [int(m["met"]) for m in metrics] == [1, 1]
+    assert len({int(m["pid"]) for m in metrics}) == 2 and {int(m["pid"]) for m in metrics} <= set(grid.worker_pids())
 
 
 def test_a_crashing_client_is_an_error_reply_and_the_pool_keeps_its_size(grid):
