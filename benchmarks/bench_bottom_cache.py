@@ -7,7 +7,8 @@ process with 1 torch thread (what one pool worker uses) through fedpeft's own cl
 
 * ``full``: LoRA on all 6 layers, the whole encoder every step (the default adapter);
 * ``top{k}-uncached``: LoRA on the top k layers, the whole encoder forward every step;
-* ``top{k}-cached``: LoRA on the top k layers on the cached input of layer L-k.
+* ``top{k}-cached``: LoRA on the top k layers on the cached input of layer L-k;
+* ``…-bf16``: the same with ``--precision bf16`` (opt-in autocast; same workspace, other numerics).
 
 Each configuration's workspace is built once (the cache build is timed separately: its
 one-time cost per machine); visits alternate between configurations ``--repeats`` times on the
@@ -53,10 +54,15 @@ def main(argv: list[str] | None = None) -> Path:
         base.update(dataset="synthetic:400", clients=40, max_test_examples=16)
     configs = {"full": {}, "top1-uncached": {"train_top_k": 1, "bottom_cache": False},
                "top1-cached": {"train_top_k": 1}, "top2-uncached": {"train_top_k": 2, "bottom_cache": False},
-               "top2-cached": {"train_top_k": 2}}
+               "top2-cached": {"train_top_k": 2}, "full-bf16": {"precision": "bf16"},
+               "top1-cached-bf16": {"train_top_k": 1, "precision": "bf16"}}
     spaces, build_s = {}, {}
     for name, extra in configs.items():
         cfg = validate(RunConfig(**base, **extra))
+        fp32_twin = name.removesuffix("-bf16")
+        if fp32_twin != name:  # the precision changes training only: reuse the fp32 workspace
+            spaces[name] = (cfg, spaces[fp32_twin][1])
+            continue
         with timer() as t:
             spaces[name] = (cfg, _build(cfg))
         build_s[name] = {"wall_s": t["wall_s"], "cpu_s": t["cpu_s"], "phases": spaces[name][1].build_timings}
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
         "speedup_vs_full": {k: per_visit["full"] / v for k, v in per_visit.items()},
         "speedup_vs_uncached_same_k": {f"top{k}": per_visit[f"top{k}-uncached"] / per_visit[f"top{k}-cached"]
                                        for k in (1, 2)},
+        "speedup_bf16_vs_fp32": {k: per_visit[k] / per_visit[f"{k}-bf16"] for k in ("full", "top1-cached")},
         "load_average_after": os.getloadavg()[0],
     }
     for k, v in per_visit.items():
