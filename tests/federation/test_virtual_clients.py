@@ -4,6 +4,7 @@ central evaluation split over workers equals the local one."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -69,9 +70,11 @@ def test_sharded_evaluation_equals_local(workers):
 
 
 class _SlowBackend:
-    """Stands in for Flower's RayBackend: two workers; client 1 answers after 1.5 s."""
+    """Stands in for Flower's RayBackend: one worker (so messages run in the order they were
+    sent); client 1 answers only once the test releases it (bounded wait)."""
 
-    num_workers = 2
+    num_workers = 1
+    release = threading.Event()
 
     def __init__(self, backend_config):  # noqa: ANN001
         pass
@@ -80,11 +83,10 @@ class _SlowBackend:
         pass
 
     def process_message(self, msg, context):  # noqa: ANN001
-        import time
-
         if context.node_config["partition-id"] == 1:
-            time.sleep(1.5)
-        return Message(RecordDict({"config": ConfigRecord({"ok": 1})}), reply_to=msg), context
+            assert self.release.wait(timeout=60), "the test never released client 1"
+        client = int(context.node_config["partition-id"])
+        return Message(RecordDict({"config": ConfigRecord({"client": client})}), reply_to=msg), context
 
     def terminate(self) -> None:
         pass
@@ -92,17 +94,28 @@ class _SlowBackend:
 
 def test_ray_grid_drops_replies_that_arrive_after_the_round_timeout(monkeypatch):
     """A round that stops waiting gets the replies that arrived; the late one is neither
-    returned then nor left behind for a later pull."""
-    import time
-
+    returned then nor left behind for a later pull, nor handed to the next round."""
     from fedpeft.federation import virtual_grid
 
     monkeypatch.setattr("flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend", _SlowBackend)
+    _SlowBackend.release.clear()
     grid = virtual_grid.RayGrid(app, 4, {})
-    msgs = [Message(RecordDict({"config": ConfigRecord({"client-id": c})}), dst_node_id=1 + c,
-                    message_type=MessageType.TRAIN) for c in (0, 1)]
-    replies = list(grid.send_and_receive(msgs, timeout=0.5))
-    assert len(replies) == 1  # client 0 only
-    time.sleep(1.6)  # the late reply lands now
-    assert grid._replies == {} and grid._abandoned == set()  # noqa: SLF001
-    grid.close()
+
+    def msg(client: int) -> Message:
+        return Message(RecordDict({"config": ConfigRecord({"client-id": client})}), dst_node_id=1,
+                       message_type=MessageType.TRAIN)
+
+    try:
+        fast, late = msg(0), msg(1)
+        replies = list(grid.send_and_receive([fast, late], timeout=2.0))
+        assert [int(r.content["config"]["client"]) for r in replies] == [0]
+        late_id = late.metadata.message_id  # the grid named the message when it sent it
+        _SlowBackend.release.set()  # the late reply arrives now
+        # the single worker runs messages in order: this round's reply comes after the late one
+        # was handled, and it is the only reply the round gets
+        (nxt,) = grid.send_and_receive([msg(2)], timeout=60)
+        assert int(nxt.content["config"]["client"]) == 2
+        assert list(grid.pull_messages([late_id])) == []  # dropped, not kept for a later pull
+    finally:
+        _SlowBackend.release.set()
+        grid.close()
