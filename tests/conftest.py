@@ -17,6 +17,25 @@ os.environ.setdefault("FEDPEFT_CACHE_DIR", tempfile.mkdtemp(prefix="fedpeft-test
 
 
 @pytest.fixture
+def flower_task_identity(monkeypatch):
+    """A Flower task identity (run 1, node 0, task 1) for tests that build ``Message``s outside
+    a Flower runtime (Flower's runtimes set it; ``Message()`` reads it), undone after the test.
+
+    The only place tests touch this Flower internal: on a Flower release other than the one
+    the warm worker is pinned to, a missing module or attribute fails here, naming both."""
+    from fedpeft.deploy.clientapp_worker import TESTED_FLOWER, installed_flower
+
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+            monkeypatch.setattr(TaskIdentity, attr, value)  # raises if Flower renamed it
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"flwr {installed_flower()} (tests written for {TESTED_FLOWER}) moved Flower's task "
+                    f"identity ({exc}): update the flower_task_identity fixture in tests/conftest.py")
+
+
+@pytest.fixture
 def tiny_cfg():
     """A small but real configuration on the embedded default model and data."""
     from fedpeft.config import RunConfig

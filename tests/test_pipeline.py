@@ -9,7 +9,6 @@ from typing import ClassVar
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters.base import Adapter, AdapterSpec, State
 from fedpeft.compression import build_codec
@@ -25,6 +24,9 @@ from fedpeft.stages.compression import ErrorFeedbackCompression
 from fedpeft.stages.user_dp import UserLevelDP
 from fedpeft.strategy import STRATEGIES, FedPeftStrategy
 from fedpeft.updates import client_delta
+
+#: Message() outside a Flower runtime needs a task identity (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 A, B, HEAD = "l.lora_A.default.weight", "l.lora_B.default.weight", "classifier.weight"
 
@@ -48,12 +50,6 @@ class CoordinateMedian(FedPeftStrategy):
     def aggregate(self, global_state: State, updates, round_rank=None) -> State:
         self.seen.append(len(updates))
         return {k: torch.stack([u.state[k] for u in updates]).median(dim=0).values for k in updates[0].state}
-
-
-@pytest.fixture(autouse=True)
-def flower_identity(monkeypatch):
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 class _Nodes:

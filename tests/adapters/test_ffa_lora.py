@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters import AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
@@ -79,13 +78,6 @@ def clients(lora_ws) -> list[int]:
     parts = lora_ws.partitions(CLIENT_CFG.partition, NUM_PARTITIONS, CLIENT_CFG.dirichlet_alpha, 0)
     ids = [i for i in range(NUM_PARTITIONS) if len(parts.indices(i)) >= 16]
     return ids[:3]
-
-
-@pytest.fixture
-def flower_identity(monkeypatch):
-    """Messages can be built outside a Flower run once the task identity is set."""
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 class _AllNodes:
@@ -157,7 +149,7 @@ def test_ffa_shared_a_is_what_the_server_adds_for_products(ffa_ws):
 
 # -- aggregation error through the FedAvg code path --------------------------------------------
 def test_ffa_aggregation_error_is_zero_over_rounds_and_a_and_base_never_change(ffa_ws, clients,
-                                                                               flower_identity):
+                                                                               flower_task_identity):
     ws = ffa_ws
     base_before = frozen_fingerprint(ws.model)  # includes the frozen A
     hash_before = a_hash(ws.model)
@@ -184,7 +176,7 @@ def test_ffa_aggregation_error_is_zero_over_rounds_and_a_and_base_never_change(f
 
 
 def test_lora_aggregation_error_is_positive_and_matches_the_pairwise_identity(lora_ws, clients,
-                                                                              flower_identity):
+                                                                              flower_task_identity):
     ws = lora_ws
     base_before = frozen_fingerprint(ws.model)
     try:

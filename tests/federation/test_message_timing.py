@@ -7,7 +7,6 @@ import logging
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.federation import workspace
 from fedpeft.federation.client_app import app
@@ -30,7 +29,8 @@ def test_phase_line_round_trips_and_process_age_is_sane() -> None:
     assert age is not None and 0.0 < age < 24 * 3600
 
 
-def test_two_messages_in_one_process_build_the_workspace_once(small_csv, tmp_path, monkeypatch) -> None:
+def test_two_messages_in_one_process_build_the_workspace_once(small_csv, tmp_path, monkeypatch,
+                                                              flower_task_identity) -> None:
     monkeypatch.setenv(ENV_VAR, "1")
     monkeypatch.setenv("FEDPEFT_CACHE_DIR", str(tmp_path / "cache"))
     lines: list[str] = []
@@ -48,7 +48,6 @@ def test_two_messages_in_one_process_build_the_workspace_once(small_csv, tmp_pat
         arrays = to_record(workspace.get_workspace(cfg).initial_state)
         workspace._cache.clear()  # the messages find an empty process cache, as a fresh worker does
         builds = workspace.builds_in_process()
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
                           state=RecordDict(), run_config={})
         for rnd in (1, 2):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant as GoogleRdp
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters.base import Adapter, AdapterSpec
 from fedpeft.config import RunConfig
@@ -25,6 +24,9 @@ from fedpeft.privacy.accounting import RDP_ORDERS, make_accountant
 from fedpeft.privacy.adaptive_clipping import AdaptiveClipConfig, update_noise_multiplier
 from fedpeft.stages.user_dp import UserLevelDP
 from strategies.fedavg import FedAvg
+
+#: Message() outside a Flower runtime needs a task identity (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 A, B = "enc.0.query.lora_A.default.weight", "enc.0.query.lora_B.default.weight"
 HEAD = "classifier.weight"
@@ -51,14 +53,6 @@ class FairLike(FedAvg):
 
     name = "fair-like"
     needs_individual_updates = True
-
-
-@pytest.fixture(autouse=True)
-def flower_task_identity(monkeypatch):
-    # Message() outside a running ServerApp needs a run/node identity.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def global_state(rank: int = 8, d: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:

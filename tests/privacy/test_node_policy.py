@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
 from fedpeft.federation.records import to_record
 from fedpeft.federation.workspace import get_workspace
+
+#: Message() outside a Flower runtime needs a task identity (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 N_EXAMPLES, BATCH, DELTA, CLIENT = 12, 4, 1e-5, 2
 CFG = RunConfig(clients=50, cohort=5, rounds=2, batch_size=BATCH, max_client_examples=N_EXAMPLES,
@@ -41,13 +43,6 @@ def ws():
     torch.set_num_threads(1)
     yield get_workspace(CFG)
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def flower_task_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def _train(ws, node_config: dict, server_round: int = 1, delta: float = DELTA, **overrides):

@@ -18,7 +18,6 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant as GoogleRdp
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from fedpeft.config import RunConfig
@@ -30,6 +29,9 @@ from fedpeft.federation.workspace import frozen_fingerprint, get_workspace
 from fedpeft.privacy.accounting import RDP_ORDERS, make_accountant
 from fedpeft.privacy.client_accounting import ClientAccountantStore, client_noise_plan
 from fedpeft.training.dp_sgd import grad_sample_module, train_local_dp
+
+#: Message() outside a Flower runtime needs a task identity (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 N_EXAMPLES, BATCH = 12, 4  # q = 1/3, ceil(12/4) = 3 noisy steps per round
 DELTA = 1e-5
@@ -43,14 +45,6 @@ def ws():
     torch.set_num_threads(1)  # as a simulated client runs (cpus_per_client = 1); fast on a busy box
     yield get_workspace(CFG)
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def flower_task_identity(monkeypatch):
-    # Message() outside a running Flower runtime needs a run/node identity.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def client_round(cid: int, server_round: int) -> ClientRound:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters.base import Adapter, AdapterSpec, State
 from fedpeft.federation.records import to_record
@@ -101,12 +100,6 @@ class _AllNodes:
         return [(i, node) for i, node in enumerate(self.nodes)]
 
 
-@pytest.fixture
-def flower_identity(monkeypatch):
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def _round_metrics(strategy, glob: State, updates: list[ClientUpdate]) -> dict:
     from fedpeft.federation.round import RoundStrategy
     from fedpeft.pipeline import Pipeline, layout_of
@@ -121,7 +114,7 @@ def _round_metrics(strategy, glob: State, updates: list[ClientUpdate]) -> dict:
 
 
 @pytest.mark.parametrize("solver", ["sgd", "ridge"])
-def test_lora_fair_reports_the_mean_share_over_layers(flower_identity, solver):
+def test_lora_fair_reports_the_mean_share_over_layers(flower_task_identity, solver):
     glob, updates = _clients(seed=3)
     strategy = STRATEGIES.get("lora-fair")(_NoInject(AdapterSpec()), solver=solver, steps=20)
     m = _round_metrics(strategy, glob, updates)
@@ -140,7 +133,7 @@ def test_lora_fair_reports_the_mean_share_over_layers(flower_identity, solver):
                                                                   glob, updates)
 
 
-def test_clients_sharing_a_leave_fedavg_exact_and_no_share(flower_identity):
+def test_clients_sharing_a_leave_fedavg_exact_and_no_share(flower_task_identity):
     glob, updates = _clients(seed=4, shared_a=True)  # Σ p_i B_i A = B̄ A: nothing to correct
     strategy = STRATEGIES.get("lora-fair")(_NoInject(AdapterSpec()), solver="ridge")
     m = _round_metrics(strategy, glob, updates)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.adapters.base import Adapter, AdapterSpec, State
 from fedpeft.federation.records import to_record
@@ -126,13 +125,6 @@ class _AllNodes:
         return [(i, node) for i, node in enumerate(self.nodes)]
 
 
-@pytest.fixture
-def flower_identity(monkeypatch):
-    """Messages can be built outside a Flower run once the task identity is set."""
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def _round_metrics(name: str, glob: State, updates: list[ClientUpdate]) -> tuple[State, dict]:
     from fedpeft.federation.records import from_record
 
@@ -151,7 +143,7 @@ def _round_metrics(name: str, glob: State, updates: list[ClientUpdate]) -> tuple
     return from_record(arrays), dict(metrics)
 
 
-def test_reported_aggregation_error_drops_versus_fedavg(flower_identity):
+def test_reported_aggregation_error_drops_versus_fedavg(flower_task_identity):
     glob, updates = _heterogeneous_clients(seed=3)
     _, m_avg = _round_metrics("fedavg", glob, updates)
     new_fair, m_fair = _round_metrics("lora-fair", glob, updates)

@@ -20,20 +20,16 @@ def test_lora_fair_options_from_config():
     assert (strat.solver, strat.lam) == ("ridge", 0.25)
 
 
-def test_server_optimiser_from_config_moves_the_round_aggregate_by_hand_computed_momentum(monkeypatch):
+def test_server_optimiser_from_config_moves_the_round_aggregate_by_hand_computed_momentum(flower_task_identity):
     """--server-opt fedavgm --server-lr 0.5 --server-momentum 0.5: x₁ = x₀ + 0.5·Δ₁,
     m₂ = 0.5·Δ₁ + Δ₂, x₂ = x₁ + 0.5·m₂ (SPEC §3.6), applied by the round to FedAvg's aggregate."""
     import torch
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedpeft.federation.records import from_record, to_record
     from fedpeft.federation.round import RoundStrategy
     from fedpeft.pipeline import Pipeline
     from fedpeft.server_optim import build_server_optimizer
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
     class OneClient:
         def sample(self, server_round: int) -> list[tuple[int, int]]:
