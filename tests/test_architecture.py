@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+import import_graph  # noqa: E402
 from import_graph import cycles, graph  # noqa: E402
 
 
@@ -20,6 +21,30 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     edges = graph()
     edges["fedpeft.config"] = edges["fedpeft.config"] | {"fedpeft.settings"}  # config -> settings -> config
     assert any({"fedpeft.config", "fedpeft.settings"} <= set(c) for c in cycles(edges))
+
+
+def test_the_graph_sees_every_kind_of_run_time_import(tmp_path, monkeypatch):
+    """On a hand-written package: imports inside functions and relative ones count (a cycle
+    through them deadlocks or half-initialises a module just the same), annotation-only
+    imports under ``if TYPE_CHECKING:`` and other packages' imports do not."""
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "import os\nfrom pkg import b\n",
+        "pkg/b.py": "def f():\n    from .sub import c\n    return c\n",
+        "pkg/sub/__init__.py": "from . import c\n",
+        "pkg/sub/c.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import x\n"
+                         "import pkg.a as alias\n"),
+        "pkg/d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.a\nimport torch\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(import_graph, "ROOT", tmp_path)
+    monkeypatch.setattr(import_graph, "PACKAGES", ("pkg",))
+    edges = graph()
+    assert edges == {"pkg": set(), "pkg.a": {"pkg", "pkg.b"}, "pkg.b": {"pkg.sub", "pkg.sub.c"},
+                     "pkg.sub": {"pkg.sub.c"}, "pkg.sub.c": {"pkg.a"}, "pkg.d": set()}
+    assert cycles(edges) == [["pkg.a", "pkg.b", "pkg.sub", "pkg.sub.c"]]  # a cycle through f()'s import
 
 
 def test_fedpeft_core_never_imports_strategies():
