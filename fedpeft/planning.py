@@ -167,6 +167,11 @@ class CostModel:
                 "process pool is faster); start-up and a cold cache's one-time encoder pass are not included")
 
 
+#: the warning's words for a classification run whose noise swamps the signal (tasks say their own)
+SWAMPED = ("expect majority-class accuracy; lower d (--adapter head, --rank 1), raise --cohort, or drop the flags "
+           "you set and let the planner choose")
+
+
 def noise_to_signal(noise_multiplier: float, dim: int, expected_cohort: float) -> float:
     """``R = z·√d/(qN)`` (SPEC §3.5)."""
     return float(noise_multiplier) * math.sqrt(dim) / float(expected_cohort)
@@ -196,6 +201,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     #: warnings that state the data's size (not published under DP, like examples_per_round)
     data_warnings: list[str] = field(default_factory=list)
+    #: what the plan does not cover (e.g. no time estimate for a task the cost model was not measured on)
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,6 +220,7 @@ class Plan:
             out.append(f"estimated federation time ~{self.predicted_seconds:.0f} s "
                        f"({CostModel().basis(self.cost_key or self.adapter)})")
         out += [f"planner chose {k}: {why}" for k, why in self.chosen.items()]
+        out += [f"note: {n}" for n in self.notes]
         out += [f"warning: {w}" for w in (*self.warnings, *self.data_warnings)]
         return out
 
@@ -240,14 +248,17 @@ def make_plan(*, clients: int, cohort: float, rounds: int, adapter: str, dim: in
               dp: str, epsilon: float | None, delta: float | None, noise_multiplier: float | None,
               accountant: str, clip: float | None, local_epochs: int,
               chosen: dict[str, str] | None = None, costs: CostModel | None = None,
-              cost_key: str | None = None) -> Plan:
-    """The plan of one configuration (``noise_multiplier`` already calibrated for user level)."""
+              cost_key: str | None = None, timed: bool = True, swamped: str | None = None) -> Plan:
+    """The plan of one configuration (``noise_multiplier`` already calibrated for user level).
+    ``timed=False``: no time estimate (the cost model was not measured on the run's task);
+    ``swamped``: the task's words for a run whose noise swamps the signal."""
     costs = costs or CostModel()
     q = cohort / clients
     plan = Plan(clients=clients, expected_cohort=float(cohort), sample_rate=q, rounds=rounds, adapter=adapter,
                 trainable_dim=dim, examples_per_round=q * train_examples, dp_level=dp, chosen=dict(chosen or {}),
                 cost_key=cost_key or adapter,
-                predicted_seconds=costs.seconds(cost_key or adapter, cohort, rounds, q * train_examples, local_epochs))
+                predicted_seconds=costs.seconds(cost_key or adapter, cohort, rounds, q * train_examples, local_epochs)
+                if timed else None)
     if train_examples < clients:
         plan.data_warnings.append(f"{train_examples:,} examples for {clients:,} clients: at least "
                              f"{clients - train_examples:,} clients have no data and send empty (zero) updates")
@@ -259,8 +270,7 @@ def make_plan(*, clients: int, cohort: float, rounds: int, adapter: str, dim: in
         if plan.noise_to_signal >= math.sqrt(rounds):
             plan.warnings.append(
                 f"R = {plan.noise_to_signal:.3g} ≥ √T = {math.sqrt(rounds):.2f}: the noise is predicted to swamp "
-                "the signal (expect majority-class accuracy); lower d (--adapter head, --rank 1), raise --cohort, "
-                "or drop the flags you set and let the planner choose")
+                f"the signal ({swamped or SWAMPED})")
     return plan
 
 
@@ -343,11 +353,20 @@ def config_plan(cfg: Any, layout: dict[str, tuple[int, ...]], train_examples: in
     top = len(cfg.lora_layer_list) if cfg.lora_layer_list and cfg.bottom_cache else 0
     cost_key = "head" if cfg.adapter == "head" else f"top-{top}" if f"top-{top}" in CostModel().per_example_epoch_s \
         else cfg.adapter
+    from fedpeft.tasks import get_task
+
+    task = get_task(cfg.task)
     plan = make_plan(clients=cfg.clients, cohort=cfg.cohort, rounds=cfg.rounds, adapter=cfg.adapter, cost_key=cost_key,
                      dim=sum(math.prod(s) for s in layout.values()), train_examples=train_examples,
                      dp=cfg.dp or "none", epsilon=cfg.epsilon, delta=delta, noise_multiplier=noise_multiplier,
                      accountant=cfg.accountant, clip=cfg.clip, local_epochs=cfg.local_epochs,
-                     chosen=parse_planned(cfg.planned))
+                     chosen=parse_planned(cfg.planned), timed=task.cost_measured, swamped=task.swamped)
+    if not task.cost_measured:
+        plan.notes.append(f"no time estimate: the cost model was measured on --task classification's encoder, not "
+                          f"on --task {cfg.task}'s model")
+    if not task.planned and cfg.dp == "user":
+        plan.notes.append(f"settings not chosen by the planner: its candidates were measured on --task "
+                          f"classification; these are --task {cfg.task}'s defaults and your flags")
     if is_synthetic(cfg.dataset):
         plan.warnings.append(SYNTHETIC_WARNING)
     return plan

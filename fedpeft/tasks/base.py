@@ -81,6 +81,12 @@ class Task(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     #: the planner's measured candidates (``fedpeft.planning.CANDIDATES``) are for this task
     planned: ClassVar[bool] = False
+    #: the planner's time estimate (``fedpeft.planning.CostModel``) was measured on this task's
+    #: default model; else a plan states that it has none instead of quoting a wrong one
+    cost_measured: ClassVar[bool] = False
+    #: the planner's warning when the DP noise is predicted to swamp the signal: what that run
+    #: looks like and the levers this task has (None: a classifier's, ``fedpeft.planning.SWAMPED``)
+    swamped: ClassVar[str | None] = None
     #: the encoder speed-ups apply: cached head features (``--adapter head``), the cached
     #: frozen bottom (``--train-top-k``) and packed training batches
     encoder_speedups: ClassVar[bool] = False

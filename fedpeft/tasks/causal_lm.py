@@ -48,6 +48,10 @@ class CausalLM(Task):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
     metrics = (EVAL_LOSS, PERPLEXITY)
+    #: measured (README): SmolLM2 at --epsilon 8 with R = 87 went from perplexity 16.5 to 57.1
+    swamped = ("expect the held-out loss to rise, as SmolLM2's did at --epsilon 8 with R = 87: perplexity 16.5 -> "
+               "57.1; lower d (--rank 1, --adapter ffa-lora, --lora-layers with --no-bottom-cache) or raise --cohort; "
+               "the planner does not choose settings for --task causal-lm")
     #: the embedded SmolLM2 on the chatterbot corpus, LoRA on peft's default targets for the
     #: model's type (q_proj,v_proj for Llama, c_attn for GPT-2), and a run small enough for a
     #: CPU: one client visit of 8 chats costs 2 steps of a 135M-parameter model (7-25 s each on

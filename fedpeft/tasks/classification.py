@@ -34,6 +34,7 @@ class Classification(Task):
     name = "classification"
     peft_task_type = "SEQ_CLS"
     planned = True
+    cost_measured = True
     encoder_speedups = True
     validates_on_train_rows = True
 
