@@ -95,7 +95,9 @@ def ray_backend_config(cfg: RunConfig, verbose: bool) -> dict:
     if address:
         init_args["address"] = address  # the cluster's resources size the actor pool
     else:
-        init_args.update(num_cpus=os.cpu_count() or 1, num_gpus=0)
+        from fedpeft.threads import process_cores
+
+        init_args.update(num_cpus=process_cores(), num_gpus=0)  # a container's quota, not the host's cores
     return {"client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
 
 

@@ -19,9 +19,10 @@ loaded, so the CLI calls it before anything imports torch.
 
 from __future__ import annotations
 
+import math
 import os
-
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fedpeft.config import RunConfig
@@ -37,12 +38,37 @@ def passive_omp_wait() -> None:
     os.environ.setdefault(WAIT_POLICY_VAR, "PASSIVE")
 
 
-def process_cores() -> int:
-    """CPUs this process may run on (its affinity mask; ``cpu_count`` where there is none)."""
+#: where Linux exposes this process' CPU quota (cgroup v2 ``cpu.max``; v1 ``cpu.cfs_*``)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> int | None:
+    """CPUs the cgroup quota allows (``docker run --cpus 2``, a Kubernetes CPU limit), rounded
+    up; None without a quota. The affinity mask does not show a quota: a container limited to
+    2 CPUs on a 64-core host still sees 64, and 64 workers would then share 2 CPUs."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+        v1_quota, v1_period = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
+        if v1_quota.is_file() and v1_period.is_file():
+            quota_us, period_us = int(v1_quota.read_text()), int(v1_period.read_text())
+            return None if quota_us <= 0 or period_us <= 0 else max(1, math.ceil(quota_us / period_us))
+    except (OSError, ValueError):  # unreadable or not the format above: no limit known
+        return None
+    return None
+
+
+def process_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: its affinity mask (``cpu_count`` where there is none), capped
+    by a cgroup CPU quota (:func:`cgroup_cpu_limit`)."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(cgroup_root)
+    return cores if limit is None else min(cores, limit)
 
 
 def client_threads(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:

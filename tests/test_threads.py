@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from fedpeft.config import RunConfig
-from fedpeft.threads import IN_PROCESS_KEY, client_threads, process_cores
+from fedpeft.threads import IN_PROCESS_KEY, cgroup_cpu_limit, client_threads, process_cores
 
 
 @pytest.mark.parametrize("cpus, expected", [(1.0, 1), (2.0, 2), (0.5, 1), (3.7, 3)])
@@ -38,21 +38,42 @@ def test_an_inprocess_client_gets_every_core_the_process_may_run_on(allowed):
     assert out == [str(allowed), str(allowed)]
 
 
-def test_without_an_affinity_mask_the_cores_are_the_cpu_count(monkeypatch):
+def test_without_an_affinity_mask_the_cores_are_the_cpu_count(monkeypatch, tmp_path):
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
-    assert process_cores() == 6
+    assert process_cores(tmp_path) == 6  # tmp_path: a cgroup root without a quota
     monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undeterminable": still one thread
-    assert process_cores() == 1
+    assert process_cores(tmp_path) == 1
 
 
-def test_an_unreadable_affinity_mask_falls_back_to_the_cpu_count(monkeypatch):
+def test_an_unreadable_affinity_mask_falls_back_to_the_cpu_count(monkeypatch, tmp_path):
     def refuse(pid):  # noqa: ANN001, ANN202
         raise OSError("sched_getaffinity: operation not permitted")
 
     monkeypatch.setattr(os, "sched_getaffinity", refuse)
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
-    assert process_cores() == 3
+    assert process_cores(tmp_path) == 3
+
+
+@pytest.mark.parametrize("files, limit", [
+    ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, docker run --cpus 2
+    ({"cpu.max": "150000 100000\n"}, 2),  # --cpus 1.5: rounded up, a thread for the half CPU
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbage"}, None),
+    ({}, None),
+])
+def test_a_cgroup_cpu_quota_caps_the_cores(monkeypatch, tmp_path, files, limit):
+    """A container limited to 2 CPUs on a 64-core host sees all 64 in its affinity mask; the
+    quota, not the mask, says how many workers and threads can run."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == limit
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert process_cores(tmp_path) == (64 if limit is None else limit)
 
 
 def test_only_the_inprocess_grid_marks_its_nodes():

@@ -38,6 +38,7 @@ from fedpeft.federation.round import RoundStrategy
 from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.validation import honest_upload_layout
 from fedpeft.federation.sampling import Cohorts, PoissonSampler, Roster, discover_clients
+from fedpeft.threads import process_cores
 from fedpeft.federation.workspace import Workspace, get_workspace
 from fedpeft.pipeline import BuildEnv, Pipeline
 from fedpeft.planning import config_plan
@@ -87,7 +88,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     of the test split (or of ``split``, e.g. the validation rows; default: in this process).
     """
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(process_cores())  # the affinity mask, capped by a cgroup CPU quota
     ws = get_workspace(cfg)
     if roster is None:
         roster = discover_clients(grid, cfg.clients)
