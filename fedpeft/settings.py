@@ -220,6 +220,13 @@ def with_task_defaults(values: dict[str, Any]) -> dict[str, Any]:
     return {**TASKS.get(task).defaults, **values}
 
 
+def task_dependent() -> frozenset[str]:
+    """The settings whose default depends on ``--task`` (named in some task's ``defaults``)."""
+    from fedpeft.tasks import TASKS
+
+    return frozenset(k for name in TASKS.names() for k in TASKS.get(name).defaults)
+
+
 def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunConfig:
     """Defaults < config file < CLI flags (``None`` CLI values mean "not given")."""
     values: dict[str, Any] = {}
@@ -232,4 +239,4 @@ def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunCo
     return validate(RunConfig(**auto_plan(values, lambda v: validate(RunConfig(**v)))))
 
 
-__all__ = ["resolve", "validate", "with_task_defaults"]
+__all__ = ["resolve", "task_dependent", "validate", "with_task_defaults"]

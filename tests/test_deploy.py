@@ -94,6 +94,19 @@ def test_run_config_round_trips_to_the_resolved_run_config():
     assert legacy.rounds == 4
 
 
+def test_a_run_config_naming_a_task_gets_that_tasks_defaults_as_the_cli_does():
+    from fedpeft.federation.server_app import config_from_run_config
+    from fedpeft.settings import resolve
+
+    defaults = app.default_run_config()
+    for given in ({}, {"task": "causal-lm"}, {"task": "causal-lm", "clients": 8, "max-length": 96}):
+        cli = resolve({k.replace("-", "_"): v for k, v in given.items()})
+        assert config_from_run_config({**defaults, **given}) == cli, given
+    lm = config_from_run_config({**defaults, "task": "causal-lm"})
+    assert (lm.target_modules, lm.max_length, lm.clients) == ("q_proj,v_proj", 128, 20)
+    assert (config_from_run_config(defaults).target_modules, RunConfig().clients) == ("query,value", 100)
+
+
 def test_app_directory_builds_a_small_fab_with_only_the_app_code(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 

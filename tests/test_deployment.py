@@ -9,6 +9,9 @@ SuperNode whose key was never registered is refused, and a SuperNode killed (SIG
 process tree) in the middle of round 2 — its round-2 message received, its worker held
 (SIGSTOP) so it cannot answer first — does not stop the round: it completes with the two others.
 
+Also ``--task causal-lm`` on a randomly initialised tiny Llama (tests/tasks/tiny_chat.py):
+two SuperNodes, two rounds, checked against the same run in process.
+
 Run with ``pytest -m deployment tests/test_deployment.py`` (~2 minutes on 2 cores).
 """
 
@@ -19,7 +22,11 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,33 +91,83 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path) -> None:
+@dataclass
+class Loopback:
+    """One federation on 127.0.0.1: TLS files, node keys, the app, a private FLWR_HOME."""
+
+    tmp: Path
+    tls: certs.TlsFiles
+    node_keys: list[keys.NodeKey]
+    app_dir: Path
+    env: dict[str, str]
+    address: str
+    procs: L.Processes
+    out_dir: Path
+
+    @property
+    def results(self) -> Path:
+        return self.out_dir / "results.json"
+
+    def start_node(self, i: int, node_config: dict[str, int | str]) -> L.Proc:
+        """SuperNode ``supernode-{i}`` (its registered key) with its warm ClientApp worker."""
+        return self.procs.start(f"supernode-{i}", L.node_argv(
+            superlink=self.address, runtime_port=L.free_port(), ca_cert=self.tls.ca_cert,
+            private_key=self.node_keys[i].private, node_config=node_config))
+
+    def flwr_run(self, run_config: str) -> L.Proc:
+        """``flwr run`` of the app with ``run_config`` (``output`` added), streaming its log."""
+        return self.procs.start("flwr-run", [
+            L.flower_bin("flwr"), "run", str(self.app_dir), CONNECTION, "--stream",
+            "--run-config", f'{run_config} output="{self.out_dir}"'])
+
+
+@contextmanager
+def loopback(tmp_path: Path, nodes: int, timings: dict[str, float]) -> Iterator[Loopback]:
+    """A SuperLink (TLS, node auth) with ``nodes`` keys registered, SuperNodes not yet started;
+    on the way out every process is stopped (logs printed if the test failed) and none may
+    be left running."""
     t_start = time.monotonic()
     tls = certs.generate(tmp_path / "certs", ["127.0.0.1"])
-    node_keys = [keys.generate(tmp_path / "keys", f"supernode-{i}") for i in range(3)]
-    intruder_key = keys.generate(tmp_path / "keys", "intruder")  # never registered
+    node_keys = [keys.generate(tmp_path / "keys", f"supernode-{i}") for i in range(nodes)]
     app_dir = app.write_app(tmp_path / "fedpeft-app")
-    local_csv = _local_dataset(tmp_path / "node2-data.csv")
-    out_dir = tmp_path / "run-output"
-    results = out_dir / "results.json"
-
     flwr_home = tmp_path / "flwr-home"
     env = L.flwr_env(flwr_home)
     env["HF_HOME"] = str(tmp_path / "hf-home")  # datasets' csv cache stays in tmp
     port = L.free_port()
     address = f"127.0.0.1:{port}"
     L.write_connection(flwr_home, CONNECTION, address, tls.ca_cert)
-
     procs = L.Processes(tmp_path / "logs", env)
-    timings: dict[str, float] = {}
+    fed = Loopback(tmp_path, tls, node_keys, app_dir, env, address, procs, tmp_path / "run-output")
     try:
         L.start_loopback_superlink(
             procs, port=port, ca_cert=tls.ca_cert, server_cert=tls.server_cert, server_key=tls.server_key,
             public_keys=[k.public for k in node_keys], connection=CONNECTION, env=env, cwd=tmp_path)
+        yield fed
+    except BaseException:
+        procs.snapshot()
+        print(procs.logs(tail=150))
+        raise
+    finally:
+        t_stop = time.monotonic()
+        procs.stop_all(grace=10.0)
+        timings["stop"] = time.monotonic() - t_stop
+        timings["total"] = time.monotonic() - t_start
+        print("deployment timings (s):", {k: round(v, 1) for k, v in timings.items()})
+    assert procs.leftovers() == [], "processes left running"
+    assert timings["stop"] < 60
+
+
+def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path) -> None:
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+    with loopback(tmp_path, 3, timings) as fed:
+        procs, env, results = fed.procs, fed.env, fed.results
+        local_csv = _local_dataset(tmp_path / "node2-data.csv")
+        intruder_key = keys.generate(tmp_path / "keys", "intruder")  # never registered
 
         # An unregistered key is refused: the SuperNode exits on its own, quickly.
         intruder = procs.start("intruder", L.supernode_argv(
-            superlink=address, runtime_port=L.free_port(), ca_cert=tls.ca_cert,
+            superlink=fed.address, runtime_port=L.free_port(), ca_cert=fed.tls.ca_cert,
             private_key=intruder_key.private,
             node_config={"partition-id": 0, "num-partitions": 3}))
 
@@ -118,9 +175,7 @@ def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path
             {"partition-id": i, "num-partitions": 3} for i in range(3)]
         node_configs[2]["dataset-path"] = str(local_csv)  # a node with its own data
         for i, node_config in enumerate(node_configs):
-            procs.start(f"supernode-{i}", L.node_argv(
-                superlink=address, runtime_port=L.free_port(), ca_cert=tls.ca_cert,
-                private_key=node_keys[i].private, node_config=node_config))
+            fed.start_node(i, node_config)
 
         intruder.popen.wait(timeout=60)
         assert intruder.popen.returncode != 0
@@ -129,9 +184,7 @@ def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path
 
         run_log = tmp_path / "logs" / "flwr-run.log"
         t_run = time.monotonic()
-        run = procs.start("flwr-run", [
-            L.flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-            "--run-config", f'{RUN_CONFIG} output="{out_dir}"'])
+        run = fed.flwr_run(RUN_CONFIG)
 
         # Node 1 answers discovery and round 1, then its worker is held (SIGSTOP) so that it
         # cannot answer round 2 before the kill: the node is killed with the message received.
@@ -183,15 +236,74 @@ def test_two_rounds_over_tls_with_node_auth_survive_a_killed_node(tmp_path: Path
             trains = [m for m in map(parse_line, text.splitlines()) if m and m["kind"] == "train"]
             assert len(trains) == 2 and "build_data" in trains[0] and "build_data" not in trains[1]
             assert text.count("workspace built #") == 1, name
-    except BaseException:
-        procs.snapshot()
-        print(procs.logs(tail=150))
-        raise
-    finally:
-        t_stop = time.monotonic()
-        procs.stop_all(grace=10.0)
-        timings["stop"] = time.monotonic() - t_stop
-        timings["total"] = time.monotonic() - t_start
-        print("deployment timings (s):", {k: round(v, 1) for k, v in timings.items()})
-    assert procs.leftovers() == [], "processes left running"
-    assert timings["stop"] < 60
+
+
+# --- --task causal-lm --------------------------------------------------------------------
+
+#: the tiny-Llama run of tests/tasks/test_causal_lm_backends.py, on two clients
+LM_SETTINGS = {"task": "causal-lm", "clients": 2, "cohort": 2, "rounds": 2, "lr": 0.01,
+               "batch-size": 4, "max-client-examples": 0}
+
+
+def _tiny_llama(root: Path) -> tuple[Path, Path]:
+    """(model dir, chats jsonl) of tests/tasks/tiny_chat.py's random 2-layer Llama."""
+    sys.path.insert(0, str(Path(__file__).parent / "tasks"))
+    from tiny_chat import build_tiny_llama, write_dataset
+
+    return build_tiny_llama(root), write_dataset(root)
+
+
+def test_a_causal_lm_federation_reports_what_the_inprocess_run_reports(tmp_path: Path) -> None:
+    """Two SuperNodes (partitions 0 and 1 of 2) train the tiny Llama for two rounds; the
+    run's results.json has the in-process run's clients and bytes, and its train/eval loss
+    and perplexity within rel 1e-4 (float summation order: threads, reply order)."""
+    from fedpeft.cli import main
+
+    model, data = _tiny_llama(tmp_path / "tiny-lm")
+    settings = {**LM_SETTINGS, "model": str(model), "dataset": str(data)}
+    # only what the user names: the task's defaults (q_proj,v_proj, max length 128, 64 test
+    # chats) must reach the deployed run as they reach `fedpeft simulate --task causal-lm`
+    run_config = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
+                          for k, v in settings.items())
+    timings: dict[str, float] = {}
+    with loopback(tmp_path, 2, timings) as fed:
+        for i in range(2):
+            fed.start_node(i, {"partition-id": i, "num-partitions": 2})
+        t_run = time.monotonic()
+        run = fed.flwr_run(run_config)
+        _wait_for(lambda: run.popen.poll() is not None, FLWR_RUN_TIMEOUT, "flwr run to finish",
+                  fed.procs)
+        timings["flwr run"] = time.monotonic() - t_run
+        assert run.popen.returncode == 0, "flwr run failed"
+        # flwr run --stream exits 0 even when the ServerApp raised: its results say whether it ran
+        assert fed.results.is_file(), "no results.json: the ServerApp failed (see flwr-run.log)"
+        for i in range(2):  # each node's warm worker: query + 2 trains, workspace built once
+            text = fed.procs.procs[f"supernode-{i}"].log_text()
+            assert [t["kind"] for t in _tasks(text)] == ["query", "train", "train"], i
+            assert text.count("workspace built #") == 1, i
+    deployed = json.loads(fed.results.read_text())
+
+    t_local = time.monotonic()
+    local_out = tmp_path / "inprocess"
+    argv = [a for k, v in settings.items() for a in (f"--{k}", str(v))]
+    assert main(["simulate", *argv, "--backend", "inprocess", "--output", str(local_out)]) == 0
+    local = json.loads((local_out / "results.json").read_text())
+    timings["inprocess"] = time.monotonic() - t_local
+    print("causal-lm timings (s):", {k: round(v, 1) for k, v in timings.items()})
+
+    assert deployed["config"]["task"] == "causal-lm"
+    for key in ("model", "dataset", "target_modules", "max_length", "max_test_examples"):
+        assert deployed["config"][key] == local["config"][key], key
+    assert deployed["config"]["target_modules"] == "q_proj,v_proj"
+    assert [r["round"] for r in deployed["rounds"]] == [1, 2]
+    for rd, rl in zip(deployed["rounds"], local["rounds"], strict=True):
+        for key in ("clients_sampled", "bytes_up", "bytes_down", "clients_failed"):
+            assert rd[key] == rl[key], key
+        assert rd["clients_sampled"] == 2 and rd["bytes_up"] > 0
+        for key in ("train_loss", "eval_loss", "eval_perplexity"):
+            assert rd[key] is not None and rd[key] == pytest.approx(rl[key], rel=1e-4), key
+    assert deployed["rounds"][1]["eval_loss"] < deployed["rounds"][0]["eval_loss"]  # it trained
+    assert deployed["final"]["bytes_up_total"] == local["final"]["bytes_up_total"]
+    for key in ("eval_loss", "perplexity"):
+        assert deployed["final"][key] == pytest.approx(local["final"][key], rel=1e-4), key
+    assert (fed.out_dir / "model" / "adapter_model.safetensors").is_file()

@@ -46,9 +46,14 @@ def default_run_config() -> dict[str, bool | int | float | str]:
 
     TOML has no null: a field whose default is ``None`` is listed as ``""``, which the
     ServerApp reads back as "not set" (see ``server_app.config_from_run_config``), so that
-    ``--run-config 'epsilon=2.0'`` can override it.
+    ``--run-config 'epsilon=2.0'`` can override it. So is a field whose default depends on
+    ``task`` (model, dataset, clients, ...): ``task="causal-lm"`` then gets that task's
+    defaults, as ``fedpeft simulate --task causal-lm`` does.
     """
-    flat = RunConfig().to_flat()
+    from fedpeft.settings import task_dependent
+
+    flat = {k: v for k, v in RunConfig().to_flat().items()
+            if k.replace("-", "_") not in task_dependent()}
     for f in fields(RunConfig):
         flat.setdefault(f.name.replace("_", "-"), "")
     return dict(sorted(flat.items()))

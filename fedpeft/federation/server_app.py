@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.config import RunConfig
-from fedpeft.settings import resolve
+from fedpeft.settings import resolve, task_dependent
 from fedpeft.federation.server import run_federation
 from fedpeft.logs import install as install_logging
 from fedpeft.reporting import LogReporter, optional_reporters
@@ -31,8 +31,13 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     flat = dict(run_config)
     if "num-server-rounds" in flat and "rounds" not in flat:
         flat["rounds"] = flat["num-server-rounds"]
-    flat = {k: v for k, v in flat.items() if not (k in _OPTIONAL and v == "")}
-    return resolve(RunConfig.from_flat(flat).to_dict())
+    # "" = not set: no default, or the task's default (deploy/app.py default_run_config)
+    task_keys = task_dependent()
+    flat = {k: v for k, v in flat.items()
+            if not (v == "" and (k in _OPTIONAL or k.replace("-", "_") in task_keys))}
+    given = {k.replace("-", "_") for k in flat}
+    values = RunConfig.from_flat(flat).to_dict()
+    return resolve({k: v for k, v in values.items() if k in given or k not in task_keys})
 
 
 @app.main()
