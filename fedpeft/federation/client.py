@@ -45,7 +45,7 @@ from fedpeft.federation.workspace import Workspace
 from fedpeft.pipeline import BuildEnv, ClientContext, Pipeline
 from fedpeft.registry import Registry
 from fedpeft.training.local import LocalResult, train_local
-from fedpeft.training.precision import training_precision
+from fedpeft.training.precision import forward_precision
 from fedpeft.training.probe import probing, train_head_only
 
 
@@ -120,10 +120,11 @@ def train_plain(task: LocalTask) -> tuple[LocalResult, dict[str, float]]:
     make = collate_packed if ws.packed else ws.task.collate
     epochs = (shuffled_batches(ws.train, task.rows, cfg.batch_size, task.rng, ws.pad_id, make)
               for _ in range(cfg.local_epochs))
+    forward = forward_precision(cfg.precision)  # fp32 unless --precision bf16 (opt-in autocast)
     if probing(task.rnd.server_round, cfg.probe_rounds):  # LP-FT: the head alone, at its own lr
         with train_head_only(ws.model):
-            return train_local(ws.model, epochs, cfg.probe_lr, before_step=task.hook), {}
-    return train_local(ws.model, epochs, cfg.lr, before_step=task.hook), {}
+            return train_local(ws.model, epochs, cfg.probe_lr, before_step=task.hook, forward_context=forward), {}
+    return train_local(ws.model, epochs, cfg.lr, before_step=task.hook, forward_context=forward), {}
 
 
 @TRAINING_MODES.register("sample")
@@ -269,8 +270,7 @@ def train_client(ws: Workspace, cfg: RunConfig, rnd: ClientRound, broadcast: Sta
     hook = ws.adapter.step_hook(ws.model, rng, rnd.round_rank)
     if rank_cap is not None:  # --client-ranks: this client is a rank-r_i LoRA
         hook = _after_every_step(hook, ws.adapter.limit_rank(ws.model, rank_cap))
-    with training_precision(cfg.precision):  # fp32 unless --precision bf16 (opt-in)
-        result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
+    result, metrics = mode(LocalTask(ws, cfg, rnd, rows, rng, hook, Path(state_dir)))
     # before the personalized evaluation, which loads the broadcast's shared tensors back
     upload, stage_metrics = pipeline.on_client(ws.adapter.upload(ws.model, rnd.round_rank), ctx)
     if store is not None:

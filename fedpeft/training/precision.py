@@ -27,9 +27,11 @@ PRECISIONS.register("fp32")(contextlib.nullcontext)
 PRECISIONS.register("bf16")(lambda: torch.autocast("cpu", dtype=torch.bfloat16))
 
 
-def training_precision(name: str) -> ContextManager[None]:
-    """The context local training runs in for ``--precision name``."""
-    return PRECISIONS.get(name)()
+def forward_precision(name: str) -> Callable[[], ContextManager[None]]:
+    """A factory of the context each training forward runs in for ``--precision name``: one
+    context per forward, never one around the optimizer step (autocast's weight cache lives
+    until its context exits, :func:`fedpeft.training.local.train_local`)."""
+    return PRECISIONS.get(name)
 
 
-__all__ = ["PRECISIONS", "training_precision"]
+__all__ = ["PRECISIONS", "forward_precision"]
