@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> Path:
     from fedpeft.settings import validate
 
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     base = {"clients": 1000, "backend": "inprocess", "local_epochs": args.epochs}
     if args.quick:
         base.update(dataset="synthetic:400", clients=40, max_test_examples=16)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> Path:
     payload = {
         "config": {**base, "visits": args.visits, "repeats": args.repeats, "threads": 1, "adapter": "lora r8 query,value",
                    "batch_size": 8},
-        "load_average_before": os.getloadavg()[0],
+        "load_average_before": load_before,
         "visit_cpu_s": per_visit, "visit_cpu_s_all": times, "workspace_build": build_s,
         "speedup_vs_full": {k: per_visit["full"] / v for k, v in per_visit.items()},
         "speedup_vs_uncached_same_k": {f"top{k}": per_visit[f"top{k}-uncached"] / per_visit[f"top{k}-cached"]
