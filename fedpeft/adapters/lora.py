@@ -28,8 +28,17 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, .
         except ValueError:  # peft's NoMatchingPeftModuleError is a ValueError
             layers_note = f" in layers {','.join(map(str, layers))}" if layers else ""
             raise UsageError(f"--target-modules {','.join(targets)!r}{layers_note} matches no module of the "
-                             f"model; allowed: names of its linear layers (e.g. query,value) and layer indices "
-                             f"below its layer count") from None
+                             f"model; allowed: names of its linear layers ({', '.join(linear_names(model))}) "
+                             f"and layer indices below its layer count") from None
+
+
+def linear_names(model: nn.Module, limit: int = 12) -> list[str]:
+    """The distinct last name parts of the model's weight-matrix layers (what LoRA can target):
+    ``query, value, ...`` for BERT, ``q_proj, v_proj, ...`` for Llama, ``c_attn, ...`` for GPT-2."""
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if name and getattr(getattr(module, "weight", None), "ndim", 0) == 2
+                    and not isinstance(module, nn.Embedding)})
+    return names[:limit] + (["..."] if len(names) > limit else [])
 
 
 @ADAPTERS.register("lora")
