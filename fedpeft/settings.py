@@ -28,11 +28,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.dp is None:  # --epsilon alone means user-level DP (the headline use)
         budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
         cfg = dataclasses.replace(cfg, dp="user" if budget else "none")
-    # imported here: registries import torch-heavy modules only when validating a run
-    from fedpeft.adapters import ADAPTERS
-    from fedpeft.data.partition import PARTITIONERS
-    from fedpeft.strategy import STRATEGIES
+    _check_schedule(cfg)
+    _check_components(cfg)
+    cfg = _check_adapter(cfg)
+    _check_data(cfg)
+    cfg = _check_runtime(cfg)
+    _check_privacy(cfg)
+    _check_compression(cfg)
+    _check_declared(cfg)
+    return cfg
 
+
+def _check_schedule(cfg: RunConfig) -> None:
+    """Cohort, rounds and the local optimiser's numbers."""
     _check(cfg.clients >= 1, "clients", cfg.clients, "an integer >= 1")
     _check(1 <= cfg.cohort <= cfg.clients, "cohort", cfg.cohort, f"1..--clients ({cfg.clients})")
     _check(cfg.rounds >= 1, "rounds", cfg.rounds, "an integer >= 1")
@@ -41,7 +49,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite number > 0")
     _check(cfg.max_client_examples >= 0, "max_client_examples", cfg.max_client_examples,
            "an integer >= 0 (0 = no cap)")
-    from fedpeft.tasks import TASKS, get_task
+
+
+def _check_components(cfg: RunConfig) -> None:
+    """The named components (task, adapter, strategy, server optimiser, partitioner) and the
+    settings that depend on which ones are chosen."""
+    # imported here: registries import torch-heavy modules only when validating a run
+    from fedpeft.adapters import ADAPTERS
+    from fedpeft.data.partition import PARTITIONERS
+    from fedpeft.strategy import STRATEGIES
+    from fedpeft.tasks import TASKS
 
     _check(cfg.task in TASKS, "task", cfg.task, ", ".join(TASKS.names()))
     _check(cfg.adapter in ADAPTERS, "adapter", cfg.adapter, ", ".join(ADAPTERS.names()))
@@ -68,6 +85,13 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError(f"--server-opt {cfg.server_opt} cannot drive --strategy {cfg.strategy} (its global "
                          "state is rebuilt every round); allowed: --server-opt none")
     _check(cfg.partition in PARTITIONERS, "partition", cfg.partition, ", ".join(PARTITIONERS.names()))
+
+
+def _check_adapter(cfg: RunConfig) -> RunConfig:
+    """The adapter's shape: ranks, α, adapted layers and modules (``--train-top-k`` and
+    ``--target-modules auto`` filled in)."""
+    from fedpeft.tasks import get_task
+
     _check(1 <= cfg.rank <= 1024, "rank", cfg.rank, "an integer in 1..1024")
     _check(1 <= cfg.min_rank <= cfg.rank, "min_rank", cfg.min_rank, f"1..--rank ({cfg.rank})")
     try:
@@ -90,7 +114,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     cfg = get_task(cfg.task).complete(cfg)  # --target-modules auto: the model type's defaults
     _check(bool(cfg.target_module_list), "target_modules", cfg.target_modules,
            "a comma-separated list of module names, e.g. query,value, or auto")
+    return cfg
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """Model input, held-out splits, evaluation cadence and partition skew."""
     from fedpeft.model.loading import POOLINGS
+    from fedpeft.tasks import get_task
 
     _check(cfg.pooling in POOLINGS, "pooling", cfg.pooling, ", ".join(POOLINGS))
     _check(8 <= cfg.max_length <= 512, "max_length", cfg.max_length, "an integer in 8..512")
@@ -104,7 +134,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.max_test_examples >= 10, "max_test_examples", cfg.max_test_examples, "an integer >= 10")
     _check(math.isfinite(cfg.dirichlet_alpha) and cfg.dirichlet_alpha > 0, "dirichlet_alpha",
            cfg.dirichlet_alpha, "a finite number > 0")
-    from fedpeft.backends import BACKENDS
+
+
+def _check_runtime(cfg: RunConfig) -> RunConfig:
+    """Simulated faults, round control and the backend (``auto`` resolved to the one that runs)."""
+    from fedpeft.backends import AUTO, BACKENDS, POOL_MAX_CPUS_PER_CLIENT, choose_backend
+    from fedpeft.ray_cluster import check_reachable, ray_address
 
     _check(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a probability in [0, 1)")
     _check(0 <= cfg.straggler_prob <= 1, "straggler_prob", cfg.straggler_prob, "a probability in [0, 1]")
@@ -115,10 +150,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.max_upload_bytes >= 0, "max_upload_bytes", cfg.max_upload_bytes, "bytes >= 0 (0 = automatic)")
     _check(math.isfinite(cfg.round_timeout) and 1 <= cfg.round_timeout <= 86400, "round_timeout",
            cfg.round_timeout, "seconds a round waits for replies, in [1, 86400]")
-
-    from fedpeft.backends import AUTO, POOL_MAX_CPUS_PER_CLIENT, choose_backend
-    from fedpeft.ray_cluster import check_reachable, ray_address
-
     address = ray_address(cfg)
     if cfg.backend == AUTO:  # results.json records the backend that ran
         cfg = dataclasses.replace(cfg, backend=choose_backend(address, cpus_per_client=cfg.cpus_per_client))
@@ -130,11 +161,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.backend == "ray" and address:
         check_reachable(address)
     _check(0 < cfg.cpus_per_client <= 64, "cpus_per_client", cfg.cpus_per_client, "a number in (0, 64]")
-    _check_privacy(cfg)
-    _check_compression(cfg)
+    return cfg
+
+
+def _check_declared(cfg: RunConfig) -> None:
+    """What each strategy, codec and stage declares (:mod:`fedpeft.options`), the plug-in stage
+    names, and every refusal of the combination (strategy, stages, task)."""
     from fedpeft.compression import CODECS
     from fedpeft.options import check_options
     from fedpeft.pipeline import STAGES, refusals
+    from fedpeft.strategy import STRATEGIES
+    from fedpeft.tasks import get_task
 
     # the settings each strategy, codec and stage declares as its own (fedpeft.options)
     check_options([*(r.get(n) for r in (STRATEGIES, CODECS, STAGES) for n in r.names())], cfg)
@@ -148,7 +185,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     refusal = refusals(cfg, STRATEGIES.get(cfg.strategy)) or get_task(cfg.task).refusal(cfg)
     if refusal is not None:
         raise UsageError(refusal)
-    return cfg
 
 
 def _top_layers(cfg: RunConfig) -> str:
