@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import math
 import shutil
 import statistics
 from collections.abc import Callable
@@ -66,10 +67,10 @@ TASK_METRICS: list[Metric] = all_metrics()
 _DIFF_FIELDS = ["diff_mean", "diff_ci_low", "diff_ci_high", "diff_p", "diff_pairs", "verdict"]
 
 SUMMARY_COLUMNS = ["setting", "runs",
-                   *(f"{m.name}_{f}" for m in TASK_METRICS for f in ("mean", "std", "ci_low", "ci_high")),
+                   *(f"{m.name}_{f}" for m in TASK_METRICS for f in ("mean", "std", "ci_low", "ci_high", "not_finite")),
                    "baseline", *(f"{m.name}_{f}" for m in TASK_METRICS for f in _DIFF_FIELDS),
                    "personalized_accuracy_mean", "personalized_accuracy_ci_low", "personalized_accuracy_ci_high",
-                   *(f"personalized_accuracy_{f}" for f in _DIFF_FIELDS),
+                   "personalized_accuracy_not_finite", *(f"personalized_accuracy_{f}" for f in _DIFF_FIELDS),
                    "personalized_majority_mean",
                    "tuned", "tuning", "validation_accuracy_mean",
                    "bytes_up_total", "bytes_down_total", "epsilon", "aggregation_error_mean",
@@ -375,8 +376,13 @@ def _metric_fields(metric: Metric, setting: Setting, baseline: Setting | None) -
     name = metric.name
     per_seed = {seed: metric.final(run) for seed, run in setting.runs.items()}
     interval = mean_interval(list(per_seed.values()))
+    # runs without a finite value (results.json stores a diverged loss or an infinite
+    # perplexity as null) are left out of the mean and interval, and counted here so the table
+    # says so instead of averaging the others quietly; a metric no run reports counts none
+    finite = [v for v in per_seed.values() if v is not None and math.isfinite(v)]
+    diverged = len(per_seed) - len(finite) if finite else 0
     out: dict[str, Any] = {f"{name}_mean": interval.mean, f"{name}_ci_low": interval.low,
-                           f"{name}_ci_high": interval.high}
+                           f"{name}_ci_high": interval.high, f"{name}_not_finite": diverged}
     out.update({f"{name}_{f}": None for f in _DIFF_FIELDS})
     if baseline is None:
         return out
@@ -453,11 +459,13 @@ def _f(value: float | None, spec: str) -> str:
 def format_interval(row: dict[str, Any], metric: str, spec: str = ".4f") -> str:
     """``0.7200 [0.4659, 0.9741]``; a single value says it has no interval."""
     mean, low, high = row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
+    diverged = row.get(f"{metric}_not_finite") or 0
+    note = f" ({diverged} run{'s' * (diverged != 1)} not finite, left out)" if diverged else ""
     if mean is None:
-        return "—"
+        return "—" + note
     if low is None:
-        return f"{mean:{spec}} ({TOO_FEW})"
-    return f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
+        return f"{mean:{spec}} ({TOO_FEW})" + note
+    return f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]" + note
 
 
 def format_difference(row: dict[str, Any], metric: str, spec: str = "+.4f") -> str:

@@ -93,3 +93,27 @@ def test_summary_statistics_and_outputs(tmp_path):
     run_experiment(exp, out, lambda cfg, d: calls.append(d))
     assert calls == []
     assert json.loads((out / "runs" / "rank=2__seed=0" / "results.json").read_text())["final"]["accuracy"] == 0.70
+
+
+def test_a_run_whose_number_is_not_finite_is_counted_not_hidden(tmp_path):
+    """A diverged run (NaN loss, infinite perplexity: null in results.json) cannot enter a mean;
+    the table says how many were left out instead of quietly averaging the others."""
+    exp = load_experiment(_write(tmp_path, '[base]\nclients = 10\ncohort = 2\nrounds = 1\n[grid]\nseed = [0, 1, 2]\n'))
+    acc = {0: 0.70, 1: float("nan"), 2: 0.74}
+
+    def fake_run(cfg, run_dir):
+        w = ResultsWriter(run_dir)
+        w.on_start(cfg.to_dict(), {})
+        w.on_round(RoundRecord(round=1, clients_sampled=2, train_loss=0.5, eval_loss=0.5,
+                               eval_accuracy=acc[cfg.seed], bytes_up=100, bytes_down=10,
+                               aggregation_error=None, epsilon=None, rank=None, wall_s=1.0))
+        w.on_finish(FinalRecord(accuracy=acc[cfg.seed], epsilon=None, delta=None, noise_multiplier=None,
+                                sample_rate=0.2, accountant=None, dp_level=None, bytes_up_total=100,
+                                bytes_down_total=10, wall_s=1.0))
+
+    (row,) = run_experiment(exp, tmp_path / "cmp", fake_run)
+    assert row["runs"] == 3 and row["accuracy_not_finite"] == 1
+    assert row["accuracy_mean"] == pytest.approx(0.72)  # the two finite runs
+    half = scipy.stats.t.ppf(0.975, 1) * statistics.stdev([0.70, 0.74]) / 2 ** 0.5
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert f"0.7200 [{0.72 - half:.4f}, {0.72 + half:.4f}] (1 run not finite, left out)" in md
