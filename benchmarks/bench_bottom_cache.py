@@ -3,7 +3,7 @@
 A client visit of the headline's shape (N = 1000 clients of the embedded Rotten Tomatoes data,
 ~11.5 rows each, batch 8, ``--epochs`` local epochs, LoRA r8 on query/value) is timed in this
 process with 1 torch thread (what one pool worker uses) through fedpeft's own client code
-(:func:`fedpeft.federation.client.train_client`) for:
+(:func:`fedpeft.engine.client.train_client`) for:
 
 * ``full``: LoRA on all 6 layers, the whole encoder every step (the default adapter);
 * ``top{k}-uncached``: LoRA on the top k layers, the whole encoder forward every step;
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> Path:
     import torch
 
     from fedpeft.config import RunConfig
-    from fedpeft.federation.client import ClientRound, train_client
-    from fedpeft.federation.workspace import _build
+    from fedpeft.engine.client import ClientRound, train_client
+    from fedpeft.engine.workspace import _build
     from fedpeft.settings import validate
 
     torch.set_num_threads(1)

@@ -114,8 +114,8 @@ def cold_message(tmp: Path) -> dict[str, Any]:
     import numpy as np
 
     from fedpeft.config import RunConfig
-    from fedpeft.federation.records import to_record
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.records import to_record
+    from fedpeft.engine.workspace import get_workspace
 
     cfg = RunConfig.from_flat(_run_config_dict())
     ws = get_workspace(cfg)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from fedpeft.config import RunConfig
     from fedpeft.data.tokenized import shuffled_batches
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
     from fedpeft.privacy.accounting import make_accountant
     from fedpeft.training.dp_sgd import grad_sample_module, release_grad_sample_module, train_local_dp
     from fedpeft.training.local import train_local

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from fedpeft.config import RunConfig
     from fedpeft.data.tokenized import shuffled_batches
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
     from fedpeft.training.local import train_local
 
     torch.set_num_threads(args.threads)

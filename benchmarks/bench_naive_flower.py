@@ -55,8 +55,8 @@ def _naive_client_app():  # noqa: ANN202 - ClientApp
         from fedpeft.data.partition import Partitions
         from fedpeft.data.sources import load_splits
         from fedpeft.data.tokenized import shuffled_batches, tokenize
-        from fedpeft.federation.records import from_record, to_record
-        from fedpeft.federation.workspace import adapter_spec
+        from fedpeft.records import from_record, to_record
+        from fedpeft.engine.workspace import adapter_spec
         from fedpeft.model.loading import load_classifier, resolve_model_path
         from fedpeft.training.local import train_local
 
@@ -103,10 +103,10 @@ def naive_job(args: argparse.Namespace) -> dict:
 
     from fedpeft.config import RunConfig
     from fedpeft.data.tokenized import eval_batches
-    from fedpeft.federation.records import from_record, to_record
-    from fedpeft.federation.sampling import PoissonSampler
+    from fedpeft.records import from_record, to_record
+    from fedpeft.engine.sampling import PoissonSampler
     from fedpeft.privacy.randomness import SeededStreams
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
     from fedpeft.simulation import quiet_environment
     from fedpeft.training.evaluate import evaluate
 

@@ -50,7 +50,7 @@ def _init_worker(cfg) -> None:  # noqa: ANN001
     global _WS
     import torch
 
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
 
     torch.set_num_threads(1)
     _WS = get_workspace(cfg)
@@ -83,9 +83,9 @@ def plain_job(args: argparse.Namespace) -> dict:
     import torch
 
     from fedpeft.data.tokenized import eval_batches
-    from fedpeft.federation.sampling import PoissonSampler
+    from fedpeft.engine.sampling import PoissonSampler
     from fedpeft.privacy.randomness import SeededStreams
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
     from fedpeft.training.evaluate import evaluate
 
     t0 = time.perf_counter()

@@ -120,8 +120,8 @@ def export_job(pc: PeerConfig, seed: int, out_dir: Path, max_client_examples: in
     import torch
 
     from fedpeft.config import RunConfig
-    from fedpeft.federation.sampling import PoissonSampler
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.sampling import PoissonSampler
+    from fedpeft.engine.workspace import get_workspace
     from fedpeft.model.loading import resolve_model_path
     from fedpeft.privacy.randomness import SeededStreams
     from fedpeft.training.evaluate import evaluate  # noqa: F401 - the accuracy pfl reproduces

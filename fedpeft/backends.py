@@ -11,7 +11,7 @@ from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
-    from fedpeft.federation.checkpoint import Checkpoint
+    from fedpeft.engine.checkpoint import Checkpoint
     from fedpeft.federation.server import RunOutcome
     from fedpeft.reporting import Reporter
 

@@ -32,7 +32,7 @@ from fedpeft.export import (ADAPTER_NOTES, MODEL_DIR, STRATEGY_NOTES, Export, Ex
                             privacy_note, saved_name)
 
 if TYPE_CHECKING:
-    from fedpeft.federation.workspace import Workspace
+    from fedpeft.engine.workspace import Workspace
 
 #: what :func:`build_causal_export` writes as ``adapter_config.json`` ``task_type``
 TASK_TYPE = "CAUSAL_LM"

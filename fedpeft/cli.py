@@ -64,7 +64,7 @@ class RichReporter:
             console.print(f"[bold]update pipeline[/]: {plan['pipeline']}", highlight=False)
         utility = plan.get("utility") or {}
         if utility.get("noise_to_signal") is not None or utility.get("chosen"):
-            from fedpeft.planning import Plan
+            from fedpeft.planning.forecast import Plan
 
             for line in Plan(**utility).lines():
                 (err_console if line.startswith("warning") else console).print(line, markup=False, highlight=False)
@@ -125,7 +125,7 @@ def _load_resume(resume: str, values: dict[str, Any], config: str | None):  # no
 
     from fedpeft.config import RunConfig
     from fedpeft.settings import validate
-    from fedpeft.federation.checkpoint import load_checkpoint
+    from fedpeft.engine.checkpoint import load_checkpoint
 
     given = [k for k, v in values.items() if v is not None]
     if given or config:
@@ -236,7 +236,7 @@ def simulate(
         out = _prepare_output(cfg.output)
         cfg = dataclasses.replace(cfg, output=str(out))
 
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
     from fedpeft.simulation import simulate as run
 
     with console.status("loading model and data…"):
@@ -270,7 +270,7 @@ def plan(ctx: typer.Context,
     import json
 
     from fedpeft.settings import resolve
-    from fedpeft.planning import plan_for_config
+    from fedpeft.planning.auto import plan_for_config
 
     command = typer.main.get_command(app).commands["simulate"]  # type: ignore[attr-defined]
     sub = command.make_context("fedpeft plan", list(ctx.args), resilient_parsing=False)

@@ -131,7 +131,7 @@ class RunConfig:
     #: also log the per-round numbers of rounds.csv as TensorBoard scalars to DIR/<run name>
     #: (fedpeft.reporting.TensorBoardReporter; needs the optional tensorboard package)
     tensorboard: str | None = None
-    #: why the planner chose settings the user did not give (fedpeft.planning.auto_plan); ""
+    #: why the planner chose settings the user did not give (fedpeft.planning.auto.auto_plan); ""
     #: when the user set them
     planned: str = ""
 

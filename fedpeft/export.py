@@ -68,7 +68,7 @@ from fedpeft.model.mean_pool import BACKBONE_NAME
 from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
-    from fedpeft.federation.workspace import Workspace
+    from fedpeft.engine.workspace import Workspace
 
 MODEL_DIR = "model"
 ADAPTER_FILE = "adapter_model.safetensors"

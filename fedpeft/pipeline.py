@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from fedpeft.federation.validation import Layout, layout_of
+from fedpeft.layout import Layout, layout_of
 from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class BuildEnv:
     cfg: RunConfig
     strategy: type[FedPeftStrategy]
     side: Side
-    #: the run's privacy level on the server (``fedpeft.federation.privacy_plan``): its δ,
+    #: the run's privacy level on the server (``fedpeft.engine.privacy_plan``): its δ,
     #: noise multiplier, sample rate and secret streams; None on clients
     privacy: Any = None
 
@@ -90,7 +90,7 @@ class Stage:
     #: For a stage that combines updates: the setting that keeps them individual instead,
     #: offered when a strategy that needs them is refused (e.g. ``--dp sample``).
     keeps_updates_instead: ClassVar[str] = ""
-    #: The client training procedure this stage needs (``fedpeft.federation.client``'s
+    #: The client training procedure this stage needs (``fedpeft.engine.client``'s
     #: ``TRAINING_MODES``), or None.
     training: ClassVar[str | None] = None
 

@@ -270,7 +270,7 @@ def resolve(cli_values: dict[str, Any], config_path: str | None = None) -> RunCo
         values.update(load_toml(config_path))
     values.update({k: v for k, v in cli_values.items() if v is not None})
     values = with_task_defaults(values)
-    from fedpeft.planning import auto_plan
+    from fedpeft.planning.auto import auto_plan
 
     return validate(RunConfig(**auto_plan(values, lambda v: validate(RunConfig(**v)))))
 

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from fedpeft.config import RunConfig
-from fedpeft.federation.checkpoint import Checkpoint
+from fedpeft.engine.checkpoint import Checkpoint
 from fedpeft.federation.server import RunOutcome, run_federation
 from fedpeft.backends import BACKENDS
 from fedpeft.ray_cluster import ray_address
@@ -66,7 +66,7 @@ def _processes(cfg: RunConfig, reporters: list[Reporter], verbose: bool,
     sharing the driver's one copy of the model (``federation/process_pool.py``)."""
     from fedpeft.federation.client_app import app as client_app
     from fedpeft.federation.process_pool import ProcessPoolGrid
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
     from fedpeft.threads import process_cores
 
     get_workspace(cfg)  # built once, here, and inherited by every worker

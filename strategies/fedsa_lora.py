@@ -8,7 +8,7 @@ every ``lora_A``, the classifier head and any other shared tensor; the global ``
 are left exactly as they were, i.e. at their initial value (peft LoRA: zeros) for the whole
 run.
 
-Client (:func:`fedpeft.federation.client.train_client`, driven by :attr:`client_local`):
+Client (:func:`fedpeft.engine.client.train_client`, driven by :attr:`client_local`):
 
 * each client keeps its own ``B`` between the rounds in which it is sampled, in per-client
   state (``<client state dir>/local_params/<client key>.safetensors``, only for clients ever
@@ -74,7 +74,7 @@ def personalized_accuracy(updates: Sequence[ClientUpdate], key: str = "personali
 class FedSaLora(FedPeftStrategy):
     name = "fedsa-lora"
     #: The tensors each client keeps and never uploads (read by the client, see
-    #: :mod:`fedpeft.federation.local_params`).
+    #: :mod:`fedpeft.engine.local_params`).
     client_local = staticmethod(is_lora_b)
 
     def aggregate(self, global_state: State, updates: Sequence[ClientUpdate],

@@ -84,7 +84,7 @@ def test_app_config_lists_every_run_setting_so_run_config_can_override_it():
 
 
 def test_run_config_round_trips_to_the_resolved_run_config():
-    from fedpeft.federation.server_app import config_from_run_config
+    from fedpeft.server_app import config_from_run_config
 
     flat = {**app.default_run_config(), "clients": 3, "cohort": 3, "rounds": 2}
     cfg = config_from_run_config(flat)
@@ -95,7 +95,7 @@ def test_run_config_round_trips_to_the_resolved_run_config():
 
 
 def test_a_run_config_naming_a_task_gets_that_tasks_defaults_as_the_cli_does():
-    from fedpeft.federation.server_app import config_from_run_config
+    from fedpeft.server_app import config_from_run_config
     from fedpeft.settings import resolve
 
     defaults = app.default_run_config()
@@ -115,7 +115,7 @@ def test_app_directory_builds_a_small_fab_with_only_the_app_code(tmp_path):
     assert len(fab) < 2_000_000
     names = zipfile.ZipFile(__import__("io").BytesIO(fab)).namelist()
     assert "fedpeft/federation/client_app.py" in names
-    assert "fedpeft/federation/server_app.py" in names
+    assert "fedpeft/server_app.py" in names
     assert any(n.startswith("strategies/") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/", "experiments/")) for n in names)
 

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from fedpeft.settings import resolve
 from fedpeft.data.tokenized import collate
 from fedpeft.export import replace_dir, saved_name, svd_factors
-from fedpeft.federation.checkpoint import load_checkpoint
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.checkpoint import load_checkpoint
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.results import ResultsWriter
 from fedpeft.simulation import simulate
 

@@ -14,7 +14,7 @@ from fedpeft.adapters.base import Adapter, AdapterSpec, State
 from fedpeft.compression import build_codec
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
-from fedpeft.federation.records import from_record, to_record
+from fedpeft.records import from_record, to_record
 from fedpeft.federation.round import RoundStrategy
 from fedpeft.pipeline import STAGES, BuildEnv, ClientContext, Pipeline, ServerContext, Stage, refusals
 from fedpeft.privacy.accounting import make_accountant

@@ -11,8 +11,9 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedpeft.cli import main
 from fedpeft.settings import resolve
-from fedpeft.planning import (CANDIDATES, ROUNDS, SAMPLE_RATES, Candidate, CostModel, ModelShape, choose_settings,
-                              make_plan, noise_to_signal, plan_for_config)
+from fedpeft.planning.auto import plan_for_config
+from fedpeft.planning.forecast import (CANDIDATES, ROUNDS, SAMPLE_RATES, Candidate, CostModel, ModelShape,
+                                       choose_settings, make_plan, noise_to_signal)
 from fedpeft.privacy import RDP_ORDERS
 
 SHAPE = ModelShape(hidden=384, layers=6, num_labels=2)  # the embedded default
@@ -128,7 +129,7 @@ def test_planner_chooses_by_forecast_accuracy_not_by_the_smallest_d():
 
 
 def test_given_only_an_adapter_the_planner_chooses_among_that_adapters_candidates(monkeypatch):
-    import fedpeft.planning as planning
+    import fedpeft.planning.forecast as planning
 
     lora = Candidate("lora top-1 r4", {"adapter": "lora", "train_top_k": 1, "rank": 4, "alpha": 8.0},
                      {"lr": 0.003, "local_epochs": 2, "clip": 1.0, "server_opt": "none"}, measured=(0.74, 4.0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.planning import CANDIDATES, Candidate
+from fedpeft.planning.forecast import CANDIDATES, Candidate
 
 
 def _cand(curve):

@@ -11,8 +11,8 @@ from torch import nn
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
-from fedpeft.federation.client import ClientRound, train_client
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.client import ClientRound, train_client
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.settings import resolve
 from fedpeft.training.local import train_local
 from fedpeft.training.precision import forward_precision

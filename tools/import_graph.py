@@ -21,33 +21,53 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _files() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+
+def imported_names(mod: str, path: Path) -> set[str]:
+    """Every absolute name a run-time import in ``path`` (module ``mod``) names: ``a.b`` and
+    ``a.b.c`` for ``from a.b import c``, relative imports resolved, TYPE_CHECKING blocks left out."""
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for blk in ast.walk(tree) if isinstance(blk, ast.If)
+                   and getattr(blk.test, "id", getattr(blk.test, "attr", "")) == "TYPE_CHECKING"
+                   for stmt in blk.body for n in ast.walk(stmt)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue  # annotations only: not an import at run time
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names.update([base] + [f"{base}.{a.name}" for a in node.names])
+    return names
+
+
+def third_party(prefix: str) -> dict[str, set[str]]:
+    """For each of our modules named ``prefix`` or below it, the top-level packages not ours
+    that it imports at run time (``flwr``, ``torch``, ...)."""
+    found = {}
+    for mod, path in _files().items():
+        if mod == prefix or mod.startswith(prefix + "."):
+            found[mod] = {n.split(".")[0] for n in imported_names(mod, path)} - set(PACKAGES) - {""}
+    return found
+
+
 def graph() -> dict[str, set[str]]:
-    files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    files = _files()
     edges: dict[str, set[str]] = {m: set() for m in files}
     for mod, path in files.items():
-        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        tree = ast.parse(path.read_text())
-        typing_only = {id(n) for blk in ast.walk(tree) if isinstance(blk, ast.If)
-                       and getattr(blk.test, "id", getattr(blk.test, "attr", "")) == "TYPE_CHECKING"
-                       for stmt in blk.body for n in ast.walk(stmt)}
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue  # annotations only: not an import at run time
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*anchor, base] if base else anchor)
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            for t in targets:
-                # the deepest module of ours the import names (``a.b.c`` -> ``a.b`` if c is a symbol)
-                while t and t not in files:
-                    t = t.rpartition(".")[0]
-                if t and t != mod:
-                    edges[mod].add(t)
+        for t in imported_names(mod, path):
+            # the deepest module of ours the import names (``a.b.c`` -> ``a.b`` if c is a symbol)
+            while t and t not in files:
+                t = t.rpartition(".")[0]
+            if t and t != mod:
+                edges[mod].add(t)
     return edges
 
 

@@ -54,7 +54,7 @@ MAX_HEADER_BYTES = 1 << 20
 _MAX_CODEC_NAME = 64
 
 #: What a receiver expects from one sender: key -> shape (e.g. the server's honest upload
-#: layout for that client, :func:`fedpeft.federation.validation.honest_upload_layout`).
+#: layout for that client, :func:`fedpeft.layout.honest_upload_layout`).
 ExpectedLayout = Mapping[str, Sequence[int]]
 
 #: Floating dtypes an update may have (by their torch name without the ``torch.`` prefix).

@@ -3,7 +3,7 @@
 The payload travels as ONE 1-D ``uint8`` array under :data:`WIRE_KEY` in the reply's
 ``ArrayRecord``, so the byte count Flower ships (and ``records.payload_bytes`` reports) is
 the encoded size plus Flower's fixed per-array overhead (a 128-byte ``.npy`` header and
-the key), not the dense float32 size. ``from_record`` of ``fedpeft.federation.records``
+the key), not the dense float32 size. ``from_record`` of ``fedpeft.records``
 turns it into a ``torch.uint8`` tensor, which :func:`from_wire` also accepts.
 """
 
@@ -41,7 +41,7 @@ def is_compressed(record: ArrayRecord) -> bool:
 
 def from_record(record: ArrayRecord) -> bytes:
     """The payload carried by :func:`to_record` (server decode side; the ``.npy`` bytes are
-    parsed with their declared size checked, :func:`fedpeft.federation.records.array_of`)."""
-    from fedpeft.federation.records import array_of
+    parsed with their declared size checked, :func:`fedpeft.records.array_of`)."""
+    from fedpeft.records import array_of
 
     return from_wire(array_of(record[WIRE_KEY]))

@@ -34,7 +34,7 @@ from fedpeft.config import RunConfig
 
 PUBLISHER = "fedpeft"
 APP_NAME = "fedpeft"
-SERVER_APP = "fedpeft.federation.server_app:app"
+SERVER_APP = "fedpeft.server_app:app"
 CLIENT_APP = "fedpeft.federation.client_app:app"
 #: packages copied into the app bundle, found by name (strategies/ is a plug-in package)
 _PACKAGES = ("fedpeft", "strategies")

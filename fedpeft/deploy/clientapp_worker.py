@@ -15,7 +15,7 @@ API and runs each one here, in the steps ``flwr-clientapp`` takes
 FAB, load its ClientApp, call it, push the reply, push the task's status and context. One
 difference: a message object that is not in the SuperNode's store yet is polled for after
 50 ms rather than 1 s (:data:`PULL_INITIAL_BACKOFF_S`). The
-ClientApp's per-process caches (``fedpeft/federation/workspace.py``) then live across
+ClientApp's per-process caches (``fedpeft/engine/workspace.py``) then live across
 messages, and the heavy libraries are imported once, at start-up, before the first task.
 
 Whose code runs: the ClientApp comes from the run's FAB, as with Flower's executor. Python

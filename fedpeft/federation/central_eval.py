@@ -19,8 +19,8 @@ from flwr.serverapp import Grid
 
 from fedpeft.adapters import State
 from fedpeft.config import RunConfig
-from fedpeft.federation.records import to_record
-from fedpeft.federation.workspace import Workspace
+from fedpeft.records import to_record
+from fedpeft.engine.workspace import Workspace
 from fedpeft.training.evaluate import EvalResult
 
 EVAL_BATCH = 64

@@ -80,8 +80,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     import torch
 
     from fedpeft.federation.central_eval import SHARD_KEY, SHARDS_KEY, SPLIT_KEY, TEST, evaluate_shard
-    from fedpeft.federation.records import from_record
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.records import from_record
+    from fedpeft.engine.workspace import get_workspace
 
     config = msg.content["config"]
     cfg = RunConfig.from_flat(dict(config))
@@ -111,12 +111,12 @@ def train(msg: Message, context: Context) -> Message:
     install_logging()  # before anything imports Opacus (its basicConfig): fedpeft/logs.py
     import torch
 
-    from fedpeft.federation.client import ClientRound, client_pipeline, train_client
+    from fedpeft.engine.client import ClientRound, client_pipeline, train_client
     from fedpeft.federation.node_policy import NodePolicy
-    from fedpeft.federation.faults import check_dropout, simulated_latency
-    from fedpeft.federation.client_state import client_state_dir
-    from fedpeft.federation.records import from_record, to_record
-    from fedpeft.federation.workspace import builds_in_process, get_workspace
+    from fedpeft.engine.faults import check_dropout, simulated_latency
+    from fedpeft.engine.client_state import client_state_dir
+    from fedpeft.records import from_record, to_record
+    from fedpeft.engine.workspace import builds_in_process, get_workspace
 
     clock.lap("imports")
     config = msg.content["config"]

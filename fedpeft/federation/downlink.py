@@ -31,7 +31,7 @@ import torch
 
 from fedpeft.adapters.base import State
 from fedpeft.compression import Codec, wire
-from fedpeft.federation.records import payload_bytes, to_record
+from fedpeft.records import payload_bytes, to_record
 
 
 class Downlink:

@@ -1,7 +1,7 @@
 """An in-process Flower :class:`Grid` with one node per client, like a real federation.
 
 Each node has its own ``partition-id``, so the round loop discovers the clients by asking
-the nodes (:func:`fedpeft.federation.sampling.discover_clients`), exactly as against a
+the nodes (:func:`fedpeft.federation.discovery.discover_clients`), exactly as against a
 SuperLink. Tests use it to drive the deployment code path without processes; simulations
 use the worker-pool grids of :mod:`fedpeft.federation.virtual_grid` instead. Messages are
 delivered sequentially. Like SuperNodes, its nodes hold their own DP policy and state

@@ -5,7 +5,7 @@ single-threaded process per core (batch-8 steps of a small transformer scale poo
 intra-op threads, and collapse when another process holds a core: issue #15). Ray gives that,
 but every actor loads its own backbone, tokeniser and data (3.3 GiB process tree for 2 actors,
 against 1.8 GiB for pfl-research's 2 workers) and a Ray instance costs start-up time. Here the
-driver builds the workspace once (:mod:`fedpeft.federation.workspace`: backbone, token ids,
+driver builds the workspace once (:mod:`fedpeft.engine.workspace`: backbone, token ids,
 partitions) and then forks ``workers`` processes: they inherit it copy-on-write, and since
 training never writes a frozen tensor, those pages stay shared. Each worker then runs the
 same ClientApp as a Ray actor, one message at a time, with ``cpus_per_client`` torch threads.

@@ -22,8 +22,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters.base import State
 from fedpeft.federation.messages import CLIENT_ID_KEY
-from fedpeft.federation.records import from_record, payload_bytes, to_record
-from fedpeft.federation.validation import check_update
+from fedpeft.records import from_record, payload_bytes, to_record
+from fedpeft.layout import check_update
 from fedpeft.pipeline import Layout, Pipeline, ServerContext
 from fedpeft.server_optim import NoServerOptimizer, ServerOptimizer
 from fedpeft.strategy import ClientSampler, ClientUpdate, FedPeftStrategy

@@ -27,21 +27,22 @@ from flwr.serverapp import Grid
 from fedpeft.adapters.base import State
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
-from fedpeft.federation.records import from_record, payload_bytes, to_record
+from fedpeft.records import from_record, payload_bytes, to_record
 from fedpeft.federation.central_eval import VALIDATION, Evaluator, local_evaluator
-from fedpeft.federation.checkpoint import (CHECKPOINT_DIR, Checkpoint, record_attempt, restore_client_state,
+from fedpeft.engine.checkpoint import (CHECKPOINT_DIR, Checkpoint, record_attempt, restore_client_state,
                                           save_checkpoint)
 from fedpeft.federation.downlink import build_downlink
-from fedpeft.federation.privacy_plan import build_privacy
-from fedpeft.federation.client_state import client_state_dir
+from fedpeft.engine.privacy_plan import build_privacy
+from fedpeft.engine.client_state import client_state_dir
 from fedpeft.federation.round import RoundStrategy
 from fedpeft.federation.messages import CLIENT_ID_KEY
-from fedpeft.federation.validation import honest_upload_layout
-from fedpeft.federation.sampling import Cohorts, PoissonSampler, Roster, discover_clients
+from fedpeft.layout import honest_upload_layout
+from fedpeft.engine.sampling import Cohorts, PoissonSampler, Roster
+from fedpeft.federation.discovery import discover_clients
 from fedpeft.threads import process_cores
-from fedpeft.federation.workspace import Workspace, get_workspace
+from fedpeft.engine.workspace import Workspace, get_workspace
 from fedpeft.pipeline import BuildEnv, Pipeline
-from fedpeft.planning import config_plan
+from fedpeft.planning.forecast import config_plan
 from fedpeft.iterate_average import IterateAverage
 from fedpeft.server_optim import build_server_optimizer
 from fedpeft.stages.compression import codec_for
@@ -181,7 +182,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     def published_model(state: State) -> State:
         return average.average(state) if average is not None else state
     # under DP, every round attempt after the last checkpoint of this run is written to its
-    # ledger before the round's first message leaves (fedpeft.federation.checkpoint)
+    # ledger before the round's first message leaves (fedpeft.engine.checkpoint)
     ledger = (resume is not None and privacy.fresh_attempts and bool(cfg.output)
               and (Path(cfg.output) / CHECKPOINT_DIR).is_dir())
     for server_round in range(len(records) + 1, cfg.rounds + 1):

@@ -5,7 +5,7 @@ link state scans every stored message once per node on each 0.1 s poll: start-up
 and dispatch O(nodes × messages), which capped fedpeft near 10k clients. Here the grid's
 nodes are the workers themselves (one per Ray actor, or one in-process worker), the server
 names the logical client in every train message (``client-id``, see
-:mod:`fedpeft.federation.sampling`), and the grid runs the ClientApp with that client's
+:mod:`fedpeft.engine.sampling`), and the grid runs the ClientApp with that client's
 identity as node config (``partition-id`` = client id, ``num-partitions`` = N). Nothing is
 registered per client: start-up is independent of N and a round costs O(cohort).
 
@@ -35,7 +35,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.node_policy import POLICY_KEY, RUN_POLICY
-from fedpeft.federation.sampling import WorkerPool
+from fedpeft.engine.sampling import WorkerPool
 from fedpeft.threads import IN_PROCESS_KEY
 
 #: Flower's error code for "the ClientApp raised"

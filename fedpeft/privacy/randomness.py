@@ -15,7 +15,7 @@ object therefore also holds a 128-bit nonce drawn from the OS CSPRNG when it is 
 start, each resume: one attempt at the rounds it runs) and never stored: every attempt at a round
 draws a fresh cohort and fresh noise, an independent run of the Poisson-sampled Gaussian
 mechanism. The accountant counts every attempt that could have released something
-(``fedpeft.federation.checkpoint``'s attempt ledger), so a re-run round costs one more round of ε
+(``fedpeft.engine.checkpoint``'s attempt ledger), so a re-run round costs one more round of ε
 instead of leaking. Within one attempt the same (purpose, round) still gives the same draws.
 
 Each stream is ``HMAC-SHA256(key, purpose ‖ index ‖ nonce)``, used as the seed of the PRNG that

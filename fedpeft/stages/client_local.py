@@ -1,18 +1,18 @@
 """Tensors a strategy keeps on the clients never leave them (FedSA-LoRA's ``B``, SPEC §2.4).
 
 A strategy declares them with a class attribute ``client_local(key) -> bool``
-(:mod:`fedpeft.federation.local_params`). This stage drops them from the upload and from the
+(:mod:`fedpeft.engine.local_params`). This stage drops them from the upload and from the
 honest layout the server checks against, so byte counts, compression with error feedback
 and user-level DP clipping, all later in the pipeline, only ever see the shared tensors.
 (Loading and saving a client's own local tensors around training is the client's business,
-:func:`fedpeft.federation.client.train_client`.)
+:func:`fedpeft.engine.client.train_client`.)
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedpeft.federation.local_params import ClientLocal, client_local_of, shared_only
+from fedpeft.engine.local_params import ClientLocal, client_local_of, shared_only
 from fedpeft.pipeline import STAGES, BuildEnv, ClientContext, Layout, Metrics, Stage, State
 
 if TYPE_CHECKING:

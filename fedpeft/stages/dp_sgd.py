@@ -1,7 +1,7 @@
 """Sample-level DP (``--dp sample``, SPEC §3.2): every client trains with Opacus DP-SGD.
 
 This stage transforms no update: its mechanism is the training procedure itself
-(``fedpeft.federation.client``'s ``sample`` training mode: per-example clipping, Gaussian
+(``fedpeft.engine.client``'s ``sample`` training mode: per-example clipping, Gaussian
 noise from the client's own secret, its persistent accountant). It sits in the pipeline so
 that the order printed before round 1 shows where the privacy comes from, and so that the
 client picks its training mode from the pipeline instead of from a privacy switch.

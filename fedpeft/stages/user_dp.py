@@ -122,7 +122,7 @@ class UserLevelDP(Stage):
 
     @classmethod
     def create(cls, env: BuildEnv) -> UserLevelDP:
-        """From the run's user privacy level (``fedpeft.federation.privacy_plan``): its
+        """From the run's user privacy level (``fedpeft.engine.privacy_plan``): its
         calibrated z, δ, q and secret streams."""
         cfg, privacy = env.cfg, env.privacy
         if privacy is None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from fedpeft.config import RunConfig
     from fedpeft.data.sources import LabeledSplits
     from fedpeft.export import Export
-    from fedpeft.federation.workspace import Workspace
+    from fedpeft.engine.workspace import Workspace
     from fedpeft.training.evaluate import EvalResult
 
 #: ``--target-modules auto``: the LoRA targets peft uses by default for the model's type
@@ -79,13 +79,13 @@ class Task(ABC):
     #: settings whose default differs for this task (``RunConfig`` field -> value); applied
     #: below the config file and CLI flags (:func:`fedpeft.settings.resolve`)
     defaults: ClassVar[dict[str, Any]] = {}
-    #: the planner's measured candidates (``fedpeft.planning.CANDIDATES``) are for this task
+    #: the planner's measured candidates (``fedpeft.planning.forecast.CANDIDATES``) are for this task
     planned: ClassVar[bool] = False
-    #: the planner's time estimate (``fedpeft.planning.CostModel``) was measured on this task's
+    #: the planner's time estimate (``fedpeft.planning.forecast.CostModel``) was measured on this task's
     #: default model; else a plan states that it has none instead of quoting a wrong one
     cost_measured: ClassVar[bool] = False
     #: the planner's warning when the DP noise is predicted to swamp the signal: what that run
-    #: looks like and the levers this task has (None: a classifier's, ``fedpeft.planning.SWAMPED``)
+    #: looks like and the levers this task has (None: a classifier's, ``fedpeft.planning.forecast.SWAMPED``)
     swamped: ClassVar[str | None] = None
     #: the encoder speed-ups apply: cached head features (``--adapter head``), the cached
     #: frozen bottom (``--train-top-k``) and packed training batches

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from fedpeft.config import RunConfig
     from fedpeft.data.sources import LabeledSplits
     from fedpeft.export import Export
-    from fedpeft.federation.workspace import Workspace
+    from fedpeft.engine.workspace import Workspace
     from fedpeft.training.evaluate import EvalResult
 
 #: held-out loss per answer token (the headline) and its perplexity: lower is better

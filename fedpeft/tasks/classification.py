@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from fedpeft.config import RunConfig
     from fedpeft.data.sources import LabeledSplits
     from fedpeft.export import Export
-    from fedpeft.federation.workspace import Workspace
+    from fedpeft.engine.workspace import Workspace
     from fedpeft.training.evaluate import EvalResult
 
 #: examples per central-evaluation batch

@@ -8,8 +8,8 @@ import torch
 
 from fedpeft.adapters import AdapterSpec, build_adapter
 from fedpeft.adapters.dylora import set_rank, train_at_ranks
-from fedpeft.federation.records import payload_bytes, to_record
-from fedpeft.federation.workspace import frozen_fingerprint
+from fedpeft.records import payload_bytes, to_record
+from fedpeft.engine.workspace import frozen_fingerprint
 from fedpeft.training.local import train_local
 
 R_MAX, ALPHA, HIDDEN = 8, 16.0, 32

@@ -16,12 +16,12 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.adapters import AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
-from fedpeft.federation.client import ClientRound, train_client
+from fedpeft.engine.client import ClientRound, train_client
 from fedpeft.federation.round import RoundStrategy
-from fedpeft.federation.validation import honest_upload_layout
+from fedpeft.layout import honest_upload_layout
 from fedpeft.pipeline import Pipeline
-from fedpeft.federation.records import from_record, payload_bytes, to_record
-from fedpeft.federation.workspace import Workspace, frozen_fingerprint, get_workspace
+from fedpeft.records import from_record, payload_bytes, to_record
+from fedpeft.engine.workspace import Workspace, frozen_fingerprint, get_workspace
 from fedpeft.model.loading import load_classifier
 from strategies import STRATEGIES
 

@@ -8,7 +8,7 @@ import torch
 
 from fedpeft.adapters import AdapterSpec, build_adapter
 from fedpeft.data.tokenized import shuffled_batches
-from fedpeft.federation.workspace import frozen_fingerprint, get_workspace
+from fedpeft.engine.workspace import frozen_fingerprint, get_workspace
 from fedpeft.training.local import train_local
 
 

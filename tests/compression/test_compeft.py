@@ -231,7 +231,7 @@ def test_measured_bits_per_parameter_near_paper_reference(million_param_update, 
 
 def test_payload_travels_as_uint8_array_in_a_flower_record():
     from fedpeft.compression import wire
-    from fedpeft.federation.records import from_record, payload_bytes
+    from fedpeft.records import from_record, payload_bytes
 
     payload = build_codec("compeft").encode(random_update(12))
     arr = wire.to_wire(payload)

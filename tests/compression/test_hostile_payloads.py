@@ -30,7 +30,7 @@ _PROBE = textwrap.dedent(r'''
     import torch
     from flwr.app import Array, ArrayRecord
     from fedpeft.compression import build_codec, wire
-    from fedpeft.federation.records import from_record
+    from fedpeft.records import from_record
     from fedpeft.pipeline import ServerContext
     from fedpeft.stages.compression import ErrorFeedbackCompression
 

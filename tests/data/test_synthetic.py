@@ -11,7 +11,7 @@ from fedpeft.data.partition import Partitions
 from fedpeft.data.sources import load_splits
 from fedpeft.data.synthetic import WARNING, synthetic
 from fedpeft.errors import UsageError
-from fedpeft.planning import config_plan
+from fedpeft.planning.forecast import config_plan
 
 
 def test_rows_labels_and_every_client_has_data():

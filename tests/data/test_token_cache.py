@@ -93,7 +93,7 @@ def test_a_damaged_cache_entry_is_recomputed(cache) -> None:
 
 def test_a_rebuilt_workspace_loads_its_tokens_from_disk(small_csv, cache, monkeypatch) -> None:
     from fedpeft.data import token_cache
-    from fedpeft.federation.workspace import _cache, get_workspace
+    from fedpeft.engine.workspace import _cache, get_workspace
     from fedpeft.settings import resolve
 
     cfg = resolve({"dataset": str(small_csv), "max_test_examples": 24, "clients": 4, "cohort": 2})

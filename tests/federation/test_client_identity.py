@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedpeft.config import RunConfig
-from fedpeft.federation.client import ClientRound, client_seed
+from fedpeft.engine.client import ClientRound, client_seed
 
 
 def test_dataset_path_nodes_get_distinct_streams():

@@ -11,7 +11,8 @@ from scipy import stats
 from fedpeft.federation.client_app import app
 from fedpeft.federation.local_grid import LocalGrid
 from fedpeft.errors import UsageError
-from fedpeft.federation.sampling import Cohorts, PoissonSampler, WorkerPool, discover_clients
+from fedpeft.engine.sampling import Cohorts, PoissonSampler, WorkerPool
+from fedpeft.federation.discovery import discover_clients
 from fedpeft.privacy.randomness import SecretStreams, SeededStreams
 
 

@@ -9,7 +9,7 @@ import torch
 from fedpeft.compression import build_codec, wire
 from fedpeft.settings import resolve
 from fedpeft.federation.downlink import CompressedDownlink, Downlink, build_downlink
-from fedpeft.federation.records import payload_bytes, to_record
+from fedpeft.records import payload_bytes, to_record
 from fedpeft.simulation import simulate
 
 

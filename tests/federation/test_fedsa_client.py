@@ -17,15 +17,15 @@ from safetensors.torch import load_file
 
 from fedpeft.config import RunConfig
 from fedpeft.settings import resolve
-from fedpeft.federation import client as client_mod
+from fedpeft.engine import client as client_mod
 from fedpeft.data.tokenized import collate
-from fedpeft.federation.client import ClientRound, local_test_seed, train_client, train_plain
-from fedpeft.federation.local_params import LOCAL_PARAMS_DIR, LocalParamStore
-from fedpeft.federation.records import payload_bytes, to_record
+from fedpeft.engine.client import ClientRound, local_test_seed, train_client, train_plain
+from fedpeft.engine.local_params import LOCAL_PARAMS_DIR, LocalParamStore
+from fedpeft.records import payload_bytes, to_record
 from fedpeft.federation.round import RoundStrategy
-from fedpeft.federation.validation import check_update, honest_upload_layout
+from fedpeft.layout import check_update, honest_upload_layout
 from fedpeft.pipeline import BuildEnv, Pipeline
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.errors import UsageError
 from fedpeft.privacy.publication import DIAGNOSTICS_FILE
 from fedpeft.results import ResultsWriter
@@ -189,7 +189,7 @@ def test_server_layouts_exclude_b_so_a_b_upload_is_rejected(ws):
 
 
 def test_user_level_dp_clips_and_noises_only_the_shared_coordinates(ws):
-    from fedpeft.federation.privacy_plan import UserLevel
+    from fedpeft.engine.privacy_plan import UserLevel
     from fedpeft.pipeline import ServerContext
 
     cfg = dataclasses.replace(CFG, dp="user", noise_multiplier=1.0)

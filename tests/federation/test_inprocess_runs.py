@@ -82,7 +82,7 @@ def test_inprocess_clients_and_evaluation_use_every_core_of_the_process(tmp_path
     import torch
 
     import fedpeft.federation.central_eval as central_eval
-    import fedpeft.federation.client as client
+    import fedpeft.engine.client as client
 
     seen: dict[str, list[int]] = {"train": [], "eval": []}
     train, evaluate = client.train_client, central_eval.evaluate_shard

@@ -8,10 +8,10 @@ import logging
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedpeft.federation import workspace
+from fedpeft.engine import workspace
 from fedpeft.federation.client_app import app
 from fedpeft.federation.message_timing import ENV_VAR, PhaseClock, parse_line, process_age_s
-from fedpeft.federation.records import to_record
+from fedpeft.records import to_record
 from fedpeft.settings import resolve
 
 

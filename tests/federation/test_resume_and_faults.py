@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedpeft.settings import resolve
-from fedpeft.federation.checkpoint import load_checkpoint
+from fedpeft.engine.checkpoint import load_checkpoint
 from fedpeft.federation.client_app import app as honest_app
 from fedpeft.federation.local_grid import LocalGrid
 from fedpeft.federation.server import run_federation
@@ -160,7 +160,7 @@ def test_malformed_update_is_rejected_and_does_not_poison(tmp_path, poison, reas
 
 def test_huge_update_under_user_dp_moves_the_model_at_most_its_clipped_share(tmp_path, poisoning_app):
     """A client scaling its update by 1e6 shifts the DP aggregate by at most S / (qN)."""
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
 
     base = {**TINY, "clients": 4, "cohort": 4, "rounds": 1, "noise_multiplier": 1e-9, "clip": 0.05}
 
@@ -179,7 +179,7 @@ def test_huge_update_under_user_dp_moves_the_model_at_most_its_clipped_share(tmp
             def on_start(self, c, p): pass
 
             def on_round(self, rec):
-                from fedpeft.federation.workspace import get_workspace as gw
+                from fedpeft.engine.workspace import get_workspace as gw
                 states.append({k: v.detach().clone() for k, v in gw(cfg).adapter.trainable_state(gw(cfg).model).items()})
 
             def on_finish(self, f): pass

@@ -7,7 +7,7 @@ from flwr.app import Context, RecordDict
 from fedpeft.deploy.app import default_run_config
 from fedpeft.federation.client_app import app as client_app
 from fedpeft.federation.local_grid import LocalGrid
-from fedpeft.federation.server_app import main
+from fedpeft.server_app import main
 
 
 def test_server_app_without_output_writes_results_and_model_to_one_run_directory(tmp_path, monkeypatch):

@@ -57,7 +57,7 @@ def test_results_schema(run_dir):
 def test_bytes_are_serialized_payload_sizes(run_dir):
     """Upload size = the .npy buffers of every trainable tensor + key names, per client."""
     from fedpeft.config import RunConfig
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
 
     ws = get_workspace(RunConfig(max_test_examples=200, seed=1))
     expected = 0

@@ -25,7 +25,7 @@ def _run(tmp_path, small_csv, name, **kw):
 def test_validation_accuracy_is_the_exported_models_on_datasets_own_held_out_rows(tmp_path, small_csv):
     from fedpeft.data.holdout import VALIDATION_SEED
     from fedpeft.data.sources import load_splits
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
     from fedpeft.inference import evaluate, load_model
 
     cfg, out = _run(tmp_path, small_csv, "run")

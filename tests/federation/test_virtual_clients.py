@@ -13,9 +13,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedpeft.config import RunConfig
 from fedpeft.federation.central_eval import local_evaluator, sharded_evaluator
 from fedpeft.federation.client_app import app
-from fedpeft.federation.records import from_record, to_record
+from fedpeft.records import from_record, to_record
 from fedpeft.federation.virtual_grid import InProcessGrid
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.workspace import get_workspace
 
 CFG = RunConfig(clients=50_000, cohort=4, rounds=1, max_client_examples=8, max_test_examples=150,
                 backend="inprocess", seed=3)

@@ -12,7 +12,7 @@ from fedpeft.settings import resolve
 from fedpeft.data import features as feats
 from fedpeft.data.features import FeatureSplit
 from fedpeft.data.tokenized import collate, tokenize
-from fedpeft.federation.workspace import _cache, get_workspace
+from fedpeft.engine.workspace import _cache, get_workspace
 from fedpeft.model.feature_head import FeatureClassifier, head_dropout
 from fedpeft.model.loading import load_classifier, load_tokenizer
 from fedpeft.simulation import simulate

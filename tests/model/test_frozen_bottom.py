@@ -14,7 +14,7 @@ from fedpeft.adapters import AdapterSpec, build_adapter
 from fedpeft.data.hidden_states import HiddenSplit
 from fedpeft.data.tokenized import TokenizedSplit, collate, tokenize
 from fedpeft.errors import UsageError
-from fedpeft.federation.workspace import _cache, get_workspace
+from fedpeft.engine.workspace import _cache, get_workspace
 from fedpeft.model import frozen_bottom as fb
 from fedpeft.model.loading import load_classifier, load_tokenizer
 from fedpeft.model.packing import collate_packed, enable_packing
@@ -136,7 +136,7 @@ def test_top_k_workspace_caches_the_bottom_once_per_machine(small_csv, tmp_path,
     def boom(*a, **k):
         raise AssertionError("the bottom was recomputed instead of loaded from the cache")
 
-    monkeypatch.setattr("fedpeft.federation.workspace.layer_inputs", boom)
+    monkeypatch.setattr("fedpeft.engine.workspace.layer_inputs", boom)
     _cache.clear()
     again = get_workspace(cfg)
     np.testing.assert_array_equal(np.asarray(again.train.states), first)

@@ -14,7 +14,7 @@ from fedpeft.settings import resolve
 
 @pytest.fixture(scope="module")
 def ws():
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
 
     return get_workspace(resolve({"backend": "inprocess", "max_test_examples": 64}))
 
@@ -107,7 +107,7 @@ def test_a_model_whose_packed_forward_differs_is_left_padded(monkeypatch, ws):
 
 def test_cls_pooling_is_not_packed():
     """A CLS head reads position 0 of the row: packing would feed it one token."""
-    from fedpeft.federation.workspace import _build
+    from fedpeft.engine.workspace import _build
 
     cls = _build(resolve({"backend": "inprocess", "pooling": "cls", "max_test_examples": 64}))
     assert not cls.packed

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from fedpeft.adapters.base import Adapter, AdapterSpec
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
-from fedpeft.federation.records import from_record, payload_bytes, to_record
+from fedpeft.records import from_record, payload_bytes, to_record
 from fedpeft.federation.round import RoundStrategy
 from fedpeft.pipeline import Pipeline, layout_of, refusals
 from fedpeft.privacy.randomness import SecretStreams, SeededStreams

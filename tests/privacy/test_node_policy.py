@@ -23,8 +23,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
-from fedpeft.federation.records import to_record
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.records import to_record
+from fedpeft.engine.workspace import get_workspace
 
 #: Message() outside a Flower runtime needs a task identity (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from fedpeft.settings import resolve
-from fedpeft.federation.client import ClientRound, train_client
+from fedpeft.engine.client import ClientRound, train_client
 from fedpeft.federation.client_app import app as honest_app
 from fedpeft.federation.local_grid import LocalGrid
 from fedpeft.federation.server import run_federation
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.privacy.mechanisms import gaussian_noise_like
 from fedpeft.privacy.publication import DIAGNOSTICS_FILE
 from fedpeft.privacy.randomness import SERVER_NOISE, SeededStreams
@@ -129,7 +129,7 @@ def test_a_completed_run_leaves_no_privacy_key(tmp_path, saved_keys):
     deleted once the run completed and published its final model; a resume of the completed
     run is refused with one line."""
     from fedpeft.errors import UsageError
-    from fedpeft.federation.checkpoint import load_checkpoint
+    from fedpeft.engine.checkpoint import load_checkpoint
 
     cfg, _, results = _run(tmp_path, "done", clients=6, cohort=3, rounds=2, epsilon=4.0, checkpoint_every=1)
     assert len(saved_keys) == 2  # written with each checkpoint while the run could still stop

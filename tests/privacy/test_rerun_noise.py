@@ -18,7 +18,7 @@ import torch
 from flwr.clientapp import ClientApp
 
 from fedpeft.federation.central_eval import local_evaluator
-from fedpeft.federation.checkpoint import load_checkpoint, restore_client_state
+from fedpeft.engine.checkpoint import load_checkpoint, restore_client_state
 from fedpeft.federation.client_app import app as honest_app
 from fedpeft.federation.local_grid import LocalGrid
 from fedpeft.federation.server import run_federation

@@ -23,9 +23,9 @@ from opacus.accountants import RDPAccountant
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import collate
 from fedpeft.errors import UsageError
-from fedpeft.federation.client import TRAINING_MODES, ClientRound, LocalTask, train_client
-from fedpeft.federation.records import to_record
-from fedpeft.federation.workspace import frozen_fingerprint, get_workspace
+from fedpeft.engine.client import TRAINING_MODES, ClientRound, LocalTask, train_client
+from fedpeft.records import to_record
+from fedpeft.engine.workspace import frozen_fingerprint, get_workspace
 from fedpeft.privacy.accounting import RDP_ORDERS, make_accountant
 from fedpeft.privacy.client_accounting import ClientAccountantStore, client_noise_plan
 from fedpeft.training.dp_sgd import grad_sample_module, train_local_dp

@@ -18,9 +18,9 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.federation.client_app import app as honest_app
 from fedpeft.federation.local_grid import LocalGrid
-from fedpeft.federation.privacy_plan import build_privacy
+from fedpeft.engine.privacy_plan import build_privacy
 from fedpeft.federation.server import run_federation
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.privacy.accounting import make_accountant
 from fedpeft.privacy.client_accounting import client_noise_plan, planned_client_bound
 from fedpeft.privacy.publication import DIAGNOSTICS_FILE

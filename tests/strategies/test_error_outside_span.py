@@ -10,7 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.adapters.base import Adapter, AdapterSpec, State
-from fedpeft.federation.records import to_record
+from fedpeft.records import to_record
 from fedpeft.strategy import ClientUpdate
 from strategies import STRATEGIES
 from strategies.lora_math import error_outside_row_space, ideal_update, factor_means, lora_fair_residual

@@ -82,7 +82,7 @@ def test_flora_run_end_to_end(tmp_path, adapter):
                    "adapter": adapter, "partition": "dirichlet", "dirichlet_alpha": 0.3,
                    "output": str(tmp_path / "flora")})
     out = simulate(cfg, [])
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.workspace import get_workspace
 
     ws = get_workspace(cfg)
     dense = sum(4 * w.numel() for w in ws.frozen_base.values())
@@ -156,8 +156,8 @@ def test_client_ranks_shrink_uploads_by_the_parameter_count(tmp_path):
 
 
 def test_a_rank_limited_client_keeps_its_extra_components_at_zero_under_dp_sgd(tmp_path):
-    from fedpeft.federation.client import ClientRound, train_client
-    from fedpeft.federation.workspace import get_workspace
+    from fedpeft.engine.client import ClientRound, train_client
+    from fedpeft.engine.workspace import get_workspace
 
     cfg = _flora_cfg(tmp_path, "dp", client_ranks="3", dp="sample", noise_multiplier=1.0)
     ws = get_workspace(cfg)

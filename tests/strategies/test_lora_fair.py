@@ -9,7 +9,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.adapters.base import Adapter, AdapterSpec, State
-from fedpeft.federation.records import to_record
+from fedpeft.records import to_record
 from strategies import STRATEGIES
 from fedpeft.aggregation import lora_aggregation_error
 from fedpeft.strategy import ClientUpdate
@@ -126,7 +126,7 @@ class _AllNodes:
 
 
 def _round_metrics(name: str, glob: State, updates: list[ClientUpdate]) -> tuple[State, dict]:
-    from fedpeft.federation.records import from_record
+    from fedpeft.records import from_record
 
     from fedpeft.federation.round import RoundStrategy
     from fedpeft.pipeline import Pipeline, layout_of

@@ -26,7 +26,7 @@ def test_server_optimiser_from_config_moves_the_round_aggregate_by_hand_computed
     import torch
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from fedpeft.federation.records import from_record, to_record
+    from fedpeft.records import from_record, to_record
     from fedpeft.federation.round import RoundStrategy
     from fedpeft.pipeline import Pipeline
     from fedpeft.server_optim import build_server_optimizer

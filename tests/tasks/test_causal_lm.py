@@ -14,8 +14,8 @@ import torch
 
 from fedpeft.data.chat import IGNORE, collate_chats
 from fedpeft.errors import UsageError
-from fedpeft.federation.checkpoint import load_checkpoint
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.checkpoint import load_checkpoint
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.results import ResultsWriter
 from fedpeft.settings import resolve
 from fedpeft.simulation import simulate

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.results import ResultsWriter
 from fedpeft.settings import resolve
 from fedpeft.simulation import simulate

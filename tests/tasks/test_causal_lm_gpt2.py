@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fedpeft.errors import UsageError
-from fedpeft.federation.checkpoint import load_checkpoint
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.checkpoint import load_checkpoint
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.results import ResultsWriter
 from fedpeft.settings import resolve
 from fedpeft.simulation import simulate

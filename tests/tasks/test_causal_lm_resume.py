@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fedpeft.cli import main
-from fedpeft.federation.checkpoint import load_checkpoint
+from fedpeft.engine.checkpoint import load_checkpoint
 from fedpeft.results import ResultsWriter
 from fedpeft.settings import resolve
 from fedpeft.simulation import simulate

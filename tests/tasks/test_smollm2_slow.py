@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from fedpeft.federation.workspace import get_workspace
+from fedpeft.engine.workspace import get_workspace
 from fedpeft.results import ResultsWriter
 from fedpeft.settings import resolve
 from fedpeft.simulation import simulate

@@ -34,14 +34,14 @@ from fedpeft.adapters.base import StepHook
 from fedpeft.config import RunConfig
 from fedpeft.data.tokenized import shuffled_batches
 from fedpeft.model.packing import collate_packed
-from fedpeft.federation.local_params import (
+from fedpeft.engine.local_params import (
     LOCAL_PARAMS_DIR,
     ClientLocal,
     LocalParamStore,
     local_only,
     shared_only,
 )
-from fedpeft.federation.workspace import Workspace
+from fedpeft.engine.workspace import Workspace
 from fedpeft.pipeline import BuildEnv, ClientContext, Pipeline
 from fedpeft.registry import Registry
 from fedpeft.training.local import LocalResult, train_local

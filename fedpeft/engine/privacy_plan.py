@@ -17,7 +17,7 @@ import numpy as np
 
 from fedpeft.config import RunConfig
 from fedpeft.errors import UsageError
-from fedpeft.federation.workspace import Workspace
+from fedpeft.engine.workspace import Workspace
 from fedpeft.privacy import default_delta, noise_multiplier_for
 from fedpeft.privacy.client_accounting import planned_client_bound
 from fedpeft.privacy.randomness import SEEDED_WARNING, RandomStreams, SecretStreams, SeededStreams

@@ -12,21 +12,15 @@ without DP the seed. Either way a resumed run samples the same clients.
 A :class:`Roster` maps a logical client id to the Flower node that serves it. In simulation
 a fixed pool of worker nodes serves any number of logical clients (:class:`WorkerPool`); in
 a real federation each SuperNode is one client (:class:`NodePerClient`, found by asking the
-nodes once per run). Either way every message names its client (``client-id`` in the
-message's config), so data, per-client state and seeds stay keyed by the logical id.
+nodes once per run by :func:`fedpeft.federation.discovery.discover_clients`). Either way
+every message names its client (``client-id`` in the message's config), so data, per-client
+state and seeds stay keyed by the logical id.
 """
 
 from __future__ import annotations
 
-import time
-from logging import WARNING
 from typing import Protocol
 
-from flwr.app import Message, MessageType, RecordDict
-from flwr.common import log
-from flwr.serverapp import Grid
-
-from fedpeft.errors import UsageError
 from fedpeft.privacy.randomness import COHORT, RandomStreams
 
 
@@ -50,57 +44,13 @@ class WorkerPool:
 
 
 class NodePerClient:
-    """Real federation: node ``nodes[i]`` is client ``i`` (see :func:`discover_clients`)."""
+    """Real federation: node ``nodes[i]`` is client ``i`` (see :func:`fedpeft.federation.discovery.discover_clients`)."""
 
     def __init__(self, nodes: list[int]) -> None:
         self.nodes = list(nodes)
 
     def node_of(self, client_id: int) -> int:
         return self.nodes[client_id]
-
-
-def discover_clients(grid: Grid, expected: int, timeout: float = 600.0) -> NodePerClient:
-    """Ask every connected node which logical client it is (once per run).
-
-    Node ids are random per process; the client id (the node's ``partition-id``) is what
-    data, per-client state and reproducible sampling are keyed by. Each client id is bound to
-    one node — the SuperLink authenticated it (SuperNode authentication) — for the whole run:
-    a second node claiming a bound id, or a node claiming an id outside ``0..expected-1``, is
-    refused (it gets no message of this run) and logged, never silently swapped in.
-    """
-    deadline = time.monotonic() + timeout
-    node_ids = sorted(grid.get_node_ids())
-    while len(node_ids) < expected and time.monotonic() < deadline:
-        time.sleep(0.2)  # nodes register after the ServerApp starts
-        node_ids = sorted(grid.get_node_ids())
-    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-                for n in node_ids]
-    by_client: dict[int, int] = {}
-    refused: list[str] = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            continue
-        node = reply.metadata.src_node_id
-        try:
-            claim = int(reply.content["metrics"]["client-id"])
-        except (KeyError, TypeError, ValueError):
-            claim = -1
-        if not 0 <= claim < expected:
-            refused.append(f"node {node} claims client {claim}, outside 0..{expected - 1}")
-        elif claim in by_client and by_client[claim] != node:
-            refused.append(f"node {node} claims client {claim}, already bound to node "
-                           f"{by_client[claim]}")
-        else:
-            by_client[claim] = node
-            continue
-        log(WARNING, "discovery: %s: refused (it takes no part in this run)", refused[-1])
-    if sorted(by_client) != list(range(expected)):
-        missing = sorted(set(range(expected)) - set(by_client))[:5]
-        raise UsageError(f"only {len(by_client)} of {expected} clients answered discovery "
-                         f"(missing e.g. {missing}); check that every SuperNode is connected "
-                         "and has a distinct partition-id in 0..clients-1"
-                         + (f"; refused: {'; '.join(refused[:3])}" if refused else ""))
-    return NodePerClient([by_client[c] for c in range(expected)])
 
 
 class PoissonSampler:

@@ -1,0 +1,4 @@
+"""What a round needs as plain Python, with no Flower import (a test enforces it): the
+workspace, one client's round, client-local and client-held state, faults, checkpoints,
+the privacy plan, client sampling and the round's callbacks. ``fedpeft.federation`` wraps
+it in Flower's ClientApp/ServerApp, grids and messages."""
