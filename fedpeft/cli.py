@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedpeft.cli_options import with_run_options
 from fedpeft.errors import UsageError
 from fedpeft.logs import install as install_logging
-from fedpeft.registry import declared_names
 from fedpeft.reporting import optional_reporters
 from fedpeft.results import FinalRecord, ResultsWriter, RoundRecord
 from fedpeft.threads import passive_omp_wait
@@ -32,11 +32,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Federated, differentially private fine-tuning of PEFT adapters.")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
-
-
-def _names(package: str, registry: str) -> str:
-    """The plug-in names a ``--flag`` accepts, for its help (read from source, not imported)."""
-    return ", ".join(declared_names(package, registry))
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -145,84 +140,14 @@ def _load_resume(resume: str, values: dict[str, Any], config: str | None):  # no
 
 
 @app.command()
+@with_run_options
 def simulate(
     config: Optional[str] = typer.Option(None, "--config", help="TOML file of settings (CLI flags override it)."),
-    clients: Optional[int] = typer.Option(None, "--clients", help="Number of simulated clients N. [default: 100]"),
-    cohort: Optional[int] = typer.Option(None, "--cohort", help="Expected clients per round (Poisson rate cohort/N). [default: 10]"),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="Server rounds. [default: 10]"),
-    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", help="Local epochs per round. [default: 1]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Local batch size. [default: 8]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Client AdamW learning rate. [default: 3e-3]"),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help=f"Adapter: {_names('fedpeft.adapters', 'ADAPTERS')} (ffa-lora freezes the shared A: a larger --alpha is recommended). [default: lora]"),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (r_max for dylora/dp-dylora). [default: 8]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (scale alpha/r). [default: 16]"),
-    min_rank: Optional[int] = typer.Option(None, "--min-rank", help="Smallest rank, drawn uniformly in [min-rank, rank] per step (dylora) or per round by the server (dp-dylora). [default: 1]"),
-    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt, or auto (peft's default targets for the model's type: q_proj,v_proj for Llama, c_attn for GPT-2). [default: query,value; --task causal-lm: auto]"),
-    lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="Encoder layers that get LoRA, e.g. 5 or 4,5 (the top k of the default's 6); fewer coordinates, less DP noise. [default: all]"),
-    train_top_k: Optional[int] = typer.Option(None, "--train-top-k", help="Adapt only the top k encoder layers (LoRA there, the rest frozen): the frozen bottom runs once per example, not per client visit, so each visit costs ~k/L of the encoder. Alternative to --lora-layers. [default: 0 = all layers]"),
-    bottom_cache: Optional[bool] = typer.Option(None, "--bottom-cache/--no-bottom-cache", help="Compute the frozen layers below the lowest adapted one once per example (disk-cached, memory-mapped); --no-bottom-cache runs the whole encoder every visit (same numbers, slower; for measuring). [default: on]"),
-    client_ranks: Optional[str] = typer.Option(None, "--client-ranks", help="Per-client LoRA ranks, e.g. 2,4,8 (client i trains ranks[i mod len]; flora only). [default: --rank for all]"),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help=f"Server strategy: {_names('strategies', 'STRATEGIES')}. [default: fedavg]"),
-    fair_solver: Optional[str] = typer.Option(None, "--fair-solver", help="LoRA-FAIR residual solver: sgd (paper) or ridge (closed form). [default: sgd]"),
-    fair_lambda: Optional[float] = typer.Option(None, "--fair-lambda", help="LoRA-FAIR regulariser λ. [default: 0.01]"),
-    server_opt: Optional[str] = typer.Option(None, "--server-opt", help="Server optimiser on the (noised) aggregate: none, fedavgm (server momentum), fedadam, fedyogi (Reddi et al. 2021). [default: none]"),
-    server_lr: Optional[float] = typer.Option(None, "--server-lr", help="Server learning rate η. [default: 1]"),
-    server_momentum: Optional[float] = typer.Option(None, "--server-momentum", help="β for fedavgm, β₁ for fedadam/fedyogi. [default: 0.9]"),
-    server_beta2: Optional[float] = typer.Option(None, "--server-beta2", help="β₂ for fedadam/fedyogi. [default: 0.99]"),
-    server_tau: Optional[float] = typer.Option(None, "--server-tau", help="Adaptivity τ for fedadam/fedyogi. [default: 1e-3]"),
-    probe_rounds: Optional[int] = typer.Option(None, "--probe-rounds", help="LP-FT: the first K rounds train only the classification head (a linear probe), then the adapter starts from it; under user-level DP those rounds release only the head's coordinates (less noise, same ε per round). [default: 0]"),
-    probe_lr: Optional[float] = typer.Option(None, "--probe-lr", help="Local learning rate of the head in the --probe-rounds. [default: 0.03]"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Local training precision: fp32, or bf16 (opt-in: torch.autocast bfloat16 for the client's forward/backward; parameters, uploads and evaluation stay float32; ~1.5x cheaper client steps on CPUs with AVX512-BF16, accuracy cost in the README; refused with --dp sample). [default: fp32]"),
-    ema: Optional[float] = typer.Option(None, "--ema", help="Evaluate and export the exponential moving average of the global model over rounds with this β (e.g. 0.9): it averages out the DP noise the last rounds added; post-processing, ε unchanged. [default: 0 = the last round's model]"),
-    partition: Optional[str] = typer.Option(None, "--partition", help="iid or dirichlet. [default: iid]"),
-    dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="Dirichlet concentration (smaller = more label skew). [default: 0.5]"),
-    task: Optional[str] = typer.Option(None, "--task", help=f"What is learned: {_names('fedpeft.tasks', 'TASKS')} (causal-lm: instruction tuning of a causal LM on prompt/response pairs, loss on the answer tokens, evaluated by held-out loss and perplexity). [default: classification]"),
-    model: Optional[str] = typer.Option(None, "--model", help="embedded:all-MiniLM-L6-v2, a local directory or a Hugging Face hub id."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="rotten-tomatoes, bbc-news, a local path or a hub id."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text column of --dataset. [default: text]"),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Label column of --dataset. [default: label]"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Token truncation length. [default: 64]"),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="Sentence pooling of the classifier: auto (what the checkpoint declares: mean for sentence-transformers models, else the CLS pooler), mean, cls. [default: auto]"),
-    dp: Optional[str] = typer.Option(None, "--dp", help="Privacy level: none, user (DP-FedAvg), sample (DP-SGD). [default: user if --epsilon/--noise-multiplier, else none]"),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Target ε over the whole run; calibrates the noise multiplier."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="Target δ. [default: min(1e-5, 1/N^1.1)]"),
-    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="Fixed noise multiplier z (alternative to --epsilon)."),
-    clip: Optional[float] = typer.Option(None, "--clip", help="User level: L2 bound S of each client's update. [default: 0.5]"),
-    adaptive_clip: Optional[bool] = typer.Option(None, "--adaptive-clip/--no-adaptive-clip", help="Adaptive clipping (Andrew et al. 2021) towards --target-quantile."),
-    target_quantile: Optional[float] = typer.Option(None, "--target-quantile", help="Adaptive clipping: the quantile of update norms the clip norm tracks. [default: 0.5]"),
-    clip_lr: Optional[float] = typer.Option(None, "--clip-lr", help="Adaptive clipping: geometric step size of the clip norm. [default: 0.2]"),
-    sample_clip: Optional[float] = typer.Option(None, "--sample-clip", help="Sample level: per-example gradient bound C. [default: 1.0]"),
-    accountant: Optional[str] = typer.Option(None, "--accountant", help="rdp or prv (Opacus). [default: rdp]"),
-    insecure_reproducible_noise: Optional[bool] = typer.Option(None, "--insecure-reproducible-noise", help="Research only: derive DP noise, cohorts and DP-SGD batches from --seed so runs repeat exactly. The privacy guarantee then does NOT hold against anyone who knows the seed (recorded in results.json). [default: secret randomness]"),
-    diagnostics: Optional[bool] = typer.Option(None, "--diagnostics", help="Also write the statistics a DP run does not publish (client train loss, realised cohort, rejections, compressed sizes, timings) to diagnostics_NOT_COVERED_BY_DP.json."),
-    compression: Optional[str] = typer.Option(None, "--compression", help=f"Upload codec: {_names('fedpeft.compression', 'CODECS')}. [default: none]"),
-    density: Optional[float] = typer.Option(None, "--density", help="Fraction of update entries kept by the sparsifying codecs (compeft, stc). [default: 0.2]"),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="ComPEFT magnitude scale γ (values ±γ·σ). [default: 1]"),
-    compress_down: Optional[bool] = typer.Option(None, "--compress-down/--no-compress-down", help="Also compress the server broadcast."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="Plug-in update-pipeline stages to switch on, comma-separated (see README, 'The update pipeline'; the built-in stages switch on from --compression, --dp, --strategy, --client-ranks). [default: none]"),
-    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Held-out fraction of a dataset without a test split. [default: 0.1]"),
-    validation_fraction: Optional[float] = typer.Option(None, "--validation-fraction", help="Hold this fraction of the training examples out as a validation split before partitioning (stratified, the same rows for every --seed; no client holds them) and score the model on it when the test set is scored, e.g. to choose ComPEFT's --gamma ([compare] tune). [default: 0 = none]"),
-    max_test_examples: Optional[int] = typer.Option(None, "--max-test-examples", help="Cap on held-out test examples evaluated. [default: 2000]"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate the global model every K rounds (always after the last). [default: 1]"),
-    max_client_examples: Optional[int] = typer.Option(None, "--max-client-examples", help="Cap on examples a client trains on per round (0 = all). [default: 0]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed. [default: 0]"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="auto (ray with --ray-address or $RAY_ADDRESS, else processes on Linux), ray (Flower's Ray backend), processes (forked workers on this machine sharing one model copy) or inprocess (no workers, clients one after another). [default: auto]"),
-    cpus_per_client: Optional[float] = typer.Option(None, "--cpus-per-client", help="Ray CPUs per client actor. [default: 1]"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (host:port or auto) so clients run on its nodes; the round loop stays here. [default: $RAY_ADDRESS, else a local Ray on 127.0.0.1]"),
-    output: Optional[str] = typer.Option(None, "--output", help="Run directory. [default: runs/<timestamp>]"),
-    tensorboard: Optional[str] = typer.Option(None, "--tensorboard", help="Also log the per-round numbers of rounds.csv (under DP only the published ones) as TensorBoard scalars to DIR/<run name>; needs the tensorboard package (pip install 'fedpeft[tensorboard]'). [default: off]"),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write an atomic checkpoint every K rounds. [default: 0 = never]"),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Probability that a sampled client fails to return. [default: 0]"),
-    straggler_prob: Optional[float] = typer.Option(None, "--straggler-prob", help="Probability that a sampled client is slowed down by --straggler-slowdown. [default: 0]"),
-    straggler_slowdown: Optional[float] = typer.Option(None, "--straggler-slowdown", help="A straggler's training takes this many times longer. [default: 10]"),
-    max_upload_bytes: Optional[int] = typer.Option(None, "--max-upload-bytes", help="Replies larger than this are rejected. [default: 0 = 2x an honest dense upload]"),
-    round_timeout: Optional[float] = typer.Option(None, "--round-timeout", help="Seconds a round waits for replies. [default: 1800]"),
-    deadline: Optional[float] = typer.Option(None, "--deadline", help="Round deadline in seconds of client time; later replies are dropped. [default: 0 = none]"),
+    values: dict[str, Any] = None,  # type: ignore[assignment]  # every flag of fedpeft.cli_options.RUN_OPTIONS
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint (no other settings)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower and Ray logs."),
 ) -> None:
     """Simulate a federation and write results.json / rounds.csv to --output."""
-    values = {k: v for k, v in locals().items() if k not in ("config", "verbose", "resume")}
     import dataclasses
 
     from fedpeft.settings import resolve

@@ -44,7 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stages: plug-ins found by the pipeline's registry", ("fedpeft.stages",)),
     ("planning and settings", ("fedpeft.planning", "fedpeft.settings")),
     ("entry points", (
-        "fedpeft.simulation", "fedpeft.server_app", "fedpeft.compare", "fedpeft.plots", "fedpeft.inference", "fedpeft.generation",
+        "fedpeft.simulation", "fedpeft.server_app", "fedpeft.cli_options", "fedpeft.compare", "fedpeft.plots", "fedpeft.inference", "fedpeft.generation",
         "fedpeft.deploy", "fedpeft.cli")),
 ]
 

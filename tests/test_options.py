@@ -53,3 +53,29 @@ def test_a_bad_component_setting_is_refused_even_when_the_component_is_not_selec
     with pytest.raises(UsageError) as err:
         resolve(values)
     assert str(err.value) == message
+
+
+def test_simulate_takes_every_run_option_in_table_order_and_passes_them_by_name(monkeypatch):
+    """fedpeft.cli_options.RUN_OPTIONS is the one table of simulate's run flags: each is a
+    RunConfig field, simulate's --help lists them in the table's order between --config and
+    --resume, and a given flag reaches the command under its field name (None when not given)."""
+    from fedpeft.cli_options import RUN_OPTIONS, with_run_options
+
+    command = typer.main.get_command(app).commands["simulate"]  # type: ignore[attr-defined]
+    names = [p.name for p in command.params]
+    assert names == ["config", *[name for name, *_ in RUN_OPTIONS], "resume", "verbose"]
+    assert all(name in RunConfig.__dataclass_fields__ for name, *_ in RUN_OPTIONS)
+    seen = {}
+
+    def probe(config: str | None = typer.Option(None, "--config"), values: dict | None = None) -> None:
+        seen.update(values, config=config)
+
+    cli = typer.Typer()
+    cli.command()(with_run_options(probe))
+    cli.command("other")(lambda: None)  # two commands: typer then expects the command's name
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli, ["probe", "--clients", "7", "--dp", "user", "--config", "x.toml"])
+    assert result.exit_code == 0, result.output
+    assert seen["clients"] == 7 and seen["dp"] == "user" and seen["config"] == "x.toml"
+    assert seen["rounds"] is None and len(seen) == len(RUN_OPTIONS) + 1
