@@ -25,10 +25,10 @@ from flwr.serverapp import Grid
 
 from fedpeft.compression import codec_for
 from fedpeft.config import RunConfig
-from fedpeft.engine.callbacks import Evaluator, default_callbacks
+from fedpeft.engine.callbacks import Evaluator, complete_round, default_callbacks
 from fedpeft.engine.checkpoint import Checkpoint
 from fedpeft.engine.privacy_plan import build_privacy
-from fedpeft.engine.run import RoundContext, RoundResult, RunContext, ServerState, round_record, run_plan
+from fedpeft.engine.run import RoundResult, RunContext, ServerState, run_plan
 from fedpeft.engine.sampling import Cohorts, PoissonSampler, Roster
 from fedpeft.engine.workspace import get_workspace
 from fedpeft.errors import UsageError
@@ -87,8 +87,8 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
     torch.set_num_threads(process_cores())  # the affinity mask, capped by a cgroup CPU quota
     run, flower = build_run(grid, cfg, resume, roster)
     evaluate = evaluator or local_evaluator
-    validation = evaluate(run.ws, VALIDATION) if run.ws.holdout is not None else None
-    callbacks = default_callbacks(cfg, reporters, run.privacy.private, evaluate(run.ws), validation,
+    test, validation = evaluate(run.ws), evaluate(run.ws, VALIDATION) if run.ws.holdout is not None else None
+    callbacks = default_callbacks(cfg, reporters, run.privacy.private, test, validation,
                                   warn=lambda message: log(WARNING, "%s", message))
     for callback in callbacks:
         callback.on_start(run)  # a resumed run's state is restored here (CheckpointCallback)
@@ -99,12 +99,7 @@ def run_federation(grid: Grid, cfg: RunConfig, reporters: list[Reporter],
             break
         for callback in callbacks:
             callback.before_round(run, server_round)
-        result = train_round(flower, run, server_round)
-        fields = {k: v for callback in callbacks for k, v in callback.record_fields(run, result).items()}
-        ctx = RoundContext(run, result, round_record(run, result, fields))
-        run.state.records.append(ctx.record)
-        for callback in callbacks:
-            callback.on_round(ctx)
+        complete_round(run, train_round(flower, run, server_round), callbacks)
     run.wall_s = time.perf_counter() - t0
     for callback in callbacks:
         callback.on_finish(run)

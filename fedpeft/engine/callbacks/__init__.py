@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedpeft.engine.callbacks.base import Callback
+from fedpeft.engine.callbacks.base import Callback, complete_round
 from fedpeft.engine.callbacks.checkpoint import CheckpointCallback
 from fedpeft.engine.callbacks.evaluate import EvaluateCallback, Evaluator
 from fedpeft.engine.callbacks.export import ExportCallback
@@ -51,4 +51,4 @@ def default_callbacks(cfg: RunConfig, reporters: Sequence[Reporter], private: bo
 
 
 __all__ = ["Callback", "CheckpointCallback", "EvaluateCallback", "Evaluator", "ExportCallback",
-           "PublishCallback", "ReportCallback", "default_callbacks"]
+           "PublishCallback", "ReportCallback", "complete_round", "default_callbacks"]

@@ -18,9 +18,10 @@ records the publish callback made), so the list order is part of the contract:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from fedpeft.engine.run import RoundContext, RoundResult, RunContext
+from fedpeft.engine.run import RoundContext, RoundResult, RunContext, round_record
 
 
 class Callback:
@@ -43,4 +44,18 @@ class Callback:
         """The last round has run (``run.wall_s`` is set); the run ends after this."""
 
 
-__all__ = ["Callback"]
+def complete_round(run: RunContext, result: RoundResult, callbacks: Sequence[Callback]) -> RoundContext:
+    """The callbacks' half of a round, once the round is aggregated: collect their record fields,
+    build the round's full record (its wall time ends here, evaluation included), add it to the
+    run's records and hand it to every ``on_round``."""
+    fields: dict[str, Any] = {}
+    for callback in callbacks:
+        fields.update(callback.record_fields(run, result))
+    ctx = RoundContext(run, result, round_record(run, result, fields))
+    run.state.records.append(ctx.record)
+    for callback in callbacks:
+        callback.on_round(ctx)
+    return ctx
+
+
+__all__ = ["Callback", "complete_round"]
