@@ -105,11 +105,12 @@ def ray_backend_config(cfg: RunConfig, verbose: bool) -> dict:
 def _ray(cfg: RunConfig, reporters: list[Reporter], verbose: bool, resume: Checkpoint | None) -> RunOutcome:
     """Flower's Ray backend (actor pool) serving virtual clients; the round loop stays here."""
     import ray
-    from flwr.common.logger import FLOWER_LOGGER as flwr_logger
 
     from fedpeft.federation.client_app import app as client_app
+    from fedpeft.federation.flower_internals import flower_logger
     from fedpeft.federation.virtual_grid import RayGrid, loopback_ray
 
+    flwr_logger = flower_logger()
     level = flwr_logger.level
     if not verbose:  # Ray's per-actor chatter; restored after the run, so later messages of this
         flwr_logger.setLevel(logging.ERROR)  # process (a node's policy refusals) still print

@@ -9,6 +9,10 @@
 Every module is imported so its ``@CODECS.register`` runs: a new codec is one file.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from fedpeft.compression.codec import CODECS, Codec, State, decode_payload, header_size
 from fedpeft.compression.error_feedback import (
     DiskResidualStore,
@@ -20,6 +24,9 @@ from fedpeft.compression.error_feedback import (
 from fedpeft.compression.wire import from_wire, to_wire
 from fedpeft.plugins import import_submodules
 
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
+
 import_submodules(__name__, __path__)
 
 
@@ -28,8 +35,17 @@ def build_codec(name: str, **options: float) -> Codec:
     return CODECS.get(name)(**options)
 
 
+def codec_for(settings: RunConfig) -> Codec:
+    """The ``--compression`` codec with the run settings it declares (``Codec.options``).
+
+    One builder for both directions: the upload stage (``stages/compression.py``) and the
+    server's compressed broadcast (``--compress-down``) must encode with the same codec."""
+    name = settings.compression
+    return build_codec(name, **{o.name: getattr(settings, o.name) for o in CODECS.get(name).options})
+
+
 __all__ = [
     "CODECS", "Codec", "DiskResidualStore", "ErrorFeedback", "InMemoryResidualStore",
-    "ResidualStore", "State", "build_codec", "decode_payload", "error_feedback_step",
+    "ResidualStore", "State", "build_codec", "codec_for", "decode_payload", "error_feedback_step",
     "from_wire", "header_size", "to_wire",
 ]

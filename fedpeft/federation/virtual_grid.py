@@ -24,19 +24,21 @@ import traceback
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
+from fedpeft.federation.flower_internals import new_run, ray_backend, stamp_message
 from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.federation.node_policy import POLICY_KEY, RUN_POLICY
 from fedpeft.engine.sampling import WorkerPool
 from fedpeft.threads import IN_PROCESS_KEY
+
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run
 
 #: Flower's error code for "the ClientApp raised"
 _CLIENT_EXCEPTION = 2
@@ -46,15 +48,12 @@ class InMemoryGrid(Grid):
     """Flower's Grid API over messages delivered in this process: message bookkeeping for the
     simulation grids here and the node-per-client test grid (``local_grid.py``). Subclasses
     say which nodes exist and which Context a message runs in; by default a message runs
-    through ``client_app`` at once."""
+    through ``client_app`` at once. It does what Flower's runtime would (the run, the task
+    identity, message ids): Flower internals, behind a version guard (``flower_internals.py``)."""
 
     def __init__(self, client_app: ClientApp | None, run_id: int = 1) -> None:
         self.client_app = client_app
-        self._run = Run.create_empty(run_id)
-        # Flower's runtimes set the process' task identity; Message() reads it
-        TaskIdentity.run_id = run_id
-        TaskIdentity.node_id = 0
-        TaskIdentity.task_id = run_id
+        self._run = new_run(run_id)  # refuses an untested Flower
         self._replies: dict[str, Message] = {}
         self._lock = threading.Lock()
 
@@ -78,9 +77,7 @@ class InMemoryGrid(Grid):
         ids = []
         for msg in messages:
             mid = str(uuid4())
-            msg.metadata.__dict__["_message_id"] = mid
-            msg.metadata.__dict__["_run_id"] = self._run.run_id
-            msg.metadata.__dict__["_created_at"] = time.time()
+            stamp_message(msg, mid, run_id=self._run.run_id)
             self._submit(mid, msg)
             ids.append(mid)
         return ids
@@ -205,7 +202,7 @@ class PooledGrid(VirtualClientGrid):
             reply = self._execute(msg, self.context_for(msg))
         except Exception as exc:  # noqa: BLE001 - a failing client is a reply with an error
             reply = self._error_reply(msg, exc)
-        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        stamp_message(reply, str(uuid4()))
         self._store(mid, reply)
 
     def _wait(self, ids: list[str], timeout: float | None) -> None:
@@ -236,9 +233,7 @@ class RayGrid(PooledGrid):
     (``client_resources``), each actor keeping one workspace for every client it serves."""
 
     def __init__(self, client_app: ClientApp, num_clients: int, backend_config: dict[str, Any]) -> None:
-        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
-        self._backend = RayBackend(backend_config)
+        self._backend = ray_backend(backend_config)  # refuses an untested Flower
         self._backend.build(_app_factory(client_app))
         workers = self._backend.num_workers
         if workers < 1:

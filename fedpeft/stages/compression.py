@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedpeft.compression import CODECS, Codec, DiskResidualStore, ErrorFeedback, build_codec, decode_payload, wire
+from fedpeft.compression import CODECS, Codec, DiskResidualStore, ErrorFeedback, codec_for, decode_payload, wire
 from fedpeft.pipeline import STAGES, BuildEnv, ClientContext, Metrics, ServerContext, Stage, State
 from fedpeft.updates import apply_update, client_delta
 
@@ -25,11 +25,6 @@ if TYPE_CHECKING:
     from fedpeft.strategy import FedPeftStrategy
 
 RESIDUALS_DIR = "residuals"
-
-
-def codec_for(cfg: RunConfig) -> Codec:
-    """The ``--compression`` codec with the run settings it declares (``Codec.options``)."""
-    return build_codec(cfg.compression, **{o.name: getattr(cfg, o.name) for o in CODECS.get(cfg.compression).options})
 
 
 @STAGES.register("compression")
