@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine: a round as plain Python, no Flower", ("fedpeft.engine",)),
     ("Flower layer: ClientApp, the server's round loop, grids, messages", ("fedpeft.federation",)),
     # stages are plug-ins, as strategies/ are: the round finds them by the pipeline's registry,
-    # and they use what is below (training.probe, engine.local_params); an import of a stage
+    # and they use what is below (training.probe, engine.client); an import of a stage
     # by name from below is a violation
     ("stages: plug-ins found by the pipeline's registry", ("fedpeft.stages",)),
     ("planning and settings", ("fedpeft.planning", "fedpeft.settings")),
@@ -54,8 +54,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     # stages.compression.codec_for: a stage reached by name, not through the registry
     ("fedpeft.federation.server", "fedpeft.stages.compression"),
-    # stages.user_dp.UserLevelDP: the plan builds the stage's inputs, then bind() reaches back
-    ("fedpeft.engine.privacy_plan", "fedpeft.stages.user_dp"),
 }
 
 

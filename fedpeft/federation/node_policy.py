@@ -163,7 +163,8 @@ class NodePolicy:
                 and cfg.epsilon > self.epsilon:
             self._refuse(client_id, f"the run asks for epsilon {cfg.epsilon:g}, above this node's "
                                     f"budget dp-epsilon={self.epsilon:g}")
-        delta = dp_delta if dp_delta is not None else cfg.delta
+        # only DP-SGD reads δ (and a client is sent --delta only then)
+        delta = dp_delta if dp_delta is not None else cfg.delta if private else None
         if private and self.delta is not None and delta is not None and float(delta) > self.delta:
             self._refuse(client_id, f"the run asks for delta {float(delta):g}, above this node's "
                                     f"dp-delta={self.delta:g}")
