@@ -74,13 +74,18 @@ class ClientRound:
 
 @dataclass(frozen=True)
 class LocalTask:
-    """Everything a training mode needs for one client round (built by :func:`train_client`)."""
+    """Everything a training mode, and a stage's client hooks, see of one client round (built
+    by :func:`train_client`)."""
 
     ws: Workspace
     cfg: RunConfig
     rnd: ClientRound
+    #: the client's training rows
     rows: np.ndarray
+    #: the round's public stream (:func:`client_seed`)
     rng: np.random.Generator
+    #: before every optimizer step: the adapter's hook with the stages' ``after_step`` composed
+    #: in (None in what a stage's ``before_training``/``after_step`` is given)
     hook: StepHook | None
     state_dir: Path
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
