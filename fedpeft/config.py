@@ -3,7 +3,11 @@
 Data flows one way: CLI flags / TOML file -> :func:`fedpeft.settings.resolve` ->
 :class:`RunConfig` (checked once, there, against the registries) -> ServerApp/ClientApp.
 Everything downstream trusts a ``RunConfig``. This module imports nothing of fedpeft but its
-errors, so every layer can depend on it.
+errors and the registry, so every layer can depend on it.
+
+A client is not sent the whole config: a message carries only the settings the run's
+client-side components declare (:meth:`RunConfig.to_client_flat`), and the client reads it
+back as a :class:`ClientConfig`, on which reading any other setting raises.
 
 Config files use the CLI option names (``local-epochs = 2`` or ``local_epochs = 2``) as flat
 top-level keys; CLI flags override file values, which override the defaults below.
@@ -13,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import UsageError
+from fedpeft.registry import Registry
 
 DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
 DEFAULT_DATASET = "rotten-tomatoes"
@@ -142,11 +148,25 @@ class RunConfig:
         """Flat, None-free form for Flower ConfigRecords / run_config (keys use dashes)."""
         return {k.replace("_", "-"): v for k, v in self.to_dict().items() if v is not None}
 
+    def with_changes(self, **changes: Any) -> RunConfig:  # noqa: ANN401 - setting values
+        """This config with ``changes`` (:func:`dataclasses.replace`, which a
+        :class:`ClientConfig` refuses: it would read every setting)."""
+        return dataclasses.replace(self, **changes)
+
     def to_client_flat(self) -> dict[str, bool | int | float | str]:
-        """:meth:`to_flat` without the :data:`SERVER_ONLY` settings: what every train message
-        carries (a client rebuilds its config with :meth:`from_flat`; what it is not sent
-        stays at the default, which no client code reads)."""
-        return {k: v for k, v in self.to_flat().items() if k.replace("-", "_") not in SERVER_ONLY}
+        """What every train and evaluate message carries: exactly the settings the run's
+        client-side components declare (``fedpeft.engine.client_settings``), never the whole
+        config; beside them, which client stages to build (:data:`STAGES_KEY`), which declared
+        settings are None (:data:`UNSET_KEY`: a record holds no None) and whether the run is
+        private (:data:`PRIVATE_KEY`). A client reads it back with :meth:`ClientConfig.from_flat`."""
+        declared = CLIENT_DECLARATIONS.get("run")(self)
+        values = {name: getattr(self, name) for name in _FIELD_NAMES if name in declared.settings}
+        flat: dict[str, bool | int | float | str] = {
+            name.replace("_", "-"): value for name, value in values.items() if value is not None}
+        flat[STAGES_KEY] = ",".join(declared.stages)
+        flat[UNSET_KEY] = ",".join(name for name, value in values.items() if value is None)
+        flat[PRIVATE_KEY] = self.private
+        return flat
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
@@ -154,6 +174,11 @@ class RunConfig:
         names = {f.name for f in fields(cls)}
         values = {k.replace("-", "_"): v for k, v in flat.items()}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def private(self) -> bool:
+        """The run has a DP guarantee (``--dp user|sample``, or a budget that implies it)."""
+        return self.dp not in (None, "none") or self.epsilon is not None or self.noise_multiplier is not None
 
     @property
     def target_module_list(self) -> list[str]:
@@ -180,15 +205,106 @@ class RunConfig:
         return ranks[client_id % len(ranks)] if ranks else None
 
 
-#: Settings only the server reads (aggregation, server optimiser, user-level DP, round control,
-#: reporting). They are never sent to clients; ``tests/test_config_split.py`` checks that no
-#: client-side module reads one.
-SERVER_ONLY: frozenset[str] = frozenset({
-    "clients", "cohort", "fair_solver", "fair_lambda", "server_opt", "server_lr", "server_momentum",
-    "server_beta2", "server_tau", "ema", "eval_every", "clip", "adaptive_clip", "target_quantile", "clip_lr",
-    "diagnostics", "compress_down", "deadline", "max_upload_bytes", "checkpoint_every",
-    "round_timeout", "backend", "ray_address", "planned", "tensorboard",
-})
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RunConfig))
+
+#: message keys beside the settings (:meth:`RunConfig.to_client_flat`): the client stages to
+#: build, comma-separated (the server evaluated :meth:`fedpeft.pipeline.Stage.active`); the
+#: declared settings whose value is None; whether the run is private (a DP run's clients log
+#: nothing that names who was sampled, :mod:`fedpeft.federation.message_timing`)
+STAGES_KEY = "client-stages"
+UNSET_KEY = "settings-unset"
+PRIVATE_KEY = "private-run"
+
+
+@dataclass(frozen=True)
+class ClientDeclaration:
+    """What a run's client-side components declare (``fedpeft.engine.client_settings``)."""
+
+    #: the ``RunConfig`` fields they read
+    settings: frozenset[str]
+    #: the stages whose client halves run, by name
+    stages: tuple[str, ...]
+
+
+#: run config -> its :class:`ClientDeclaration`. The declaring components (task, adapter,
+#: training modes, stages) sit above this module, so their gatherer is reached by name, the way
+#: a registry reaches its plug-ins: ``fedpeft.engine.client_settings`` registers ``"run"``.
+CLIENT_DECLARATIONS: Registry[Callable[[RunConfig], ClientDeclaration]] = Registry(
+    "client settings declaration", plugins="fedpeft.engine.client_settings")
+
+
+class UndeclaredSetting(RuntimeError):
+    """A client read a setting that no client-side component of its run declares, so the server
+    did not send it (not an AttributeError: ``getattr(cfg, name, default)`` must not hide it)."""
+
+
+class ClientConfig(RunConfig):
+    """A run config as a client receives it (:meth:`RunConfig.to_client_flat`): the declared
+    settings; reading any other raises :class:`UndeclaredSetting` instead of silently giving a
+    default the server never chose. Also carries :attr:`client_stages` and :attr:`private`.
+
+    Built only by :meth:`from_flat`; :meth:`with_changes` derives another (``dataclasses.replace``
+    and ``to_dict`` read every setting, so they raise)."""
+
+    #: the stages whose client halves run, as the server named them
+    client_stages: tuple[str, ...]
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> ClientConfig:
+        """The settings in a message; keys that are not settings are ignored (round keys,
+        Flower's own). A message not built by :meth:`RunConfig.to_client_flat` is refused."""
+        if STAGES_KEY not in flat:
+            raise ValueError(f"not a client message (no {STAGES_KEY!r}): built by RunConfig.to_client_flat?")
+        values = {k.replace("-", "_"): v for k, v in flat.items() if k.replace("-", "_") in _FIELD_NAMES}
+        values.update({name: None for name in _names(str(flat.get(UNSET_KEY, "")))})
+        return cls._received(values, tuple(_names(str(flat[STAGES_KEY]))), bool(flat.get(PRIVATE_KEY, True)))
+
+    @classmethod
+    def _received(cls, values: dict[str, Any], stages: tuple[str, ...], private: bool) -> ClientConfig:
+        cfg = cls(**values)
+        object.__setattr__(cfg, "_withheld", frozenset(_FIELD_NAMES) - values.keys())
+        object.__setattr__(cfg, "client_stages", stages)
+        object.__setattr__(cfg, "_private", private)
+        return cfg
+
+    def __getattribute__(self, name: str) -> Any:  # noqa: ANN401 - any attribute
+        if name in object.__getattribute__(self, "__dict__").get("_withheld", ()):
+            raise UndeclaredSetting(
+                f"setting {name!r} was read on a client, but no client-side component of this run "
+                "declares it, so the server did not send it; declare it beside the code that reads it "
+                "(see fedpeft.engine.client_settings)")
+        return object.__getattribute__(self, name)
+
+    def _sent(self) -> tuple[tuple[str, Any], ...]:
+        """(name, value) of every setting received, in field order."""
+        own = object.__getattribute__(self, "__dict__")
+        return tuple((n, own[n]) for n in _FIELD_NAMES if n not in own["_withheld"])
+
+    def _identity(self) -> tuple[Any, ...]:
+        own = object.__getattribute__(self, "__dict__")
+        return self._sent(), own["client_stages"], own["_private"]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClientConfig) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+    def __repr__(self) -> str:
+        return f"ClientConfig({', '.join(f'{n}={v!r}' for n, v in self._sent())})"
+
+    @property
+    def private(self) -> bool:
+        """The run is private, as the server said (its ``dp``/``epsilon`` need not be sent)."""
+        return bool(object.__getattribute__(self, "__dict__")["_private"])
+
+    def with_changes(self, **changes: Any) -> ClientConfig:  # noqa: ANN401 - setting values
+        own = object.__getattribute__(self, "__dict__")
+        return ClientConfig._received({**dict(self._sent()), **changes}, own["client_stages"], own["_private"])
+
+
+def _names(joined: str) -> list[str]:
+    return [n for n in joined.split(",") if n]
 
 
 def _types(annotation: str) -> tuple[type, ...]:
@@ -234,4 +350,5 @@ def normalize_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-__all__ = ["SERVER_ONLY", "RunConfig", "load_toml", "read_toml", "normalize_keys", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]
+__all__ = ["CLIENT_DECLARATIONS", "PRIVATE_KEY", "STAGES_KEY", "UNSET_KEY", "ClientConfig", "ClientDeclaration",
+           "RunConfig", "UndeclaredSetting", "load_toml", "read_toml", "normalize_keys", "DEFAULT_MODEL", "DEFAULT_DATASET", "field"]

@@ -14,24 +14,38 @@ halves in order (user-level DP turns the cohort into one noised pseudo-update). 
 does the strategy aggregate (:mod:`fedpeft.strategy`): a strategy knows nothing about
 compression or DP, and a stage nothing about the strategy beyond its declared flags.
 
+A stage owns its whole mechanism, client half included: besides transforming the update it
+may prepare the client's model before local training (:meth:`Stage.before_training`, e.g.
+FedSA-LoRA's own ``B``), act after every optimizer step (:meth:`Stage.after_step`, e.g. the
+rank cap), keep state and report metrics after training (:meth:`Stage.after_training`), ask
+for a client training procedure (:attr:`Stage.training`, e.g. DP-SGD) and declare the
+settings its client half reads (:meth:`Stage.client_settings`: a client is sent only those).
+The client runs these hooks through the pipeline and never asks which stage is which.
+
 A new stage is one file in :mod:`fedpeft.stages` (or any package imported before the run)
 registering a subclass in :data:`STAGES`; it switches itself on from the run config in
-:meth:`Stage.active` (default: when its name is listed in ``--stages``).
+:meth:`Stage.active` (default: when its name is listed in ``--stages``). The server decides
+which stages are active and names the client halves in every message, so a client needs no
+setting that only switches a stage on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
+from fedpeft.adapters.base import StepHook
 from fedpeft.layout import Layout, layout_of
 from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
+    from fedpeft.engine.client import LocalTask
+    from fedpeft.privacy.randomness import RandomStreams
     from fedpeft.strategy import ClientUpdate, FedPeftStrategy
 
 State = dict[str, torch.Tensor]
@@ -39,17 +53,54 @@ Metrics = dict[str, float]
 Side = Literal["client", "server"]
 
 
+class PrivacyInputs(Protocol):
+    """What the run's privacy level gives the stages that privatise on the server
+    (``fedpeft.engine.privacy_plan`` calibrates it before the pipeline is built)."""
+
+    #: δ at which ε is reported
+    delta: float | None
+    #: z, calibrated from the budget (or given)
+    noise_multiplier: float | None
+    #: q, the Poisson client-sampling rate
+    sample_rate: float
+    #: where the run's noise comes from (secret under DP, :mod:`fedpeft.privacy.randomness`)
+    streams: RandomStreams
+
+
+@runtime_checkable
+class PrivacyAccount(Protocol):
+    """A stage that accounts the run's privacy on the server (user-level DP): what the privacy
+    plan reads from it, without knowing the stage."""
+
+    #: z charged to the accountant per round
+    noise_multiplier: float
+    #: the multiplier of the noise actually added to the update (≥ z under adaptive clipping)
+    update_noise_multiplier: float
+
+    def epsilon(self) -> float:
+        """ε spent so far."""
+
+    def exceeds_budget_next_round(self, epsilon: float) -> bool:
+        """True when one more round would take ε past ``epsilon``."""
+
+    def account_attempts(self, count: int) -> None:
+        """Charge ``count`` round attempts that ran but are not in the state (a resume)."""
+
+
 @dataclass(frozen=True)
 class BuildEnv:
     """What a stage may read when the pipeline is built (the same on clients and server,
-    except ``side`` and the server-only ``privacy``)."""
+    except ``side``, the server-only ``privacy`` and the client's ``stages``)."""
 
     cfg: RunConfig
     strategy: type[FedPeftStrategy]
     side: Side
-    #: the run's privacy level on the server (``fedpeft.engine.privacy_plan``): its δ,
-    #: noise multiplier, sample rate and secret streams; None on clients
-    privacy: Any = None
+    #: the run's privacy level on the server (its δ, noise multiplier, sample rate and secret
+    #: streams); None on clients
+    privacy: PrivacyInputs | None = None
+    #: the stages to build, as the server named them to a client (``client-stages`` in its
+    #: messages); None: every stage :meth:`Stage.active` for ``cfg`` on ``side``
+    stages: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +142,7 @@ class Stage:
     #: offered when a strategy that needs them is refused (e.g. ``--dp sample``).
     keeps_updates_instead: ClassVar[str] = ""
     #: The client training procedure this stage needs (``fedpeft.engine.client``'s
-    #: ``TRAINING_MODES``), or None.
+    #: ``TRAINING_MODES``; a stage registers its own there), or None.
     training: ClassVar[str | None] = None
 
     #: Where the stage runs; a server-only stage (user-level DP) is not built on clients.
@@ -117,6 +168,29 @@ class Stage:
         """Why this stage cannot run with ``cfg`` and ``strategy`` (checked once, by
         :func:`refusals`), or None."""
         return None
+
+    @classmethod
+    def client_settings(cls, cfg: RunConfig) -> tuple[str, ...]:
+        """The settings (``RunConfig`` field names) this stage's client half reads when it is
+        active: :meth:`create` on a client and the client hooks. A client is sent only the
+        settings its components declare (``fedpeft.engine.client_settings``); reading another
+        one there raises."""
+        return ()
+
+    # -- client half around local training (fedpeft.engine.client.train_client) ----------
+    def before_training(self, task: LocalTask, ctx: ClientContext) -> None:
+        """Prepare the client's model once the broadcast is loaded, before it trains (a client
+        without examples trains nothing and skips this and :meth:`after_training`)."""
+
+    def after_step(self, task: LocalTask, ctx: ClientContext) -> Callable[[], None] | None:
+        """What runs right after every local optimizer step (after the adapter's own hook), or
+        None. Called once, after :meth:`before_training`."""
+        return None
+
+    def after_training(self, task: LocalTask, ctx: ClientContext) -> Metrics:
+        """After the upload went through every :meth:`on_client`: keep what the client keeps,
+        return reply metrics. May change the model (it is reloaded for every client)."""
+        return {}
 
     def on_client(self, update: State, ctx: ClientContext) -> tuple[State, Metrics]:
         """Transform one client's update before it is sent."""
@@ -150,6 +224,20 @@ class Stage:
 STAGES: Registry[type[Stage]] = Registry("stage", plugins="fedpeft.stages")
 
 
+def active_stages(cfg: RunConfig, strategy: type[FedPeftStrategy], side: Side) -> list[type[Stage]]:
+    """The stages a run with ``cfg`` and ``strategy`` uses on ``side``, by name."""
+    return [stage for stage in (STAGES.get(n) for n in STAGES.names())
+            if side in stage.sides and stage.active(cfg, strategy)]
+
+
+def training_mode(stages: list[type[Stage]] | list[Stage]) -> str:
+    """The client training mode ``stages`` ask for (``none``: plain local training)."""
+    modes = {s.training for s in stages if s.training is not None}
+    if len(modes) > 1:
+        raise ValueError(f"stages ask for different client training modes: {sorted(modes)}")
+    return modes.pop() if modes else "none"
+
+
 @dataclass
 class Pipeline:
     """The run's active stages in order (built the same way on every party)."""
@@ -158,8 +246,14 @@ class Pipeline:
 
     @classmethod
     def build(cls, env: BuildEnv) -> Pipeline:
-        built = [stage.create(env) for stage in (STAGES.get(n) for n in STAGES.names())
-                 if env.side in stage.sides and stage.active(env.cfg, env.strategy)]
+        if env.stages is None:
+            chosen = active_stages(env.cfg, env.strategy, env.side)
+        else:
+            chosen = [STAGES.get(name) for name in env.stages]
+            foreign = [s.name for s in chosen if env.side not in s.sides]
+            if foreign:
+                raise ValueError(f"stages {foreign} do not run on the {env.side}")
+        built = [stage.create(env) for stage in chosen]
         return cls(sorted(built, key=lambda s: (s.order, s.name)))
 
     def find(self, name: str) -> Stage | None:
@@ -168,14 +262,48 @@ class Pipeline:
     @property
     def training(self) -> str:
         """The client training mode the stages ask for (``none``: plain local training)."""
-        modes = {s.training for s in self.stages if s.training is not None}
-        if len(modes) > 1:
-            raise ValueError(f"stages ask for different client training modes: {sorted(modes)}")
-        return modes.pop() if modes else "none"
+        return training_mode(self.stages)
 
     @property
     def combines_updates(self) -> bool:
         return any(s.combines_updates for s in self.stages)
+
+    @property
+    def privacy_account(self) -> PrivacyAccount | None:
+        """The stage that accounts the run's privacy on the server, or None."""
+        accounts = [s for s in self.stages if isinstance(s, PrivacyAccount)]
+        if len(accounts) > 1:
+            raise ValueError(f"more than one stage accounts privacy: {[s.name for s in accounts]}")
+        return accounts[0] if accounts else None
+
+    # -- client half around local training ------------------------------------------------
+    def before_training(self, task: LocalTask, ctx: ClientContext) -> None:
+        for stage in self.stages:
+            stage.before_training(task, ctx)
+
+    def step_hook(self, hook: StepHook | None, task: LocalTask, ctx: ClientContext) -> StepHook | None:
+        """``hook`` (the adapter's) with every stage's :meth:`Stage.after_step` run after each
+        optimizer step, following the hook's own callable, in stage order."""
+        afters = [after for after in (s.after_step(task, ctx) for s in self.stages) if after is not None]
+        if not afters:
+            return hook
+
+        def wrapped(step: int) -> Callable[[], None]:
+            inner = hook(step) if hook is not None else None
+
+            def run() -> None:
+                if inner is not None:
+                    inner()
+                for after in afters:
+                    after()
+            return run
+        return wrapped
+
+    def after_training(self, task: LocalTask, ctx: ClientContext) -> Metrics:
+        metrics: Metrics = {}
+        for stage in self.stages:
+            metrics.update(stage.after_training(task, ctx))
+        return metrics
 
     def on_client(self, update: State, ctx: ClientContext) -> tuple[State, Metrics]:
         metrics: Metrics = {}
@@ -246,6 +374,6 @@ def refusals(cfg: RunConfig, strategy: type[FedPeftStrategy]) -> str | None:
     return None
 
 
-__all__ = ["STAGES", "BuildEnv", "ClientContext", "Layout", "Pipeline", "ServerContext", "Stage",
-           "layout_of", "refusals"]
+__all__ = ["STAGES", "BuildEnv", "ClientContext", "Layout", "Pipeline", "PrivacyAccount", "PrivacyInputs",
+           "ServerContext", "Stage", "active_stages", "layout_of", "refusals", "training_mode"]
 

@@ -8,7 +8,8 @@ every ``lora_A``, the classifier head and any other shared tensor; the global ``
 are left exactly as they were, i.e. at their initial value (peft LoRA: zeros) for the whole
 run.
 
-Client (:func:`fedpeft.engine.client.train_client`, driven by :attr:`client_local`):
+Client (the ``client-local`` stage, :mod:`fedpeft.stages.client_local`, driven by
+:attr:`client_local`: it is active exactly when a strategy has one):
 
 * each client keeps its own ``B`` between the rounds in which it is sampled, in per-client
   state (``<client state dir>/local_params/<client key>.safetensors``, only for clients ever
@@ -16,9 +17,8 @@ Client (:func:`fedpeft.engine.client.train_client`, driven by :attr:`client_loca
   broadcast (global ``A`` + head), then its saved ``B`` over it (first time: the initial
   ``B``), trains, and saves its ``B``;
 * its upload omits ``B``: byte counts, ComPEFT compression with error feedback and
-  user-level DP clipping cover ``A`` + head only: the ``client-local`` stage of the update
-  pipeline (:mod:`fedpeft.stages.client_local`) drops them from the upload and from the
-  honest layout the server checks, so a ``B`` sent anyway is rejected;
+  user-level DP clipping cover ``A`` + head only: the stage drops them from the upload and
+  from the honest layout the server checks, so a ``B`` sent anyway is rejected;
 * it evaluates its personalized model — the broadcast's global ``A`` and head with its
   freshly trained ``B`` — on a local test set drawn from the central test split with its
   own train label proportions (:mod:`fedpeft.training.personal_eval`), and reports

@@ -188,3 +188,72 @@ def test_a_stage_registered_elsewhere_is_switched_on_by_name(monkeypatch, tmp_pa
     halved, metrics = client.stages[0].on_client(up, ClientContext(0, "0", 1, None, glob, tmp_path))
     assert metrics == {"halved": 1.0}
     torch.testing.assert_close(halved[A], (glob[A] + up[A]) / 2)
+
+
+# -- a stage's client half: hooks the pipeline composes, found without a name ----------------
+class _Recorder(Stage):
+    """A stage that logs every client hook it gets (a plug-in fedpeft has never seen)."""
+
+    order = 30
+    sides = ("client",)
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def before_training(self, task, ctx):
+        self.log.append(f"{self.name} before {ctx.server_round}")
+
+    def after_step(self, task, ctx):
+        return lambda: self.log.append(f"{self.name} after step")
+
+    def after_training(self, task, ctx):
+        self.log.append(f"{self.name} after training")
+        return {f"{self.name}-metric": 1.0}
+
+
+def test_stage_hooks_run_around_training_after_the_adapters_own_step_hook():
+    log: list[str] = []
+    pipeline = Pipeline([_Recorder("a", log), _Recorder("b", log)])
+    ctx = ClientContext(1, "1", 4, None, {}, Path("."))
+    pipeline.before_training(None, ctx)
+    adapter_hook = lambda step: (lambda: log.append(f"adapter after step {step}"))  # noqa: E731
+    hook = pipeline.step_hook(adapter_hook, None, ctx)
+    for step in range(2):
+        hook(step)()
+    metrics = pipeline.after_training(None, ctx)
+    assert log == ["a before 4", "b before 4",
+                   "adapter after step 0", "a after step", "b after step",
+                   "adapter after step 1", "a after step", "b after step",
+                   "a after training", "b after training"]
+    assert metrics == {"a-metric": 1.0, "b-metric": 1.0}
+    assert Pipeline([]).step_hook(adapter_hook, None, ctx) is adapter_hook  # nothing composed
+    assert Pipeline([]).step_hook(None, None, ctx) is None
+
+
+def test_a_client_builds_the_stages_the_server_named_not_those_its_settings_switch_on():
+    cfg = RunConfig(compression="compeft", client_ranks="2,4", strategy="flora")
+    named = Pipeline.build(BuildEnv(cfg, STRATEGIES.get("flora"), "client", stages=("rank-cap",)))
+    assert [s.name for s in named.stages] == ["rank-cap"]
+    with pytest.raises(ValueError, match="do not run on the client"):
+        Pipeline.build(BuildEnv(cfg, STRATEGIES.get("flora"), "client", stages=("user-dp",)))
+
+
+def test_the_privacy_plan_finds_the_accounting_stage_by_what_it_does():
+    stage = UserLevelDP(1.0, 0.5, 4.0, 0.1, make_accountant("rdp"), 1e-5, streams=SeededStreams(0))
+    compression = ErrorFeedbackCompression(build_codec("compeft", density=0.5), "compeft")
+    assert Pipeline([compression, stage]).privacy_account is stage
+    assert Pipeline([compression]).privacy_account is None
+    stage.account_attempts(3)
+    assert stage.accountant.history == [(1.0, 0.1, 3)] and stage.epsilon() > 0
+
+
+def test_the_local_round_names_no_stage_and_holds_no_stage_mechanism():
+    """engine/client.py runs stages through the pipeline only: no stage name, no DP-SGD, no
+    rank cap, no client-local tensors (each lives in its stage's module)."""
+    source = (Path(__file__).resolve().parents[1] / "fedpeft" / "engine" / "client.py").read_text()
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("#", ":", "`")))
+    for name in STAGES.names():
+        assert f'"{name}"' not in code and f"'{name}'" not in code, name
+    for mechanism in ("limit_rank", "client_rank", "opacus", "train_local_dp", "Accountant", "LocalParamStore",
+                      "is_local", "personal_eval"):
+        assert mechanism not in source, mechanism

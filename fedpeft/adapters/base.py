@@ -102,6 +102,9 @@ class Adapter(ABC):
     #: True when nothing below the classification head is trained, so the encoder's output can
     #: be computed once per example and cached (fedpeft.data.features)
     frozen_encoder: ClassVar[bool] = False
+    #: the settings a client reads for this adapter: what its :class:`AdapterSpec` is built from
+    #: (``fedpeft.engine.workspace.adapter_spec``; a client is sent only declared settings)
+    client_settings: ClassVar[tuple[str, ...]] = ("rank", "alpha", "min_rank", "target_modules", "lora_layers", "seed")
 
     def __init__(self, spec: AdapterSpec) -> None:
         self.spec = spec

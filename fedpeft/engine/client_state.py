@@ -9,6 +9,9 @@ from typing import Any
 
 from fedpeft.config import RunConfig
 
+#: the settings a client reads here (also a node policy's per-run directory)
+SETTINGS: tuple[str, ...] = ("output",)
+
 
 def client_state_dir(cfg: RunConfig, node_config: Mapping[str, Any]) -> Path:
     """Node config ``state-dir`` if set, else ``<output>/client_state``."""

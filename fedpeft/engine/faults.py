@@ -16,6 +16,10 @@ import numpy as np
 from fedpeft.config import RunConfig
 
 
+#: the settings a client reads here
+SETTINGS: tuple[str, ...] = ("seed", "dropout", "straggler_prob", "straggler_slowdown")
+
+
 class ClientDropped(RuntimeError):
     """The simulated client failed to return this round."""
 

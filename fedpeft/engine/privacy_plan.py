@@ -3,10 +3,12 @@
 One class per level, selected by name through :data:`PRIVACY_LEVELS`: it chooses where the
 run's privacy randomness comes from (a secret key under DP, :mod:`fedpeft.privacy.randomness`),
 calibrates what the privacy stages of the update pipeline are built from (user level: the
-noise multiplier of :class:`fedpeft.stages.user_dp.UserLevelDP`), adds keys to every
-round's config (sample level: the run's δ), decides whether the next round would pass the
-budget, turns round metrics into the ε spent so far, and fills the privacy fields of
-``results.json``.
+noise multiplier z; the level itself is the :class:`fedpeft.pipeline.PrivacyInputs` given to
+them through :class:`fedpeft.pipeline.BuildEnv`), adds keys to every round's config (sample
+level: the run's δ), decides whether the next round would pass the budget, turns round
+metrics into the ε spent so far, and fills the privacy fields of ``results.json``. What it
+reads back from the pipeline (user level: the accountant's ε) it reads through the
+:class:`fedpeft.pipeline.PrivacyAccount` protocol, whichever stage implements it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fedpeft.privacy import default_delta, noise_multiplier_for
 from fedpeft.privacy.client_accounting import planned_client_bound
 from fedpeft.privacy.randomness import SEEDED_WARNING, RandomStreams, SecretStreams, SeededStreams
 from fedpeft.registry import Registry
-from fedpeft.pipeline import Pipeline
+from fedpeft.pipeline import Pipeline, PrivacyAccount
 
 PRIVACY_LEVELS: Registry[type[PrivacyLevel]] = Registry("privacy level")
 
@@ -128,14 +130,13 @@ class UserLevel(PrivacyLevel):
             assert cfg.epsilon is not None  # validated in config
             self.noise_multiplier = noise_multiplier_for(cfg.epsilon, self.delta, sample_rate,
                                                          cfg.rounds, cfg.accountant)
-        self.stage: Any = None  # the user-dp stage, set by bind()
+        self.stage: PrivacyAccount | None = None  # the stage that accounts, set by bind()
 
     def bind(self, pipeline: Pipeline) -> None:
-        from fedpeft.stages.user_dp import UserLevelDP
-
-        stage = pipeline.find(UserLevelDP.name)
-        if not isinstance(stage, UserLevelDP):
-            raise ValueError("a user-level DP run needs the user-dp stage in its pipeline")
+        stage = pipeline.privacy_account
+        if stage is None:
+            raise ValueError("a user-level DP run needs a stage that accounts its privacy (user-dp) "
+                             "in its pipeline")
         self.stage = stage
 
     def plan(self) -> dict[str, Any]:
@@ -160,7 +161,7 @@ class UserLevel(PrivacyLevel):
 
     def add_attempts(self, count: int) -> None:
         if count > 0:  # one Poisson-sampled Gaussian mechanism per attempt, at the run's (z, q)
-            self.stage.accountant.step(self.stage.noise_multiplier, self.stage.sample_rate, count)
+            self.stage.account_attempts(count)
             self.epsilon = self.stage.epsilon()
 
     def final_fields(self) -> dict[str, Any]:

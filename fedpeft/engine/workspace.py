@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.adapters import Adapter, AdapterSpec, State, build_adapter
+from fedpeft.adapters import ADAPTERS, Adapter, AdapterSpec, State, build_adapter
 from fedpeft.config import RunConfig
 from fedpeft.data.features import FeatureSplit, cache_key, cached_features, split_features
 from fedpeft.data.hidden_states import HiddenSplit
@@ -32,9 +32,13 @@ from fedpeft.model.packing import enable_packing
 from fedpeft.tasks import Task, get_task
 from fedpeft.tasks.classification import text_and_labels  # noqa: F401 - its old home
 
-# RunConfig fields that change what the workspace holds
-_KEY_FIELDS = ("task", "model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
-               "validation_fraction", "max_test_examples", "adapter", "rank", "alpha", "min_rank", "target_modules", "lora_layers", "train_top_k", "bottom_cache", "seed")
+#: the settings the workspace reads itself, beside its task's and its adapter's
+#: (:func:`workspace_settings`)
+_OWN_SETTINGS = ("task", "adapter", "seed", "validation_fraction", "bottom_cache")
+#: what determines a frozen part's output besides the layer (the disk caches' keys), read with
+#: the encoder speed-ups of a task that has them (:func:`_data_identity`)
+_DATA_IDENTITY = ("model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
+                  "max_test_examples")
 
 
 @dataclass
@@ -101,8 +105,16 @@ _cache: dict[tuple, Workspace] = {}
 _builds = 0
 
 
+def workspace_settings(cfg: RunConfig) -> tuple[str, ...]:
+    """The settings that change what the workspace holds: its own, its task's and its adapter's
+    (what a client is sent for it, :mod:`fedpeft.engine.client_settings`)."""
+    task = get_task(cfg.task)
+    return tuple(sorted({*_OWN_SETTINGS, *task.client_settings, *ADAPTERS.get(cfg.adapter).client_settings,
+                         *(_DATA_IDENTITY if task.encoder_speedups else ())}))
+
+
 def workspace_key(cfg: RunConfig) -> tuple:
-    return tuple(getattr(cfg, f) for f in _KEY_FIELDS)
+    return tuple((name, getattr(cfg, name)) for name in workspace_settings(cfg))
 
 
 def adapter_spec(cfg: RunConfig) -> AdapterSpec:
@@ -218,7 +230,7 @@ def _data_identity(cfg: RunConfig) -> dict[str, object]:
     return {"model": cfg.model, "model_path": resolve_model_path(cfg.model), "pooling": cfg.pooling,
             "dataset": cfg.dataset, "text_column": cfg.text_column, "label_column": cfg.label_column,
             "max_length": cfg.max_length, "test_fraction": cfg.test_fraction,
-            "max_test_examples": cfg.max_test_examples}
+            "max_test_examples": cfg.max_test_examples}  # _DATA_IDENTITY
 
 
 def adapted_base_weights(model: nn.Module) -> State:

@@ -1,7 +1,9 @@
 """The fedpeft ClientApp (Flower Message API), identical in simulation and deployment.
 
 Run settings arrive in every message's ConfigRecord, so a SuperNode needs no local config
-beyond its identity: ``partition-id`` / ``num-partitions`` in its node config. What protects
+beyond its identity: ``partition-id`` / ``num-partitions`` in its node config. A message carries
+only the settings the run's client-side components declare, read back as a
+:class:`fedpeft.config.ClientConfig` (reading any other raises; :mod:`fedpeft.engine.client_settings`). What protects
 its examples is its own, though: its DP policy (level, ε budget / z floor, δ, secret noise,
 where its accountant lives) comes from its node config, and a train message asking for less is
 refused (:mod:`fedpeft.federation.node_policy`; in simulation the run's config is the policy). Every train
@@ -21,7 +23,6 @@ imports (torch, transformers, peft) happen inside the handlers that need them: d
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,7 +31,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from fedpeft.config import RunConfig
+from fedpeft.config import ClientConfig, RunConfig
 from fedpeft.federation.message_timing import PhaseClock, log_level, logs_message_lines
 from fedpeft.federation.messages import CLIENT_ID_KEY
 from fedpeft.logs import install as install_logging
@@ -57,7 +58,7 @@ def node_data(cfg: RunConfig, node_config: Mapping[str, Any], client_id: int,
     path = str(node_config.get("dataset-path", "") or "")
     if not path:
         return cfg, client_id, num_partitions
-    return dataclasses.replace(cfg, dataset=path, partition="iid"), 0, 1
+    return cfg.with_changes(dataset=path, partition="iid"), 0, 1
 
 
 def _worker_node() -> int:
@@ -84,7 +85,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedpeft.engine.workspace import get_workspace
 
     config = msg.content["config"]
-    cfg = RunConfig.from_flat(dict(config))
+    cfg = ClientConfig.from_flat(dict(config))
     torch.set_num_threads(client_threads(cfg, context.node_config))
     ev = evaluate_shard(get_workspace(cfg), from_record(msg.content["arrays"]),
                         (int(config[SHARD_KEY]), int(config[SHARDS_KEY])), str(config.get(SPLIT_KEY, TEST)))
@@ -120,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
 
     clock.lap("imports")
     config = msg.content["config"]
-    cfg = RunConfig.from_flat(dict(config))
+    cfg: RunConfig = ClientConfig.from_flat(dict(config))
     torch.set_num_threads(client_threads(cfg, context.node_config))
     client_id, num_partitions = _identity(context, config)
     cfg, part_index, part_count = node_data(cfg, context.node_config, client_id, num_partitions)

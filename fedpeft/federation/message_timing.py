@@ -37,10 +37,9 @@ def logs_message_lines(cfg: Any) -> bool:
     never under DP (``--dp user|sample``, or a budget that implies it). The line names the
     client and the round, so in a simulation (all clients in one process tree, one stderr) the
     lines spell out every round's secret Poisson cohort and its realised size; neither is
-    published by a DP run (SPEC §3.4)."""
-    private = (cfg.dp not in (None, "none") or cfg.epsilon is not None
-               or cfg.noise_multiplier is not None)
-    return not private
+    published by a DP run (SPEC §3.4). A client is told (``RunConfig.private``): a user-level
+    DP run sends it no DP setting."""
+    return not cfg.private
 
 
 def process_age_s() -> float | None:

@@ -147,8 +147,8 @@ class NodePolicy:
         does not allow."""
         private = training == "sample"
         if self.level == "sample" and not private:
-            self._refuse(client_id, f"the run asks for dp={cfg.dp} (client training "
-                                    f"{training!r}); this node trains only with sample-level "
+            self._refuse(client_id, f"the run asks for client training {training!r} (not "
+                                    "--dp sample); this node trains only with sample-level "
                                     "DP-SGD (node config dp=sample)")
         if private and cfg.insecure_reproducible_noise and not self.allow_insecure_noise:
             self._refuse(client_id, "the run asks for insecure reproducible (seeded) noise; this "
@@ -163,13 +163,14 @@ class NodePolicy:
                 and cfg.epsilon > self.epsilon:
             self._refuse(client_id, f"the run asks for epsilon {cfg.epsilon:g}, above this node's "
                                     f"budget dp-epsilon={self.epsilon:g}")
-        delta = dp_delta if dp_delta is not None else cfg.delta
+        # only DP-SGD reads δ (and a client is sent --delta only then)
+        delta = dp_delta if dp_delta is not None else cfg.delta if private else None
         if private and self.delta is not None and delta is not None and float(delta) > self.delta:
             self._refuse(client_id, f"the run asks for delta {float(delta):g}, above this node's "
                                     f"dp-delta={self.delta:g}")
         if delta is None:
             delta = self.delta
-        return dataclasses.replace(cfg, accountant=self.accountant), \
+        return cfg.with_changes(accountant=self.accountant), \
             (float(delta) if delta is not None else None)
 
     def check_noise(self, client_id: int | str, noise_multiplier: float) -> None:

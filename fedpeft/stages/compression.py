@@ -41,6 +41,10 @@ class ErrorFeedbackCompression(Stage):
         return cfg.compression != "none"
 
     @classmethod
+    def client_settings(cls, cfg: RunConfig) -> tuple[str, ...]:
+        return ("compression", *(o.name for o in CODECS.get(cfg.compression).options))
+
+    @classmethod
     def create(cls, env: BuildEnv) -> ErrorFeedbackCompression:
         cfg = env.cfg
         options = ", ".join(f"{o.name} {getattr(cfg, o.name):g}" for o in CODECS.get(cfg.compression).options)

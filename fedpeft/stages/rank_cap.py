@@ -1,15 +1,17 @@
 """Heterogeneous client ranks (``--client-ranks 2,4,8``, FLoRA, SPEC §2.4): a rank-``r_i``
 client uploads only ``A[:r_i]`` and ``B[:, :r_i]``.
 
-Training already holds the components beyond ``r_i`` at zero
-(:meth:`fedpeft.adapters.base.Adapter.limit_rank`); this stage cuts them from the upload,
-and tells the server the shapes to expect from that client. Server and clients derive
+On the client the stage holds the components beyond ``r_i`` at zero during training (it zeroes
+them once the broadcast is loaded and again after every optimizer step,
+:meth:`fedpeft.adapters.base.Adapter.limit_rank`), cuts them from the upload, and tells the
+server the shapes to expect from that client. Server and clients derive
 ``r_i`` from the client's identity (:meth:`fedpeft.config.RunConfig.client_rank`), so
 nothing extra is sent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fedpeft.adapters.base import truncate_shape, truncate_state
@@ -17,6 +19,7 @@ from fedpeft.pipeline import STAGES, BuildEnv, ClientContext, Layout, Metrics, S
 
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
+    from fedpeft.engine.client import LocalTask
     from fedpeft.strategy import FedPeftStrategy
 
 
@@ -45,6 +48,16 @@ class RankCap(Stage):
     @classmethod
     def create(cls, env: BuildEnv) -> RankCap:
         return cls(env.cfg)
+
+    @classmethod
+    def client_settings(cls, cfg: RunConfig) -> tuple[str, ...]:
+        return ("client_ranks",)
+
+    def after_step(self, task: LocalTask, ctx: ClientContext) -> Callable[[], None] | None:
+        """This client is a rank-``r_i`` LoRA: zero the components beyond ``r_i`` now and after
+        every optimizer step (so noise or weight decay cannot revive them)."""
+        rank = self.cfg.client_rank(ctx.client_id)
+        return None if rank is None else task.ws.adapter.limit_rank(task.ws.model, rank)
 
     def on_client(self, update: State, ctx: ClientContext) -> tuple[State, Metrics]:
         rank = self.cfg.client_rank(ctx.client_id)

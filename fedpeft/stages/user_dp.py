@@ -122,8 +122,9 @@ class UserLevelDP(Stage):
 
     @classmethod
     def create(cls, env: BuildEnv) -> UserLevelDP:
-        """From the run's user privacy level (``fedpeft.engine.privacy_plan``): its
-        calibrated z, δ, q and secret streams."""
+        """From the run's privacy inputs (:class:`fedpeft.pipeline.PrivacyInputs`, the user
+        privacy level of ``fedpeft.engine.privacy_plan``): its calibrated z, δ, q and secret
+        streams."""
         cfg, privacy = env.cfg, env.privacy
         if privacy is None:
             raise ValueError("the user-dp stage is built on the server, from the run's privacy level")
@@ -173,6 +174,11 @@ class UserLevelDP(Stage):
         """True when one more round would take ε past ``epsilon`` (SPEC §3.1: stop before)."""
         return would_exceed_budget(self.accountant, self.noise_multiplier, self.sample_rate,
                                    epsilon, self.delta)
+
+    def account_attempts(self, count: int) -> None:
+        """Charge ``count`` round attempts that ran after the state was saved (a resume): one
+        Poisson-sampled Gaussian mechanism each, at the run's (z, q)."""
+        self.accountant.step(self.noise_multiplier, self.sample_rate, count)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serializable checkpoint of the privacy state."""

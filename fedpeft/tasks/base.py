@@ -93,6 +93,9 @@ class Task(ABC):
     #: :meth:`evaluate` scores a row subset of the train split (``--validation-fraction``,
     #: fedpeft.data.holdout.RowSubset: labels, lengths and ``collate`` of its rows)
     validates_on_train_rows: ClassVar[bool] = False
+    #: the settings :meth:`load_splits`, :meth:`tokenize` and :meth:`base_model` read: what a
+    #: client is sent for the task (``fedpeft.engine.client_settings``)
+    client_settings: ClassVar[tuple[str, ...]] = ()
 
     def model_type(self, model: str) -> str:
         """transformers ``model_type`` of ``--model``, read from its config only."""

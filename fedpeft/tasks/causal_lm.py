@@ -46,6 +46,7 @@ EVAL_BATCH = 8
 @TASKS.register("causal-lm")
 class CausalLM(Task):
     name = "causal-lm"
+    client_settings = ("model", "dataset", "max_length", "test_fraction", "max_test_examples")
     peft_task_type = "CAUSAL_LM"
     metrics = (EVAL_LOSS, PERPLEXITY)
     #: measured (README): SmolLM2 at --epsilon 8 with R = 87 went from perplexity 16.5 to 57.1

@@ -36,6 +36,8 @@ class Classification(Task):
     planned = True
     cost_measured = True
     encoder_speedups = True
+    client_settings = ("model", "pooling", "dataset", "text_column", "label_column", "max_length", "test_fraction",
+                       "max_test_examples", "seed")
     validates_on_train_rows = True
 
     def load_splits(self, cfg: RunConfig) -> LabeledSplits:

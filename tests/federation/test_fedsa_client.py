@@ -19,8 +19,8 @@ from fedpeft.config import RunConfig
 from fedpeft.settings import resolve
 from fedpeft.engine import client as client_mod
 from fedpeft.data.tokenized import collate
-from fedpeft.engine.client import ClientRound, local_test_seed, train_client, train_plain
-from fedpeft.engine.local_params import LOCAL_PARAMS_DIR, LocalParamStore
+from fedpeft.engine.client import ClientRound, train_client, train_plain
+from fedpeft.stages.client_local import LOCAL_PARAMS_DIR, LocalParamStore, local_test_seed
 from fedpeft.records import payload_bytes, to_record
 from fedpeft.federation.round import RoundStrategy
 from fedpeft.layout import check_update, honest_upload_layout
@@ -89,7 +89,7 @@ def _local_test_set(ws, cfg: RunConfig, cid: int) -> np.ndarray:
     rows = parts.indices(cid)[: cfg.max_client_examples or None]
     rnd = ClientRound(client_id=cid, num_partitions=cfg.clients, server_round=1, round_rank=None)
     return local_test_rows(ws.train.labels[rows], ws.test.labels, LOCAL_TEST_SIZE,
-                           np.random.default_rng(local_test_seed(cfg, rnd)))
+                           np.random.default_rng(local_test_seed(cfg.seed, rnd.key)))
 
 
 @torch.inference_mode()

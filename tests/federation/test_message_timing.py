@@ -51,7 +51,7 @@ def test_two_messages_in_one_process_build_the_workspace_once(small_csv, tmp_pat
         context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
                           state=RecordDict(), run_config={})
         for rnd in (1, 2):
-            config = ConfigRecord({**cfg.to_flat(), "server-round": rnd, "round-rank": 0, "client-id": 0})
+            config = ConfigRecord({**cfg.to_client_flat(), "server-round": rnd, "round-rank": 0, "client-id": 0})
             msg = Message(RecordDict({"arrays": arrays, "config": config}), 1, "train")
             msg.metadata.__dict__["_message_id"] = f"m{rnd}"
             assert not app(msg, context).has_error()

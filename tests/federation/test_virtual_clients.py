@@ -22,7 +22,7 @@ CFG = RunConfig(clients=50_000, cohort=4, rounds=1, max_client_examples=8, max_t
 
 
 def _train_message(ws, client: int, node: int = 1) -> Message:
-    config = ConfigRecord({**CFG.to_flat(), "server-round": 1, "round-rank": 0, "client-id": client})
+    config = ConfigRecord({**CFG.to_client_flat(), "server-round": 1, "round-rank": 0, "client-id": client})
     return Message(RecordDict({"arrays": to_record(ws.initial_state), "config": config}),
                    dst_node_id=node, message_type=MessageType.TRAIN)
 

@@ -49,8 +49,7 @@ def _train(ws, node_config: dict, server_round: int = 1, delta: float = DELTA, *
     """The ClientApp's train handler on a message the server wrote with ``overrides``."""
     from fedpeft.federation.client_app import train
 
-    flat = {**CFG.to_flat(), **{k.replace("_", "-"): v for k, v in overrides.items()}}
-    flat = {k: v for k, v in flat.items() if v is not None}
+    flat = CFG.with_changes(**overrides).to_client_flat()
     config = ConfigRecord({**flat, "server-round": server_round, "round-rank": 0, "dp-delta": delta})
     msg = Message(RecordDict({"arrays": to_record(ws.initial_state), "config": config}),
                   dst_node_id=0, message_type="train")

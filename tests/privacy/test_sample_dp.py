@@ -223,7 +223,7 @@ def test_no_hook_leak_over_many_clients_and_plain_training_afterwards_is_untouch
 def test_client_app_reply_has_epsilon_noise_multiplier_and_steps(ws, tmp_path):
     from fedpeft.federation.client_app import train
 
-    config = ConfigRecord({**CFG.to_flat(), "server-round": 1, "round-rank": 0, "dp-delta": DELTA})
+    config = ConfigRecord({**CFG.to_client_flat(), "server-round": 1, "round-rank": 0, "dp-delta": DELTA})
     msg = Message(RecordDict({"arrays": to_record(ws.initial_state), "config": config}),
                   dst_node_id=0, message_type="train")
     ctx = Context(run_id=1, node_id=0, node_config={"partition-id": 2, "num-partitions": CFG.clients,
