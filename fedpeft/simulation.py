@@ -2,7 +2,7 @@
 
 ``client_resources.num_cpus = cpus_per_client`` (default 1) gives one Ray actor per core of
 the Ray cluster (a local one, or ``--ray-address``); each actor holds one backbone (see
-``federation/workspace.py``) and serves any number of virtual clients
+``engine/workspace.py``) and serves any number of virtual clients
 (``federation/virtual_grid.py``): nothing is registered per client.
 """
 
