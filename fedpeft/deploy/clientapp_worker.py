@@ -58,7 +58,7 @@ PRELOAD = ("torch", "transformers", "peft", "datasets", "numpy", "flwr_datasets"
 #: three). Any other version is refused at start-up (:func:`flower_version_problem`); moving
 #: to a new one means re-reading those functions, updating the copies and the AST digests
 #: below (``tests/deploy/test_worker_flower_pin.py`` recomputes them) and this pin.
-TESTED_FLOWER = "1.42.0"
+from fedpeft.federation.flower_internals import TESTED_FLOWER, installed_flower  # noqa: E402 - one pin
 FLOWER_INTERNALS = (
     "flwr.cli.install", "flwr.clientapp.client_app", "flwr.clientapp.utils", "flwr.common.constant",
     "flwr.common.serde", "flwr.proto.node_pb2", "flwr.proto.runtime_pb2", "flwr.supercore.app_utils",
@@ -80,15 +80,6 @@ MIRRORED = {
     "flwr.supercore.heartbeat:make_task_heartbeat_fn_http":
         "9e3812322ae562a29f4262d563c278afb7870c26041beb8ad766269eea5e611c",
 }
-
-
-def installed_flower() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("flwr")
-    except PackageNotFoundError:
-        return "none"
 
 
 def flower_version_problem(found: str | None = None) -> str | None:
