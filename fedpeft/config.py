@@ -178,7 +178,13 @@ class RunConfig:
     @property
     def private(self) -> bool:
         """The run has a DP guarantee (``--dp user|sample``, or a budget that implies it)."""
-        return self.dp not in (None, "none") or self.epsilon is not None or self.noise_multiplier is not None
+        return self.dp not in (None, "none") or self.has_budget
+
+    @property
+    def has_budget(self) -> bool:
+        """A privacy budget was given (``--epsilon`` or ``--noise-multiplier``): alone it means
+        user-level DP, and with ``--dp none`` it is refused (settings.validate)."""
+        return self.epsilon is not None or self.noise_multiplier is not None
 
     @property
     def target_module_list(self) -> list[str]:

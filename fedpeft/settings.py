@@ -26,8 +26,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     """The config with derived defaults filled in; raise :class:`UsageError` naming the first
     bad value and what is allowed."""
     if cfg.dp is None:  # --epsilon alone means user-level DP (the headline use)
-        budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
-        cfg = dataclasses.replace(cfg, dp="user" if budget else "none")
+        cfg = dataclasses.replace(cfg, dp="user" if cfg.has_budget else "none")
     _check_schedule(cfg)
     _check_components(cfg)
     cfg = _check_adapter(cfg)
@@ -206,7 +205,7 @@ def _check_privacy(cfg: RunConfig) -> None:
 
     _check(cfg.dp in ("none", "user", "sample"), "dp", cfg.dp, "none, user, sample")
     _check(cfg.accountant in ACCOUNTANTS, "accountant", cfg.accountant, ", ".join(ACCOUNTANTS.names()))
-    budget = cfg.epsilon is not None or cfg.noise_multiplier is not None
+    budget = cfg.has_budget
     if cfg.adaptive_clip and cfg.dp != "user":
         raise UsageError("--adaptive-clip applies to --dp user only")
     if cfg.insecure_reproducible_noise and cfg.dp == "none":
