@@ -35,12 +35,36 @@ def _curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray
     return np.arange(1, length + 1), mean, np.vstack([mean - low, high - mean])
 
 
+def panels_of(labels: Sequence[str], baselines: Sequence[str | None]) -> list[tuple[str, list[str]]]:
+    """Cells grouped by the baseline they are paired with (one panel each, titled by what its
+    cells share), so a grid over datasets or α draws each comparison in its own panel instead of
+    20 curves in one; without a baseline, or with one baseline, a single untitled panel."""
+    order: dict[str | None, list[str]] = {}
+    for label, base in zip(labels, baselines):
+        order.setdefault(base, []).append(label)
+    if len(order) < 2:
+        return [("", list(labels))]
+    out = []
+    for members in order.values():
+        items = [m.split(", ") for m in members]
+        common = [it for it in items[0] if all(it in other for other in items[1:])] if len(items) > 1 else []
+        out.append((", ".join(common), members))
+    return out
+
+
+def _short(label: str, title: str) -> str:
+    """The label without the items the panel's title already names."""
+    shared = set(title.split(", ")) if title else set()
+    return ", ".join(it for it in label.split(", ") if it not in shared) or label
+
+
 def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
                     rows: list[dict[str, Any]] | None = None, metrics: Sequence[Metric] | None = None) -> list[Path]:
     """Per task metric (default: accuracy; ``<name>_vs_round.png``, ``<name>_vs_bytes.png``)
     its value vs round and vs cumulative upload bytes (both with 95% intervals over seeds),
     aggregation error vs round (means) and, given the summary ``rows``, the headline metric per
-    cell with its paired difference to the baseline and against total upload bytes."""
+    cell with its paired difference to the baseline and against total upload bytes. With rows
+    naming several baselines, the per-round plots get one panel per baseline (:func:`panels_of`)."""
     from fedpeft.tasks.base import ACCURACY
 
     metrics = list(metrics or [ACCURACY])
@@ -49,36 +73,16 @@ def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
         (f"{m.name}_vs_round.png", "round", m.round_key, f"{m.label} (95% CI over seeds)", False),
         (f"{m.name}_vs_bytes.png", "cumulative upload (MB)", m.round_key, f"{m.label} (95% CI over seeds)", False))]
     specs.append(("aggregation_error_vs_round.png", "round", "aggregation_error", "aggregation error (SPEC §1.1)", True))
+    panels = (panels_of([r["setting"] for r in rows], [r.get("baseline") for r in rows])
+              if rows is not None else [("", list(groups))])
+    cols = min(len(panels), 2)
+    nrows = -(-len(panels) // cols)
     for filename, xlabel, key, ylabel, logy in specs:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        drawn = False
-        for i, (label, runs) in enumerate(groups.items()):
-            x, y, err = _curve(runs, key)
-            shown = np.isfinite(y)  # rounds without evaluation (--eval-every) are skipped, not gaps
-            if not shown.any():
-                continue
-            if "bytes" in filename:
-                ups = np.array([[rr["bytes_up"] for rr in r["rounds"][: len(x)]] for r in runs], dtype=float)
-                x = np.cumsum(ups.mean(axis=0)) / 1e6
-            elif not logy:  # side by side within a round, so the cells' error bars do not hide each other
-                x = x + _dodge(x[shown], i, len(groups))
-            if logy:  # a deterministic property of the mechanism: the mean
-                ax.plot(x[shown], y[shown], marker="o", ms=3, label=label)
-            else:
-                ax.errorbar(x[shown], y[shown], yerr=err[:, shown], marker="o", ms=3, capsize=2, elinewidth=0.8,
-                            label=label)
-            drawn = True
-        if logy and drawn:
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        if xlabel == "round":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not applicable to these runs", ha="center", transform=ax.transAxes)
+        fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.2 * nrows), dpi=110, squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (title, members) in zip(axes.flat, panels):
+            _draw_panel(ax, {m: groups[m] for m in members if m in groups}, title, filename, xlabel, key, ylabel, logy)
         fig.tight_layout()
         path = out_dir / filename
         fig.savefig(path)
@@ -89,6 +93,43 @@ def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
         paths.append(plot_final_accuracy(rows, out_dir / f"final_{head.name}.png", head))
         paths.append(plot_accuracy_vs_bytes(rows, out_dir / f"final_{head.name}_vs_bytes.png", head))
     return paths
+
+
+def _draw_panel(ax: Any, groups: dict[str, list[dict[str, Any]]], title: str, filename: str,  # noqa: ANN401
+                xlabel: str, key: str, ylabel: str, logy: bool) -> None:
+    """One panel of a per-round plot: a curve per cell (means with 95% intervals, or means on a
+    log axis for the aggregation error)."""
+    drawn = False
+    for i, (label, runs) in enumerate(groups.items()):
+        x, y, err = _curve(runs, key)
+        shown = np.isfinite(y)  # rounds without evaluation (--eval-every) are skipped, not gaps
+        if not shown.any():
+            continue
+        if "bytes" in filename:
+            ups = np.array([[rr["bytes_up"] for rr in r["rounds"][: len(x)]] for r in runs], dtype=float)
+            x = np.cumsum(ups.mean(axis=0)) / 1e6
+        elif not logy:  # side by side within a round, so the cells' error bars do not hide each other
+            x = x + _dodge(x[shown], i, len(groups))
+        name = _short(label, title)
+        if logy:  # a deterministic property of the mechanism: the mean
+            ax.plot(x[shown], y[shown], marker="o", ms=3, label=name)
+        else:
+            ax.errorbar(x[shown], y[shown], yerr=err[:, shown], marker="o", ms=3, capsize=2, elinewidth=0.8,
+                        label=name)
+        drawn = True
+    if logy and drawn:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    if xlabel == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "not applicable to these runs", ha="center", transform=ax.transAxes)
 
 
 def _dodge(x: np.ndarray, index: int, count: int) -> float:
