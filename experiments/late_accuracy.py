@@ -5,7 +5,9 @@ evaluations instead of the last one, with the same statistics as ``fedpeft compa
 Why: on label-skewed partitions with small Poisson cohorts the last evaluated model is pulled
 towards the last cohort's labels, so one round's accuracy can swing by 20+ points; a mean over
 the last evaluations measures the strategy rather than the last draw. This is a secondary,
-post-hoc analysis: the grid's pre-set metric stays the final accuracy in comparison.md.
+post-hoc analysis: the grid's pre-set metric stays the final accuracy in comparison.md (a grid
+that sets ``[compare] average-last = K`` before it runs makes this its headline instead). Beside
+``fedpeft compare``'s numbers it counts the runs whose final model predicts one class.
 
     python experiments/late_accuracy.py experiments/results/lora_fair_powered strategy=fedavg --last 3
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from fedpeft.data.sources import load_splits
 from fedpeft.seed_statistics import mean_interval, paired_difference
+from fedpeft.tasks.base import ACCURACY
 
 
 def _parse(name: str) -> dict[str, str]:
@@ -27,9 +30,9 @@ def _parse(name: str) -> dict[str, str]:
 
 
 def late_accuracy(results: dict, last: int) -> float | None:
-    """Mean test accuracy over the run's last ``last`` evaluations (None if it has none)."""
-    accs = [r["eval_accuracy"] for r in results["rounds"] if r.get("eval_accuracy") is not None]
-    return sum(accs[-last:]) / len(accs[-last:]) if accs else None
+    """Mean test accuracy over the run's last ``last`` evaluations (None if it has none): what
+    ``[compare] average-last`` tabulates."""
+    return ACCURACY.value(results, last)
 
 
 def class_shares(config: dict) -> tuple[list[float], int]:

@@ -123,6 +123,8 @@ class Experiment:
     baseline: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: settings chosen per cell on the validation split: key -> candidate values (empty: none)
     tune: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    #: a cell's per-seed metric: the mean of each run's last this-many evaluations (1: the final one)
+    average_last: int = 1
 
     def combos(self) -> list[dict[str, Any]]:
         """The grid's values of every cell and seed, in grid order."""
@@ -255,11 +257,16 @@ def load_experiment(path: str | Path) -> Experiment:
     table = data.get("compare", {})
     if not isinstance(table, dict):
         raise UsageError(f"compare in {path} must be a table, e.g. [compare] baseline = {{strategy = \"fedavg\"}}")
-    unknown = set(table) - {"baseline", "tune"}
+    unknown = set(table) - {"baseline", "tune", "average-last"}
     if unknown:
-        raise UsageError(f"unknown key(s) {sorted(unknown)} in [compare] of {path}; allowed: baseline, tune")
+        raise UsageError(f"unknown key(s) {sorted(unknown)} in [compare] of {path}; allowed: baseline, tune, average-last")
+    last = table.get("average-last", 1)
+    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+        raise UsageError(f"[compare] average-last = {json.dumps(last)} in {path}; allowed: an integer >= 1 "
+                         "(the number of last evaluations a run's metric is averaged over; 1 = the final one)")
     exp = Experiment(name=str(data.get("name", p.stem)), base=base, grid=grid,
-                     baseline=_load_baseline(table, grid, path), tune=_load_tune(table, base, grid, path))
+                     baseline=_load_baseline(table, grid, path), tune=_load_tune(table, base, grid, path),
+                     average_last=last)
     runs = exp.runs()  # validate every run before anything runs
     if exp.tune:
         missing = sorted({r.cfg.validation_fraction for r in runs if r.candidate and not r.cfg.validation_fraction})
@@ -371,10 +378,11 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _metric_fields(metric: Metric, setting: Setting, baseline: Setting | None) -> dict[str, Any]:
-    """Mean and interval of a per-seed metric; with a baseline, the paired difference."""
+def _metric_fields(metric: Metric, setting: Setting, baseline: Setting | None, last: int = 1) -> dict[str, Any]:
+    """Mean and interval of a per-seed metric (the mean of each run's ``last`` evaluations);
+    with a baseline, the paired difference."""
     name = metric.name
-    per_seed = {seed: metric.final(run) for seed, run in setting.runs.items()}
+    per_seed = {seed: metric.value(run, last) for seed, run in setting.runs.items()}
     interval = mean_interval(list(per_seed.values()))
     # runs without a finite value (results.json stores a diverged loss or an infinite
     # perplexity as null) are left out of the mean and interval, and counted here so the table
@@ -386,7 +394,7 @@ def _metric_fields(metric: Metric, setting: Setting, baseline: Setting | None) -
     out.update({f"{name}_{f}": None for f in _DIFF_FIELDS})
     if baseline is None:
         return out
-    base_seed = {seed: metric.final(run) for seed, run in baseline.runs.items()}
+    base_seed = {seed: metric.value(run, last) for seed, run in baseline.runs.items()}
     if all(v is None for v in per_seed.values()) or all(v is None for v in base_seed.values()):
         return out  # one side never reports this metric (e.g. personalized accuracy of FedAvg)
     if baseline is setting:
@@ -426,8 +434,8 @@ def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
         rows.append({
             "setting": setting.label,
             "runs": len(runs),
-            **{k: v for m in TASK_METRICS for k, v in _metric_fields(m, setting, baseline).items()},
-            **{f"{m.name}_std": _std([m.final(r) for r in runs]) for m in TASK_METRICS},
+            **{k: v for m in TASK_METRICS for k, v in _metric_fields(m, setting, baseline, exp.average_last).items()},
+            **{f"{m.name}_std": _std([m.value(r, exp.average_last) for r in runs]) for m in TASK_METRICS},
             "baseline": baseline.label if baseline else None,
             **_metric_fields(PERSONALIZED_ACCURACY, setting, baseline),
             "personalized_majority_mean": _mean([_last(r["rounds"], "personalized_majority") for r in runs]),
@@ -448,7 +456,7 @@ def summarise(exp: Experiment, out_dir: Path) -> list[dict[str, Any]]:
     (out_dir / "comparison.md").write_text(markdown_table(exp, rows))
     from fedpeft.plots import plot_comparison
 
-    plot_comparison({s.label: list(s.runs.values()) for s in settings}, out_dir, rows, exp.metrics())
+    plot_comparison({s.label: list(s.runs.values()) for s in settings}, out_dir, rows, exp.metrics(), _which(exp))
     return rows
 
 
@@ -491,6 +499,10 @@ def _reports_outside_span(exp: Experiment) -> bool:
                for s in {r.cfg.strategy for r in exp.runs()})
 
 
+def _which(exp: Experiment) -> str:
+    return "final" if exp.average_last == 1 else f"last-{exp.average_last}-evaluations"
+
+
 def table_columns(exp: Experiment, short: bool = False) -> list[str]:
     """Column titles of the comparison table (comparison.md, or ``short`` for the terminal;
     both print the same cells)."""
@@ -499,7 +511,7 @@ def table_columns(exp: Experiment, short: bool = False) -> list[str]:
     paired = [("Δ vs baseline [95% CI]" if short else f"Δ {head.title} vs baseline [95% CI]"), "pairs", "p", "verdict"]
     tuned = ", ".join(_dashed(k) for k in exp.tune)
     return ["setting", "runs",
-            *(f"{m.title} [95% CI]" if short else f"final {m.title}, mean [95% CI]" for m in metrics),
+            *(f"{m.title} [95% CI]" if short else f"{_which(exp)} {m.title}, mean [95% CI]" for m in metrics),
             *(paired if exp.baseline else []),
             *([f"{tuned} (val. acc.)" if short else f"chosen {tuned} (mean validation accuracy)"] if exp.tune else []),
             "personal acc. [95% CI]" if short else "personalized accuracy [95% CI] (local majority)",
@@ -529,6 +541,9 @@ def reading_notes(exp: Experiment) -> list[str]:
     """What the interval and the verdict mean, for the lines above the table."""
     notes = ["Mean over a cell's seeds with its 95% Student t interval."]
     head = exp.metrics()[0]
+    if exp.average_last > 1:
+        notes.append(f"A run's {', '.join(m.title for m in exp.metrics())}: the mean of its last {exp.average_last} "
+                     "evaluations ([compare] average-last), not the final one alone.")
     if exp.baseline:
         named = ", ".join(f"{k}={v}" for k, v in exp.baseline.items())
         others = [k for k in exp.row_keys if k not in exp.baseline]

@@ -59,7 +59,8 @@ def _short(label: str, title: str) -> str:
 
 
 def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
-                    rows: list[dict[str, Any]] | None = None, metrics: Sequence[Metric] | None = None) -> list[Path]:
+                    rows: list[dict[str, Any]] | None = None, metrics: Sequence[Metric] | None = None,
+                    which: str = "final") -> list[Path]:
     """Per task metric (default: accuracy; ``<name>_vs_round.png``, ``<name>_vs_bytes.png``)
     its value vs round and vs cumulative upload bytes (both with 95% intervals over seeds),
     aggregation error vs round (means) and, given the summary ``rows``, the headline metric per
@@ -90,8 +91,8 @@ def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
         paths.append(path)
     if rows is not None:
         head = metrics[0]
-        paths.append(plot_final_accuracy(rows, out_dir / f"final_{head.name}.png", head))
-        paths.append(plot_accuracy_vs_bytes(rows, out_dir / f"final_{head.name}_vs_bytes.png", head))
+        paths.append(plot_final_accuracy(rows, out_dir / f"final_{head.name}.png", head, which))
+        paths.append(plot_accuracy_vs_bytes(rows, out_dir / f"final_{head.name}_vs_bytes.png", head, which))
     return paths
 
 
@@ -147,7 +148,8 @@ def _half_widths(rows: list[dict[str, Any]], mean: str, low: str, high: str) -> 
                      [0.0 if r[high] is None else r[high] - r[mean] for r in rows]])
 
 
-def plot_final_accuracy(rows: list[dict[str, Any]], path: Path, metric: Metric | None = None) -> Path:
+def plot_final_accuracy(rows: list[dict[str, Any]], path: Path, metric: Metric | None = None,
+                        which: str = "final") -> Path:
     """A metric's final value (default: accuracy) per cell with its 95% interval; with a
     baseline, a second panel of the paired difference (cell − baseline) with its interval
     against the line at 0."""
@@ -165,7 +167,7 @@ def plot_final_accuracy(rows: list[dict[str, Any]], path: Path, metric: Metric |
                                                                        f"{m}_ci_high"),
                 fmt="o", capsize=3, color="tab:blue")
     ax.set_yticks(y, [r["setting"] for r in shown], fontsize=7)
-    ax.set_xlabel(f"final {label} (mean, 95% CI over seeds)")
+    ax.set_xlabel(f"{which} {label} (mean, 95% CI over seeds)")
     ax.grid(alpha=0.3, axis="x")
     if paired:
         ax = axes[0][1]
@@ -196,7 +198,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path, metric: Metric | None = None) -> Path:
+def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path, metric: Metric | None = None,
+                           which: str = "final") -> Path:
     """A metric's final value (default: accuracy; mean, 95% interval over seeds) against total
     upload bytes per cell, log bytes, with the Pareto front of the means (the cells no other
     cell beats on both; for a lower-is-better metric, lower counts as better)."""
@@ -221,7 +224,7 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path, metric: Metri
     else:
         ax.text(0.5, 0.5, "no finished cells", ha="center", transform=ax.transAxes)
     ax.set_xlabel("total upload (MB, log scale)")
-    ax.set_ylabel(f"final {metric.label} (95% CI over seeds)")
+    ax.set_ylabel(f"{which} {metric.label} (95% CI over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -63,6 +63,15 @@ class Metric:
             return run["final"].get(self.final_key)
         return next((r[self.round_key] for r in reversed(run["rounds"]) if r.get(self.round_key) is not None), None)
 
+    def value(self, run: dict[str, Any], last: int = 1) -> float | None:
+        """The run's final value, or with ``last`` > 1 the mean of its last ``last`` reported
+        evaluations (fewer if it has fewer): on label-skewed clients with small cohorts the last
+        round alone is pulled towards the last cohort's labels."""
+        if last <= 1:
+            return self.final(run)
+        values = [r[self.round_key] for r in run["rounds"] if r.get(self.round_key) is not None][-last:]
+        return sum(values) / len(values) if values else None
+
 
 ACCURACY = Metric("accuracy", "accuracy", "test accuracy", "eval_accuracy", "accuracy", higher_is_better=True)
 

@@ -117,3 +117,43 @@ def test_a_run_whose_number_is_not_finite_is_counted_not_hidden(tmp_path):
     half = scipy.stats.t.ppf(0.975, 1) * statistics.stdev([0.70, 0.74]) / 2 ** 0.5
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert f"0.7200 [{0.72 - half:.4f}, {0.72 + half:.4f}] (1 run not finite, left out)" in md
+
+
+def test_average_last_pairs_the_mean_of_each_runs_last_evaluations(tmp_path):
+    """``[compare] average-last = 2``: a run's accuracy is the mean of its last 2 evaluations
+    (round 1 is not evaluated here, so rounds 2 and 3), paired against the baseline's."""
+    text = ('[base]\nclients = 10\ncohort = 2\nrounds = 3\n[grid]\nrank = [2, 4]\nseed = [0, 1, 2]\n'
+            '[compare]\nbaseline = {rank = 2}\naverage-last = 2\n')
+    exp = load_experiment(_write(tmp_path, text))
+    assert exp.average_last == 2
+    evals = {(2, 0): [0.60, 0.70], (2, 1): [0.62, 0.64], (2, 2): [0.50, 0.80],
+             (4, 0): [0.66, 0.72], (4, 1): [0.70, 0.60], (4, 2): [0.61, 0.83]}
+
+    def fake_run(cfg, run_dir):
+        w = ResultsWriter(run_dir)
+        w.on_start(cfg.to_dict(), {})
+        for t, acc in ((1, None), (2, evals[(cfg.rank, cfg.seed)][0]), (3, evals[(cfg.rank, cfg.seed)][1])):
+            w.on_round(RoundRecord(round=t, clients_sampled=2, train_loss=0.5, eval_loss=None if acc is None else 0.5,
+                                   eval_accuracy=acc, bytes_up=1, bytes_down=1, aggregation_error=0.0, epsilon=None,
+                                   rank=cfg.rank, wall_s=1.0))
+        w.on_finish(FinalRecord(accuracy=evals[(cfg.rank, cfg.seed)][1], epsilon=None, delta=None,
+                                noise_multiplier=None, sample_rate=0.2, accountant=None, dp_level=None,
+                                bytes_up_total=3, bytes_down_total=3, wall_s=2.0))
+
+    rows = {r["setting"]: r for r in run_experiment(exp, tmp_path / "cmp", fake_run)}
+    late = {k: sum(v) / 2 for k, v in evals.items()}
+    assert rows["rank=4"]["accuracy_mean"] == pytest.approx(statistics.fmean(late[(4, s)] for s in range(3)))
+    expected = scipy.stats.ttest_rel([late[(4, s)] for s in range(3)], [late[(2, s)] for s in range(3)])
+    assert rows["rank=4"]["accuracy_diff_p"] == pytest.approx(expected.pvalue)
+    assert rows["rank=4"]["accuracy_diff_ci_low"] == pytest.approx(expected.confidence_interval().low)
+    # the final value alone would give another mean: the setting changes what is compared
+    assert statistics.fmean(evals[(4, s)][1] for s in range(3)) != pytest.approx(rows["rank=4"]["accuracy_mean"])
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "last-2-evaluations accuracy, mean [95% CI]" in md and "mean of its last 2 evaluations" in md
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "true", '"3"'])
+def test_average_last_must_be_a_positive_integer(tmp_path, value):
+    text = f'[base]\nclients = 10\n[grid]\nrank = [2]\n[compare]\naverage-last = {value}\n'
+    with pytest.raises(UsageError, match=r"\[compare\] average-last = .*allowed: an integer >= 1"):
+        load_experiment(_write(tmp_path, text))
