@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator  # noqa: E402
 
 from fedpeft.seed_statistics import BASELINE, BETTER, NO_DIFFERENCE, WORSE, mean_interval  # noqa: E402
 
@@ -202,31 +202,49 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path, metric: Metri
                            which: str = "final") -> Path:
     """A metric's final value (default: accuracy; mean, 95% interval over seeds) against total
     upload bytes per cell, log bytes, with the Pareto front of the means (the cells no other
-    cell beats on both; for a lower-is-better metric, lower counts as better)."""
+    cell beats on both; for a lower-is-better metric, lower counts as better). Cells paired with
+    different baselines (e.g. other datasets) are not comparable: one panel and front each."""
     from fedpeft.tasks.base import ACCURACY
 
     metric = metric or ACCURACY
     m = metric.name
     shown = [r for r in rows if r[f"{m}_mean"] is not None and r["bytes_up_total"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    panels = panels_of([r["setting"] for r in shown], [r.get("baseline") for r in shown]) if shown else [("", [])]
+    cols = min(len(panels), 2)
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(6.4 * cols, 4.2 * -(-len(panels) // cols)),
+                             dpi=110, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    by_label = {r["setting"]: r for r in shown}
+    for ax, (title, members) in zip(axes.flat, panels):
+        _pareto_panel(ax, [by_label[lab] for lab in members], metric, title)
+        ax.set_ylabel(f"{which} {metric.label} (95% CI over seeds)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _pareto_panel(ax: Any, shown: list[dict[str, Any]], metric: Metric, title: str) -> None:  # noqa: ANN401
+    m = metric.name
     if shown:
         x = [float(r["bytes_up_total"]) / 1e6 for r in shown]
         y = [r[f"{m}_mean"] for r in shown]
         ax.errorbar(x, y, yerr=_half_widths(shown, f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high"),
                     fmt="o", capsize=3, color="tab:blue")
         for xi, yi, r in zip(x, y, shown):
-            ax.annotate(r["setting"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6)
+            ax.annotate(_short(r["setting"], title), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6)
         sign = 1.0 if metric.higher_is_better else -1.0
         front = pareto_front([(xi, sign * yi) for xi, yi in zip(x, y)])
         ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:orange", lw=1, label="Pareto front (means)")
         ax.set_xscale("log")
+        # a byte range inside one decade has no major tick: label 2x and 5x, not every minor tick
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no finished cells", ha="center", transform=ax.transAxes)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_xlabel("total upload (MB, log scale)")
-    ax.set_ylabel(f"{which} {metric.label} (95% CI over seeds)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

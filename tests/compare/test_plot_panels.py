@@ -37,3 +37,15 @@ def test_the_figure_has_a_panel_per_group(tmp_path, monkeypatch):
     two = plot_comparison({lab: [run] for lab in labels}, tmp_path / "panels", rows)[0]
     # two baselines: two panels side by side, twice as wide as the single-panel figure
     assert matplotlib.image.imread(two).shape[1] == 2 * matplotlib.image.imread(one).shape[1]
+
+
+def test_the_pareto_plot_has_a_front_per_baseline_group(tmp_path):
+    def row(label, base, acc, up):
+        return {"setting": label, "baseline": base, "accuracy_mean": acc, "accuracy_ci_low": acc - 0.01,
+                "accuracy_ci_high": acc + 0.01, "bytes_up_total": up}
+    one = [row("c=none", "c=none", 0.8, 1e6), row("c=compeft", "c=none", 0.79, 1e4)]
+    two = [row("d=a, s=x", "d=a, s=x", 0.6, 1e6), row("d=a, s=y", "d=a, s=x", 0.7, 1e6),
+           row("d=b, s=x", "d=b, s=x", 0.9, 1e6), row("d=b, s=y", "d=b, s=x", 0.8, 2e6)]
+    width = [matplotlib.image.imread(plots.plot_accuracy_vs_bytes(rows, tmp_path / f"{i}.png")).shape[1]
+             for i, rows in enumerate((one, two))]
+    assert width[1] == 2 * width[0]
