@@ -58,6 +58,16 @@ def _short(label: str, title: str) -> str:
     return ", ".join(it for it in label.split(", ") if it not in shared) or label
 
 
+def _panel_grid(count: int) -> tuple[Any, list[Any]]:
+    """A figure of ``count`` panels, two per row, and its visible axes in reading order."""
+    cols = min(count, 2)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
 def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
                     rows: list[dict[str, Any]] | None = None, metrics: Sequence[Metric] | None = None,
                     which: str = "final") -> list[Path]:
@@ -76,13 +86,9 @@ def plot_comparison(groups: dict[str, list[dict[str, Any]]], out_dir: Path,
     specs.append(("aggregation_error_vs_round.png", "round", "aggregation_error", "aggregation error (SPEC §1.1)", True))
     panels = (panels_of([r["setting"] for r in rows], [r.get("baseline") for r in rows])
               if rows is not None else [("", list(groups))])
-    cols = min(len(panels), 2)
-    nrows = -(-len(panels) // cols)
     for filename, xlabel, key, ylabel, logy in specs:
-        fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.2 * nrows), dpi=110, squeeze=False)
-        for ax in axes.flat[len(panels):]:
-            ax.set_visible(False)
-        for ax, (title, members) in zip(axes.flat, panels):
+        fig, axes = _panel_grid(len(panels))
+        for ax, (title, members) in zip(axes, panels):
             _draw_panel(ax, {m: groups[m] for m in members if m in groups}, title, filename, xlabel, key, ylabel, logy)
         fig.tight_layout()
         path = out_dir / filename
@@ -210,13 +216,9 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path, metric: Metri
     m = metric.name
     shown = [r for r in rows if r[f"{m}_mean"] is not None and r["bytes_up_total"]]
     panels = panels_of([r["setting"] for r in shown], [r.get("baseline") for r in shown]) if shown else [("", [])]
-    cols = min(len(panels), 2)
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(6.4 * cols, 4.2 * -(-len(panels) // cols)),
-                             dpi=110, squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(len(panels))
     by_label = {r["setting"]: r for r in shown}
-    for ax, (title, members) in zip(axes.flat, panels):
+    for ax, (title, members) in zip(axes, panels):
         _pareto_panel(ax, [by_label[lab] for lab in members], metric, title)
         ax.set_ylabel(f"{which} {metric.label} (95% CI over seeds)")
     fig.tight_layout()
