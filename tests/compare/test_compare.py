@@ -121,8 +121,9 @@ def test_a_run_whose_number_is_not_finite_is_counted_not_hidden(tmp_path):
 
 def test_average_last_pairs_the_mean_of_each_runs_last_evaluations(tmp_path):
     """``[compare] average-last = 2``: a run's accuracy is the mean of its last 2 evaluations
-    (round 1 is not evaluated here, so rounds 2 and 3), paired against the baseline's."""
-    text = ('[base]\nclients = 10\ncohort = 2\nrounds = 3\n[grid]\nrank = [2, 4]\nseed = [0, 1, 2]\n'
+    (rounds 3 and 4: round 1 is not evaluated, round 2's 0.1 must not count), paired against the
+    baseline's."""
+    text = ('[base]\nclients = 10\ncohort = 2\nrounds = 4\n[grid]\nrank = [2, 4]\nseed = [0, 1, 2]\n'
             '[compare]\nbaseline = {rank = 2}\naverage-last = 2\n')
     exp = load_experiment(_write(tmp_path, text))
     assert exp.average_last == 2
@@ -132,7 +133,7 @@ def test_average_last_pairs_the_mean_of_each_runs_last_evaluations(tmp_path):
     def fake_run(cfg, run_dir):
         w = ResultsWriter(run_dir)
         w.on_start(cfg.to_dict(), {})
-        for t, acc in ((1, None), (2, evals[(cfg.rank, cfg.seed)][0]), (3, evals[(cfg.rank, cfg.seed)][1])):
+        for t, acc in ((1, None), (2, 0.1), (3, evals[(cfg.rank, cfg.seed)][0]), (4, evals[(cfg.rank, cfg.seed)][1])):
             w.on_round(RoundRecord(round=t, clients_sampled=2, train_loss=0.5, eval_loss=None if acc is None else 0.5,
                                    eval_accuracy=acc, bytes_up=1, bytes_down=1, aggregation_error=0.0, epsilon=None,
                                    rank=cfg.rank, wall_s=1.0))
